@@ -1,0 +1,380 @@
+//! Pipeline specs and their validation.
+//!
+//! A spec is stored as JSON (`{"source": {"type", "config"}, "destination": {...}}`).
+//! [`PipelineSpec::validate`] is the one gate for both create and update, and parses the
+//! connector configs into typed structs the worker uses. Every violation names the
+//! field as a client spelled it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::FieldViolation;
+
+pub const SOURCE_TYPES: &[&str] = &["generator"];
+pub const DESTINATION_TYPES: &[&str] = &["postgres"];
+
+/// Largest generator count accepted: bounded so a typo cannot ask for a year of work.
+pub const MAX_GENERATOR_COUNT: u64 = 1_000_000_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectorSpec {
+    #[serde(rename = "type")]
+    pub connector_type: String,
+    #[serde(default)]
+    pub config: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineSpec {
+    pub source: ConnectorSpec,
+    pub destination: ConnectorSpec,
+}
+
+/// Configuration of the `generator` source: `count` deterministic records whose
+/// content depends only on `seed` and the record's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratorConfig {
+    pub count: u64,
+    pub seed: u64,
+    /// Records read per slice; the cursor is checkpointed after each slice.
+    pub slice_size: u64,
+}
+
+/// Configuration of the `postgres` destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresDestinationConfig {
+    pub url: String,
+    pub schema: String,
+    pub table: String,
+    /// Drop the table when the pipeline is deleted; kept by default.
+    pub drop_table_on_delete: bool,
+    pub batch_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    Generator(GeneratorConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestinationConfig {
+    Postgres(PostgresDestinationConfig),
+}
+
+/// A spec that passed validation, with typed connector configs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidatedSpec {
+    pub source: SourceConfig,
+    pub destination: DestinationConfig,
+}
+
+impl PipelineSpec {
+    /// Validates the spec; `prefix` is the path of the spec in the request (e.g.
+    /// `pipeline.spec`), used to name the offending field.
+    pub fn validate(&self, prefix: &str) -> Result<ValidatedSpec, FieldViolation> {
+        let source = validate_source(&self.source, &format!("{prefix}.source"))?;
+        let destination =
+            validate_destination(&self.destination, &format!("{prefix}.destination"))?;
+        Ok(ValidatedSpec {
+            source,
+            destination,
+        })
+    }
+
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).expect("a spec is plain JSON and always serializes")
+    }
+
+    pub fn from_json(value: Value) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(value)
+    }
+}
+
+fn validate_source(spec: &ConnectorSpec, path: &str) -> Result<SourceConfig, FieldViolation> {
+    let mut config = ConfigReader::new(&spec.config, format!("{path}.config"));
+    let parsed = match spec.connector_type.as_str() {
+        "generator" => {
+            let count = config.u64("count", None)?;
+            if count > MAX_GENERATOR_COUNT {
+                return Err(config.violation(
+                    "count",
+                    &format!("must be at most {MAX_GENERATOR_COUNT}"),
+                ));
+            }
+            let seed = config.u64("seed", Some(0))?;
+            let slice_size = config.u64("slice_size", Some(1000))?;
+            if !(1..=100_000).contains(&slice_size) {
+                return Err(config.violation("slice_size", "must be between 1 and 100000"));
+            }
+            SourceConfig::Generator(GeneratorConfig {
+                count,
+                seed,
+                slice_size,
+            })
+        }
+        "" => return Err(FieldViolation::new(format!("{path}.type"), "is required")),
+        other => {
+            return Err(FieldViolation::new(
+                format!("{path}.type"),
+                format!(
+                    "unknown source type {other:?}; known: {}",
+                    SOURCE_TYPES.join(", ")
+                ),
+            ))
+        }
+    };
+    config.reject_unknown()?;
+    Ok(parsed)
+}
+
+fn validate_destination(
+    spec: &ConnectorSpec,
+    path: &str,
+) -> Result<DestinationConfig, FieldViolation> {
+    let mut config = ConfigReader::new(&spec.config, format!("{path}.config"));
+    let parsed = match spec.connector_type.as_str() {
+        "postgres" => {
+            let url = config.string("url", None)?;
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(config.violation("url", "must be a postgres:// or postgresql:// URL"));
+            }
+            let schema = config.string("schema", Some("public"))?;
+            check_identifier(&schema).map_err(|d| config.violation("schema", d))?;
+            let table = config.string("table", None)?;
+            check_identifier(&table).map_err(|d| config.violation("table", d))?;
+            let drop_table_on_delete = config.bool("drop_table_on_delete", Some(false))?;
+            let batch_size = config.u64("batch_size", Some(500))?;
+            if !(1..=10_000).contains(&batch_size) {
+                return Err(config.violation("batch_size", "must be between 1 and 10000"));
+            }
+            DestinationConfig::Postgres(PostgresDestinationConfig {
+                url,
+                schema,
+                table,
+                drop_table_on_delete,
+                batch_size,
+            })
+        }
+        "" => return Err(FieldViolation::new(format!("{path}.type"), "is required")),
+        other => {
+            return Err(FieldViolation::new(
+                format!("{path}.type"),
+                format!(
+                    "unknown destination type {other:?}; known: {}",
+                    DESTINATION_TYPES.join(", ")
+                ),
+            ))
+        }
+    };
+    config.reject_unknown()?;
+    Ok(parsed)
+}
+
+/// SQL identifiers are restricted to lowercase names so they never need quoting
+/// games: `[a-z_][a-z0-9_]*`, at most 63 bytes (PostgreSQL's limit).
+fn check_identifier(name: &str) -> Result<(), &'static str> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    if !first_ok
+        || name.len() > 63
+        || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err("must be a lowercase SQL identifier: [a-z_][a-z0-9_]*, at most 63 characters");
+    }
+    Ok(())
+}
+
+/// Reads typed keys out of a connector config, remembering which keys were consumed
+/// so that unknown keys (usually typos) are rejected rather than silently ignored.
+struct ConfigReader<'a> {
+    config: &'a Map<String, Value>,
+    path: String,
+    seen: Vec<&'static str>,
+}
+
+impl<'a> ConfigReader<'a> {
+    fn new(config: &'a Map<String, Value>, path: String) -> Self {
+        Self {
+            config,
+            path,
+            seen: Vec::new(),
+        }
+    }
+
+    fn violation(&self, key: &str, description: &str) -> FieldViolation {
+        FieldViolation::new(format!("{}.{key}", self.path), description)
+    }
+
+    fn get(&mut self, key: &'static str) -> Option<&'a Value> {
+        self.seen.push(key);
+        self.config.get(key).filter(|v| !v.is_null())
+    }
+
+    fn missing(&self, key: &str) -> FieldViolation {
+        self.violation(key, "is required")
+    }
+
+    fn u64(&mut self, key: &'static str, default: Option<u64>) -> Result<u64, FieldViolation> {
+        match self.get(key) {
+            None => default.ok_or_else(|| self.missing(key)),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .or_else(|| {
+                    // protobuf Struct carries every number as a double.
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+                        .map(|f| f as u64)
+                })
+                .ok_or_else(|| self.violation(key, "must be a non-negative integer")),
+            Some(_) => Err(self.violation(key, "must be a non-negative integer")),
+        }
+    }
+
+    fn string(
+        &mut self,
+        key: &'static str,
+        default: Option<&str>,
+    ) -> Result<String, FieldViolation> {
+        match self.get(key) {
+            None => default.map(str::to_owned).ok_or_else(|| self.missing(key)),
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            Some(Value::String(_)) => Err(self.violation(key, "must not be empty")),
+            Some(_) => Err(self.violation(key, "must be a string")),
+        }
+    }
+
+    fn bool(&mut self, key: &'static str, default: Option<bool>) -> Result<bool, FieldViolation> {
+        match self.get(key) {
+            None => default.ok_or_else(|| self.missing(key)),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(self.violation(key, "must be true or false")),
+        }
+    }
+
+    fn reject_unknown(&self) -> Result<(), FieldViolation> {
+        match self
+            .config
+            .keys()
+            .find(|k| !self.seen.contains(&k.as_str()))
+        {
+            Some(unknown) => Err(FieldViolation::new(
+                format!("{}.{unknown}", self.path),
+                format!("unknown key; accepted: {}", self.seen.join(", ")),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(source: Value, destination: Value) -> PipelineSpec {
+        serde_json::from_value(json!({"source": source, "destination": destination}))
+            .expect("test spec is well-formed")
+    }
+
+    fn good_destination() -> Value {
+        json!({"type": "postgres", "config": {"url": "postgres://localhost/db", "table": "orders"}})
+    }
+
+    #[test]
+    fn accepts_a_minimal_spec_with_defaults() {
+        let s = spec(
+            json!({"type": "generator", "config": {"count": 10000.0}}),
+            good_destination(),
+        );
+        let v = s.validate("pipeline.spec").expect("valid");
+        assert_eq!(
+            v.source,
+            SourceConfig::Generator(GeneratorConfig {
+                count: 10_000,
+                seed: 0,
+                slice_size: 1000
+            })
+        );
+        let DestinationConfig::Postgres(pg) = v.destination;
+        assert_eq!(pg.schema, "public");
+        assert!(!pg.drop_table_on_delete);
+    }
+
+    #[test]
+    fn violations_name_the_field() {
+        let cases = [
+            (
+                json!({"type": "kafka", "config": {}}),
+                good_destination(),
+                "pipeline.spec.source.type",
+            ),
+            (
+                json!({"type": "", "config": {}}),
+                good_destination(),
+                "pipeline.spec.source.type",
+            ),
+            (
+                json!({"type": "generator", "config": {}}),
+                good_destination(),
+                "pipeline.spec.source.config.count",
+            ),
+            (
+                json!({"type": "generator", "config": {"count": 1.5}}),
+                good_destination(),
+                "pipeline.spec.source.config.count",
+            ),
+            (
+                json!({"type": "generator", "config": {"count": -1}}),
+                good_destination(),
+                "pipeline.spec.source.config.count",
+            ),
+            (
+                json!({"type": "generator", "config": {"count": 5, "cuont": 5}}),
+                good_destination(),
+                "pipeline.spec.source.config.cuont",
+            ),
+            (
+                json!({"type": "generator", "config": {"count": 5}}),
+                json!({"type": "mysql", "config": {}}),
+                "pipeline.spec.destination.type",
+            ),
+            (
+                json!({"type": "generator", "config": {"count": 5}}),
+                json!({"type": "postgres", "config": {"table": "t"}}),
+                "pipeline.spec.destination.config.url",
+            ),
+            (
+                json!({"type": "generator", "config": {"count": 5}}),
+                json!({"type": "postgres", "config": {"url": "postgres://x/y"}}),
+                "pipeline.spec.destination.config.table",
+            ),
+            (
+                json!({"type": "generator", "config": {"count": 5}}),
+                json!({"type": "postgres", "config": {"url": "postgres://x/y", "table": "Robert'); drop"}}),
+                "pipeline.spec.destination.config.table",
+            ),
+            (
+                json!({"type": "generator", "config": {"count": 5}}),
+                json!({"type": "postgres", "config": {"url": "http://x", "table": "t"}}),
+                "pipeline.spec.destination.config.url",
+            ),
+        ];
+        for (source, destination, field) in cases {
+            let err = spec(source.clone(), destination)
+                .validate("pipeline.spec")
+                .expect_err("must be rejected");
+            assert_eq!(err.field, field, "{source}: {err}");
+        }
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let s = spec(
+            json!({"type": "generator", "config": {"count": 3}}),
+            good_destination(),
+        );
+        assert_eq!(PipelineSpec::from_json(s.to_json()).expect("round trip"), s);
+    }
+}
