@@ -1,0 +1,131 @@
+//! The Sluice control plane: a tonic server that validates requests, stores pipelines in
+//! Postgres and signals workers through a transactional outbox relayed to Kafka.
+//!
+//! The binary is a thin shell around [`run`], which tests can start in-process.
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod outbox;
+pub mod service;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use sluice_infra::kafka::KafkaSettings;
+use sluice_protocol::pb::pipeline_service_server::PipelineServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::outbox::OutboxRelay;
+use crate::service::PipelineApi;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub kafka: KafkaSettings,
+    pub signals_topic: String,
+    /// Partitions of the signals topic when the control plane has to create it. An
+    /// existing topic keeps its own count.
+    pub signal_partitions: i32,
+    pub replication_factor: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("postgres: {0}")]
+    Store(#[from] sluice_infra::store::StoreError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] sluice_infra::kafka::KafkaAdminError),
+    #[error("kafka client: {0}")]
+    KafkaClient(#[from] rdkafka::error::KafkaError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("grpc server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the control plane until `shutdown` resolves. `on_listening` receives the bound
+/// address (useful with port 0).
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), RunError> {
+    let pool = sluice_infra::store::connect(&config.database_url, 16, Duration::from_secs(60)).await?;
+    sluice_infra::store::migrate(&pool).await?;
+
+    let admin = config.kafka.admin()?;
+    let partitions = admin
+        .ensure_topic(
+            &config.signals_topic,
+            config.signal_partitions,
+            config.replication_factor,
+        )
+        .await?;
+    tracing::info!(topic = %config.signals_topic, partitions, "signals topic ready");
+
+    let producer: FutureProducer = config
+        .kafka
+        .client_config()
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "10000")
+        .create()?;
+
+    let wakeup = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let relay = OutboxRelay {
+        pool: pool.clone(),
+        producer,
+        signals_topic: config.signals_topic.clone(),
+        wakeup: Arc::clone(&wakeup),
+    };
+    let relay_task = tokio::spawn(relay.run(stop_rx));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<PipelineServiceServer<PipelineApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_protocol::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    tracing::info!(addr = %local, "control plane listening");
+    on_listening(local);
+
+    let api = PipelineApi::new(pool.clone(), partitions as u32, wakeup);
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(PipelineServiceServer::new(api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+
+    // Drain: stop the relay (unsent signals stay in the outbox), then close the pool.
+    let _ = stop_tx.send(true);
+    let _ = relay_task.await;
+    pool.close().await;
+    tracing::info!("control plane stopped");
+    served.map_err(RunError::from)
+}

@@ -1,0 +1,269 @@
+//! The `sluice.v1.PipelineService` implementation. Handlers convert requests to domain
+//! types (reporting the offending field), apply the desired-status rules and write
+//! through the store; every change wakes the outbox relay.
+
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use sluice_infra::store::list_events;
+use sluice_protocol::conversions::{
+    desired_status_from_pb, patch_from_pb, record_to_pb, spec_from_pb, PipelineRecord,
+};
+use sluice_protocol::ids::{generate_pipeline_id, validate_pipeline_id};
+use sluice_protocol::mask::{apply_patch, parse_mask};
+use sluice_protocol::partition::partition_for;
+use sluice_protocol::pb;
+use sluice_protocol::pb::pipeline_service_server::PipelineService;
+use sluice_protocol::status::{DesiredStatus, PipelineStatus};
+use sluice_protocol::FieldViolation;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::store;
+
+pub const DEFAULT_PAGE_SIZE: i32 = 50;
+pub const MAX_PAGE_SIZE: i32 = 1000;
+
+pub struct PipelineApi {
+    pool: PgPool,
+    signal_partitions: u32,
+    /// Wakes the outbox relay after a committed change.
+    outbox_wakeup: Arc<Notify>,
+}
+
+impl PipelineApi {
+    pub fn new(pool: PgPool, signal_partitions: u32, outbox_wakeup: Arc<Notify>) -> Self {
+        Self {
+            pool,
+            signal_partitions,
+            outbox_wakeup,
+        }
+    }
+
+    async fn create(&self, req: pb::CreatePipelineRequest) -> Result<PipelineRecord, ApiError> {
+        let pipeline = req
+            .pipeline
+            .ok_or_else(|| FieldViolation::new("pipeline", "is required"))?;
+        let id = if req.pipeline_id.is_empty() {
+            generate_pipeline_id(&uuid::Uuid::now_v7().to_string())
+        } else {
+            validate_pipeline_id(&req.pipeline_id, "pipeline_id")?;
+            req.pipeline_id
+        };
+        let spec = spec_from_pb(pipeline.spec.as_ref(), "pipeline.spec")?;
+        spec.validate("pipeline.spec")?;
+        let desired = match desired_status_from_pb(pipeline.desired_status, "pipeline.desired_status")? {
+            None => DesiredStatus::Active,
+            Some(DesiredStatus::Deleted) => {
+                return Err(FieldViolation::new(
+                    "pipeline.desired_status",
+                    "a pipeline is created ACTIVE or PAUSED",
+                )
+                .into())
+            }
+            Some(d) => d,
+        };
+        let new = store::NewPipeline {
+            id: &id,
+            spec: &spec,
+            desired_status: desired,
+            partition: partition_for(&id, self.signal_partitions),
+        };
+        let record = store::insert_pipeline(&self.pool, &new)
+            .await?
+            .ok_or_else(|| ApiError::AlreadyExists(id.clone()))?;
+        self.outbox_wakeup.notify_one();
+        tracing::info!(pipeline_id = %id, desired_status = %desired, "pipeline created");
+        Ok(record)
+    }
+
+    async fn update(&self, req: pb::UpdatePipelineRequest) -> Result<PipelineRecord, ApiError> {
+        let pipeline = req
+            .pipeline
+            .ok_or_else(|| FieldViolation::new("pipeline", "is required"))?;
+        validate_pipeline_id(&pipeline.id, "pipeline.id")?;
+        let patch = patch_from_pb(&pipeline)?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        let mask = parse_mask(&paths, &patch)?;
+
+        let mut tx = self.pool.begin().await?;
+        let current = store::lock_pipeline(&mut tx, &pipeline.id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(pipeline.id.clone()))?;
+        if current.desired_status == DesiredStatus::Deleted {
+            return Err(ApiError::Deleted(pipeline.id));
+        }
+        let (desired, spec) = apply_patch(current.desired_status, &current.spec, &patch, &mask)?;
+        // Exactly as strict as create: the merged spec must validate as a whole.
+        spec.validate("pipeline.spec")?;
+
+        // Setting what is already there bumps nothing — except for a pipeline in ERROR,
+        // where re-stating the desired status is how an operator asks for a retry.
+        let unchanged = desired == current.desired_status && spec == current.spec;
+        let retry_requested = current.status == Some(PipelineStatus::Error)
+            && mask.contains(&sluice_protocol::mask::MaskPath::DesiredStatus);
+        if unchanged && !retry_requested {
+            return Ok(current);
+        }
+        let record = store::write_desired(&mut tx, &pipeline.id, desired, &spec).await?;
+        tx.commit().await?;
+        self.outbox_wakeup.notify_one();
+        tracing::info!(
+            pipeline_id = %record.id,
+            desired_status = %desired,
+            generation = record.generation,
+            "pipeline updated"
+        );
+        Ok(record)
+    }
+
+    async fn delete(&self, id: String) -> Result<PipelineRecord, ApiError> {
+        validate_pipeline_id(&id, "id")?;
+        let mut tx = self.pool.begin().await?;
+        let current = store::lock_pipeline(&mut tx, &id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(id.clone()))?;
+        if current.desired_status == DesiredStatus::Deleted {
+            // Deleting twice changes nothing; the teardown is already on its way.
+            return Ok(current);
+        }
+        let record =
+            store::write_desired(&mut tx, &id, DesiredStatus::Deleted, &current.spec).await?;
+        tx.commit().await?;
+        self.outbox_wakeup.notify_one();
+        tracing::info!(pipeline_id = %id, generation = record.generation, "pipeline deletion requested");
+        Ok(record)
+    }
+
+    async fn list(&self, req: pb::ListPipelinesRequest) -> Result<pb::ListPipelinesResponse, ApiError> {
+        let page_size = match req.page_size {
+            n if n < 0 => {
+                return Err(FieldViolation::new("page_size", "must not be negative").into())
+            }
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(decode_page_token(&req.page_token)?)
+        };
+        // One extra row tells whether another page exists.
+        let mut records =
+            store::list_pipelines(&self.pool, after.as_deref(), i64::from(page_size) + 1).await?;
+        let next_page_token = if records.len() > page_size as usize {
+            records.truncate(page_size as usize);
+            records
+                .last()
+                .map(|r| URL_SAFE_NO_PAD.encode(r.id.as_bytes()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListPipelinesResponse {
+            pipelines: records.iter().map(record_to_pb).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn events(&self, id: String) -> Result<pb::ListPipelineEventsResponse, ApiError> {
+        validate_pipeline_id(&id, "pipeline_id")?;
+        let events = list_events(&self.pool, &id).await?;
+        if events.is_empty() && !store::pipeline_has_history(&self.pool, &id).await? {
+            return Err(ApiError::NotFound(id));
+        }
+        Ok(pb::ListPipelineEventsResponse {
+            events: events
+                .into_iter()
+                .map(|e| pb::PipelineEvent {
+                    pipeline_id: e.pipeline_id,
+                    time: Some(e.time.into()),
+                    actor: e.actor,
+                    from_status: e.from_status.unwrap_or_default(),
+                    to_status: e.to_status,
+                    generation: e.generation,
+                    reason: e.reason,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn decode_page_token(token: &str) -> Result<String, FieldViolation> {
+    let invalid = || FieldViolation::new("page_token", "is not a token returned by ListPipelines");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    let id = String::from_utf8(bytes).map_err(|_| invalid())?;
+    validate_pipeline_id(&id, "page_token").map_err(|_| invalid())?;
+    Ok(id)
+}
+
+#[tonic::async_trait]
+impl PipelineService for PipelineApi {
+    async fn create_pipeline(
+        &self,
+        request: Request<pb::CreatePipelineRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let record = self.create(request.into_inner()).await?;
+        Ok(Response::new(record_to_pb(&record)))
+    }
+
+    async fn get_pipeline(
+        &self,
+        request: Request<pb::GetPipelineRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let id = request.into_inner().id;
+        validate_pipeline_id(&id, "id").map_err(ApiError::from)?;
+        let record = store::fetch_pipeline(&self.pool, &id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or(ApiError::NotFound(id))?;
+        Ok(Response::new(record_to_pb(&record)))
+    }
+
+    async fn list_pipelines(
+        &self,
+        request: Request<pb::ListPipelinesRequest>,
+    ) -> Result<Response<pb::ListPipelinesResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn update_pipeline(
+        &self,
+        request: Request<pb::UpdatePipelineRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let record = self.update(request.into_inner()).await?;
+        Ok(Response::new(record_to_pb(&record)))
+    }
+
+    async fn delete_pipeline(
+        &self,
+        request: Request<pb::DeletePipelineRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let record = self.delete(request.into_inner().id).await?;
+        Ok(Response::new(record_to_pb(&record)))
+    }
+
+    async fn list_pipeline_events(
+        &self,
+        request: Request<pb::ListPipelineEventsRequest>,
+    ) -> Result<Response<pb::ListPipelineEventsResponse>, Status> {
+        Ok(Response::new(self.events(request.into_inner().pipeline_id).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let token = URL_SAFE_NO_PAD.encode(b"orders-1");
+        assert_eq!(decode_page_token(&token).expect("valid"), "orders-1");
+        for bad in ["!!!", "", &URL_SAFE_NO_PAD.encode(b"Not An Id")] {
+            assert_eq!(decode_page_token(bad).expect_err("bad").field, "page_token");
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Kafka client configuration and topic administration shared by the control plane
+//! (signals topic) and the workers (signals and per-pipeline topics).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaAdminError {
+    #[error("kafka error: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("topic {topic}: {code}")]
+    Topic { topic: String, code: RDKafkaErrorCode },
+    #[error("topic {0} did not appear in the cluster metadata in time")]
+    NotVisible(String),
+}
+
+/// Connection settings for every Kafka client a process makes.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    /// Extra librdkafka properties passed through as they are (security.protocol,
+    /// sasl.*, ssl.* ...).
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            properties: Vec::new(),
+        }
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
+        config
+    }
+
+    pub fn admin(&self) -> Result<Admin, KafkaAdminError> {
+        let client: AdminClient<DefaultClientContext> = self.client_config().create()?;
+        Ok(Admin {
+            client: Arc::new(client),
+        })
+    }
+}
+
+/// Topic administration. Cheap to clone.
+#[derive(Clone)]
+pub struct Admin {
+    client: Arc<AdminClient<DefaultClientContext>>,
+}
+
+impl Admin {
+    fn options() -> AdminOptions {
+        AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))
+    }
+
+    /// Creates `topic` unless it exists and returns its partition count once the topic
+    /// is visible in the metadata.
+    pub async fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication: i32,
+    ) -> Result<i32, KafkaAdminError> {
+        if let Some(n) = self.partition_count(topic).await? {
+            return Ok(n);
+        }
+        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        for result in self.client.create_topics([&new_topic], &Self::options()).await? {
+            match result {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(KafkaAdminError::Topic { topic, code }),
+            }
+        }
+        // Creation is acknowledged by the controller before every broker's metadata
+        // cache has it; wait until it is visible so producers do not race it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(n) = self.partition_count(topic).await? {
+                return Ok(n);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(KafkaAdminError::NotVisible(topic.to_owned()))
+    }
+
+    /// Deletes `topic`; a topic that is already gone is not an error.
+    pub async fn delete_topic(&self, topic: &str) -> Result<(), KafkaAdminError> {
+        for result in self.client.delete_topics(&[topic], &Self::options()).await? {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((topic, code)) => return Err(KafkaAdminError::Topic { topic, code }),
+            }
+        }
+        Ok(())
+    }
+
+    /// The partition count of `topic`, or None if the cluster does not know it.
+    pub async fn partition_count(&self, topic: &str) -> Result<Option<i32>, KafkaAdminError> {
+        let client = Arc::clone(&self.client);
+        let topic = topic.to_owned();
+        // fetch_metadata blocks the calling thread.
+        let metadata = tokio::task::spawn_blocking(move || {
+            client
+                .inner()
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        })
+        .await
+        .expect("metadata task does not panic")?;
+        Ok(metadata.topics().first().and_then(|t| {
+            (t.error().is_none() && !t.partitions().is_empty()).then(|| t.partitions().len() as i32)
+        }))
+    }
+}

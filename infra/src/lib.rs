@@ -1,0 +1,7 @@
+//! Shared I/O plumbing of Sluice's processes: the Postgres store ([`store`]) and Kafka
+//! client helpers ([`kafka`]). Each process keeps the queries only it runs.
+
+#![forbid(unsafe_code)]
+
+pub mod kafka;
+pub mod store;

@@ -1,0 +1,124 @@
+//! Postgres: connecting, the embedded migrations, and reading pipeline rows and their
+//! event history. Queries that only one process runs live with that process.
+
+
+use std::time::{Duration, Instant, SystemTime};
+
+use chrono::{DateTime, Utc};
+use sluice_protocol::conversions::PipelineRecord;
+use sluice_protocol::spec::PipelineSpec;
+use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::{PgExecutor, PgPool, Row};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The columns [`record_from_row`] expects, in a form that can be spliced into queries.
+pub const PIPELINE_COLUMNS: &str = "id, spec, desired_status, status, generation, \
+     observed_generation, owner, owner_epoch, last_error, partition, create_time, update_time";
+
+/// Connects, retrying until `deadline` elapses so a process may start before Postgres.
+pub async fn connect(url: &str, max_connections: u32, deadline: Duration) -> Result<PgPool, StoreError> {
+    let started = Instant::now();
+    loop {
+        match PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+        {
+            Ok(pool) => return Ok(pool),
+            Err(e) if started.elapsed() < deadline => {
+                tracing::warn!(error = %e, "postgres not reachable yet, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Applies the embedded migrations. sqlx holds a Postgres advisory lock while it
+/// migrates, so several processes starting together apply each migration once.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::migrate!("../migrations").run(pool).await?;
+    Ok(())
+}
+
+pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("{what}: {e}"));
+    let spec_json: serde_json::Value = row.try_get("spec")?;
+    let spec = PipelineSpec::from_json(spec_json).map_err(|e| corrupt("spec", &e))?;
+    let desired: String = row.try_get("desired_status")?;
+    let status: Option<String> = row.try_get("status")?;
+    let create_time: DateTime<Utc> = row.try_get("create_time")?;
+    let update_time: DateTime<Utc> = row.try_get("update_time")?;
+    Ok(PipelineRecord {
+        id: row.try_get("id")?,
+        spec,
+        desired_status: desired.parse().map_err(|e| corrupt("desired_status", &e))?,
+        status: status
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|e| corrupt("status", &e))?,
+        generation: row.try_get("generation")?,
+        observed_generation: row.try_get("observed_generation")?,
+        owner: row.try_get("owner")?,
+        owner_epoch: row.try_get("owner_epoch")?,
+        last_error: row.try_get("last_error")?,
+        partition: row.try_get("partition")?,
+        create_time: SystemTime::from(create_time),
+        update_time: SystemTime::from(update_time),
+    })
+}
+
+pub async fn get_pipeline<'e>(
+    executor: impl PgExecutor<'e>,
+    id: &str,
+) -> Result<Option<PipelineRecord>, StoreError> {
+    let sql = format!("SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE id = $1");
+    let row = sqlx::query(&sql).bind(id).fetch_optional(executor).await?;
+    row.as_ref().map(record_from_row).transpose()
+}
+
+/// One row of the event history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineEvent {
+    pub pipeline_id: String,
+    pub time: SystemTime,
+    pub actor: String,
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub generation: i64,
+    pub reason: String,
+}
+
+pub async fn list_events(pool: &PgPool, pipeline_id: &str) -> Result<Vec<PipelineEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT pipeline_id, time, actor, from_status, to_status, generation, reason \
+         FROM pipeline_events WHERE pipeline_id = $1 ORDER BY id",
+    )
+    .bind(pipeline_id)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let time: DateTime<Utc> = r.try_get("time")?;
+            Ok(PipelineEvent {
+                pipeline_id: r.try_get("pipeline_id")?,
+                time: time.into(),
+                actor: r.try_get("actor")?,
+                from_status: r.try_get("from_status")?,
+                to_status: r.try_get("to_status")?,
+                generation: r.try_get("generation")?,
+                reason: r.try_get("reason")?,
+            })
+        })
+        .collect()
+}
