@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use sluice_control_plane::{run, Config};
 use sluice_infra::kafka::KafkaSettings;
+use sluice_infra::process::{init_tracing, parse_cli, parse_property, shutdown_signal};
 
 /// Sluice control plane: the gRPC API that stores desired pipeline state and signals
 /// workers.
@@ -39,36 +40,13 @@ struct Cli {
     replication_factor: i32,
 }
 
-fn parse_property(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
-}
-
-/// EX_USAGE from sysexits.h: the configuration is wrong.
-const EX_USAGE: u8 = 64;
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli::<Cli>() {
         Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::from(EX_USAGE);
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+        Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing();
 
     let mut kafka = KafkaSettings::new(cli.kafka_bootstrap_servers);
     kafka.properties = cli.kafka_properties;
@@ -90,24 +68,5 @@ async fn main() -> ExitCode {
             tracing::error!(error = %e, "control plane failed");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM; a second signal exits at once.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    tracing::info!("shutdown requested, draining (signal again to exit at once)");
-    tokio::spawn(async {
-        wait_for_signal().await;
-        std::process::exit(130);
-    });
-}
-
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler succeeds on unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -4,4 +4,5 @@
 #![forbid(unsafe_code)]
 
 pub mod kafka;
+pub mod process;
 pub mod store;

@@ -1,0 +1,204 @@
+//! Activities: every side effect of a workflow runs through [`run_activity`], which
+//! applies a per-attempt timeout and the retry policy, and stops retrying on a
+//! non-retryable failure, on fencing, or when the workflow is cancelled.
+
+use std::future::Future;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use sluice_protocol::message::FailureType;
+use sluice_protocol::retry::RetryPolicy;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ActivityError {
+    /// Another worker took the pipeline over: this workflow must stop writing.
+    #[error("fenced: the pipeline is owned by a newer epoch")]
+    Fenced,
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{failure_type:?}: {message}")]
+    Failed {
+        failure_type: FailureType,
+        message: String,
+    },
+}
+
+impl ActivityError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::Failed {
+            failure_type: FailureType::TransientError,
+            message: message.into(),
+        }
+    }
+
+    pub fn config(message: impl Into<String>) -> Self {
+        Self::Failed {
+            failure_type: FailureType::ConfigError,
+            message: message.into(),
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        matches!(self, Self::Failed { failure_type, .. } if failure_type.is_retryable())
+    }
+}
+
+/// Classifies Postgres errors: bad credentials are auth errors, a missing database or
+/// a malformed object are config errors, everything else (connection refused, timeouts,
+/// serialization failures, races on CREATE ... IF NOT EXISTS) is worth retrying.
+impl From<sqlx::Error> for ActivityError {
+    fn from(e: sqlx::Error) -> Self {
+        let failure_type = match &e {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some(code) if code.starts_with("28") => FailureType::AuthError,
+                Some("3D000" | "3F000" | "42501") => FailureType::ConfigError,
+                Some(code) if code.starts_with("42") && code != "42P07" => FailureType::ConfigError,
+                _ => FailureType::TransientError,
+            },
+            sqlx::Error::Configuration(_) => FailureType::ConfigError,
+            _ => FailureType::TransientError,
+        };
+        Self::Failed {
+            failure_type,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<sluice_infra::store::StoreError> for ActivityError {
+    fn from(e: sluice_infra::store::StoreError) -> Self {
+        match e {
+            sluice_infra::store::StoreError::Database(e) => e.into(),
+            other => Self::Failed {
+                failure_type: FailureType::SystemError,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<sluice_infra::kafka::KafkaAdminError> for ActivityError {
+    fn from(e: sluice_infra::kafka::KafkaAdminError) -> Self {
+        Self::transient(e.to_string())
+    }
+}
+
+impl From<rdkafka::error::KafkaError> for ActivityError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Self::transient(e.to_string())
+    }
+}
+
+pub fn backoff_for(policy: &RetryPolicy) -> ExponentialBackoff {
+    ExponentialBackoff {
+        current_interval: policy.initial_interval,
+        initial_interval: policy.initial_interval,
+        randomization_factor: policy.jitter,
+        multiplier: policy.multiplier,
+        max_interval: policy.max_interval,
+        max_elapsed_time: policy.max_elapsed,
+        ..ExponentialBackoff::default()
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails permanently or `cancel` fires.
+pub async fn run_activity<T, F, Fut>(
+    name: &'static str,
+    pipeline_id: &str,
+    policy: &RetryPolicy,
+    attempt_timeout: Duration,
+    cancel: &CancellationToken,
+    mut attempt: F,
+) -> Result<T, ActivityError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ActivityError>>,
+{
+    let mut backoff = backoff_for(policy);
+    let mut attempt_no: u32 = 0;
+    loop {
+        attempt_no += 1;
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
+            r = tokio::time::timeout(attempt_timeout, attempt()) => r,
+        };
+        let err = match outcome {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e,
+            Err(_) => ActivityError::transient(format!("attempt timed out after {attempt_timeout:?}")),
+        };
+        if !err.is_retryable() {
+            return Err(err);
+        }
+        let Some(delay) = backoff.next_backoff() else {
+            return Err(err);
+        };
+        tracing::warn!(activity = name, pipeline_id, attempt = attempt_no, error = %err, ?delay, "activity failed, retrying");
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn fast() -> RetryPolicy {
+        RetryPolicy {
+            initial_interval: Duration::from_millis(1),
+            max_interval: Duration::from_millis(5),
+            ..RetryPolicy::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_transient_until_success() {
+        let calls = AtomicU32::new(0);
+        let cancel = CancellationToken::new();
+        let r = run_activity("t", "p", &fast(), Duration::from_secs(1), &cancel, || async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                Err(ActivityError::transient("boom"))
+            } else {
+                Ok(7)
+            }
+        })
+        .await;
+        assert_eq!(r.expect("succeeds"), 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn config_errors_are_not_retried() {
+        let calls = AtomicU32::new(0);
+        let cancel = CancellationToken::new();
+        let r: Result<(), _> = run_activity("t", "p", &fast(), Duration::from_secs(1), &cancel, || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(ActivityError::config("bad table"))
+        })
+        .await;
+        assert!(matches!(r, Err(ActivityError::Failed { failure_type: FailureType::ConfigError, .. })));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn fencing_stops_at_once_and_cancel_interrupts() {
+        let cancel = CancellationToken::new();
+        let r: Result<(), _> = run_activity("t", "p", &fast(), Duration::from_secs(1), &cancel, || async {
+            Err(ActivityError::Fenced)
+        })
+        .await;
+        assert!(matches!(r, Err(ActivityError::Fenced)));
+
+        cancel.cancel();
+        let r: Result<(), _> = run_activity("t", "p", &fast(), Duration::from_secs(1), &cancel, || async {
+            std::future::pending().await
+        })
+        .await;
+        assert!(matches!(r, Err(ActivityError::Cancelled)));
+    }
+}

@@ -1,0 +1,240 @@
+//! The `postgres` destination. Setup derives the table from the stream catalog
+//! (additive changes only); each batch upserts rows AND records the consumed
+//! records-topic offset in one transaction, so the table holds each record exactly
+//! once across crashes. Upserts carry a newer-than guard on `_sluice_version` (the
+//! record's topic offset) so an older version never overwrites a newer one, and the
+//! offsets row carries the owner epoch so a fenced worker cannot commit.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use sluice_protocol::catalog::{FieldType, StreamSchema};
+use sluice_protocol::spec::PostgresDestinationConfig;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, QueryBuilder, Row};
+
+use crate::activity::ActivityError;
+
+/// Connection pools per destination URL, shared by all pipelines of a worker so that
+/// thousands of pipelines writing to one database do not open thousands of pools.
+#[derive(Default)]
+pub struct DestinationPools {
+    pools: Mutex<HashMap<String, PgPool>>,
+}
+
+impl DestinationPools {
+    pub fn get(&self, url: &str) -> Result<PgPool, ActivityError> {
+        let mut pools = self.pools.lock().expect("pool map lock is never poisoned");
+        if let Some(pool) = pools.get(url) {
+            return Ok(pool.clone());
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy(url)
+            .map_err(|e| ActivityError::config(format!("destination url: {e}")))?;
+        pools.insert(url.to_owned(), pool.clone());
+        Ok(pool)
+    }
+}
+
+/// A record read from the records topic, ready to be written.
+#[derive(Debug, Clone)]
+pub struct PendingRecord {
+    pub offset: i64,
+    pub data: Map<String, Value>,
+}
+
+const OFFSETS_TABLE: &str = "_sluice_offsets";
+
+fn sql_type(t: FieldType) -> &'static str {
+    match t {
+        FieldType::Integer => "BIGINT",
+        FieldType::Number => "DOUBLE PRECISION",
+        FieldType::String => "TEXT",
+        FieldType::Boolean => "BOOLEAN",
+    }
+}
+
+/// Identifiers were validated as `[a-z_][a-z0-9_]*` (spec validation and catalog), so
+/// quoting them is enough to splice them into SQL.
+fn ident(name: &str) -> String {
+    format!("\"{name}\"")
+}
+
+fn table_name(config: &PostgresDestinationConfig) -> String {
+    format!("{}.{}", ident(&config.schema), ident(&config.table))
+}
+
+fn offsets_table(config: &PostgresDestinationConfig) -> String {
+    format!("{}.{}", ident(&config.schema), ident(OFFSETS_TABLE))
+}
+
+pub async fn setup(pool: &PgPool, config: &PostgresDestinationConfig, stream: &StreamSchema) -> Result<(), ActivityError> {
+    let table = table_name(config);
+    let mut columns: Vec<String> = stream
+        .fields
+        .iter()
+        .map(|f| {
+            let not_null = if f.name == stream.primary_key { " NOT NULL" } else { "" };
+            format!("{} {}{not_null}", ident(&f.name), sql_type(f.field_type))
+        })
+        .collect();
+    columns.push("_sluice_version BIGINT NOT NULL".into());
+    columns.push("_sluice_synced_at TIMESTAMPTZ NOT NULL DEFAULT now()".into());
+    columns.push(format!("PRIMARY KEY ({})", ident(&stream.primary_key)));
+
+    let statements = [
+        format!("CREATE SCHEMA IF NOT EXISTS {}", ident(&config.schema)),
+        format!("CREATE TABLE IF NOT EXISTS {table} ({})", columns.join(", ")),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (pipeline_id TEXT NOT NULL, table_name TEXT NOT NULL, \
+             topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL, \
+             owner_epoch BIGINT NOT NULL, update_time TIMESTAMPTZ NOT NULL DEFAULT now(), \
+             PRIMARY KEY (pipeline_id, table_name, topic, partition))",
+            offsets_table(config)
+        ),
+    ];
+    for statement in statements {
+        sqlx::query(&statement).execute(pool).await?;
+    }
+    // Additive schema evolution: new catalog fields become new nullable columns.
+    for f in &stream.fields {
+        sqlx::query(&format!(
+            "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} {}",
+            ident(&f.name),
+            sql_type(f.field_type)
+        ))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The next offset to consume for this pipeline and table, if any batch was committed.
+pub async fn committed_offset(
+    pool: &PgPool,
+    config: &PostgresDestinationConfig,
+    pipeline_id: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<i64>, ActivityError> {
+    let row = sqlx::query(&format!(
+        "SELECT next_offset FROM {} WHERE pipeline_id = $1 AND table_name = $2 AND topic = $3 AND partition = $4",
+        offsets_table(config)
+    ))
+    .bind(pipeline_id)
+    .bind(&config.table)
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| r.get::<i64, _>(0)))
+}
+
+pub struct BatchTarget<'a> {
+    pub pipeline_id: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub epoch: i64,
+}
+
+/// Writes one batch and its offset in a single transaction. Returns the committed
+/// next offset.
+pub async fn write_batch(
+    pool: &PgPool,
+    config: &PostgresDestinationConfig,
+    stream: &StreamSchema,
+    target: &BatchTarget<'_>,
+    batch: &[PendingRecord],
+) -> Result<i64, ActivityError> {
+    let Some(last) = batch.last() else {
+        return Err(ActivityError::transient("empty batch"));
+    };
+    let next_offset = last.offset + 1;
+    // ON CONFLICT cannot touch one row twice in a statement: keep the newest version
+    // of each key in the batch.
+    let mut newest: HashMap<String, &PendingRecord> = HashMap::new();
+    for record in batch {
+        let key = record.data.get(&stream.primary_key).map(Value::to_string).unwrap_or_default();
+        newest.insert(key, record);
+    }
+    let mut rows: Vec<&PendingRecord> = newest.into_values().collect();
+    rows.sort_by_key(|r| r.offset);
+
+    let table = table_name(config);
+    let mut tx = pool.begin().await?;
+    let mut insert = QueryBuilder::new(format!("INSERT INTO {table} ("));
+    for f in &stream.fields {
+        insert.push(ident(&f.name)).push(", ");
+    }
+    insert.push("_sluice_version) ");
+    insert.push_values(rows, |mut b, record| {
+        for f in &stream.fields {
+            let v = record.data.get(&f.name);
+            match f.field_type {
+                FieldType::Integer => b.push_bind(v.and_then(Value::as_i64)),
+                FieldType::Number => b.push_bind(v.and_then(Value::as_f64)),
+                FieldType::String => b.push_bind(v.and_then(Value::as_str).map(str::to_owned)),
+                FieldType::Boolean => b.push_bind(v.and_then(Value::as_bool)),
+            };
+        }
+        b.push_bind(record.offset);
+    });
+    insert.push(format!(" ON CONFLICT ({}) DO UPDATE SET ", ident(&stream.primary_key)));
+    for f in stream.fields.iter().filter(|f| f.name != stream.primary_key) {
+        insert.push(format!("{0} = EXCLUDED.{0}, ", ident(&f.name)));
+    }
+    insert.push(format!(
+        "_sluice_version = EXCLUDED._sluice_version, _sluice_synced_at = now() \
+         WHERE {table}._sluice_version <= EXCLUDED._sluice_version"
+    ));
+    insert.build().execute(&mut *tx).await?;
+
+    let offsets = offsets_table(config);
+    let committed = sqlx::query(&format!(
+        "INSERT INTO {offsets} (pipeline_id, table_name, topic, partition, next_offset, owner_epoch) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (pipeline_id, table_name, topic, partition) DO UPDATE \
+         SET next_offset = EXCLUDED.next_offset, owner_epoch = EXCLUDED.owner_epoch, update_time = now() \
+         WHERE {offsets}.owner_epoch <= EXCLUDED.owner_epoch"
+    ))
+    .bind(target.pipeline_id)
+    .bind(&config.table)
+    .bind(target.topic)
+    .bind(target.partition)
+    .bind(next_offset)
+    .bind(target.epoch)
+    .execute(&mut *tx)
+    .await?;
+    if committed.rows_affected() == 0 {
+        // A newer owner has written here: roll back, this worker is a zombie.
+        return Err(ActivityError::Fenced);
+    }
+    tx.commit().await?;
+    Ok(next_offset)
+}
+
+/// Drops what the pipeline created in the destination: its offsets always, the table
+/// only when the spec asks for it.
+pub async fn teardown(pool: &PgPool, config: &PostgresDestinationConfig, pipeline_id: &str) -> Result<(), ActivityError> {
+    let exists: bool = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{}.{}", config.schema, OFFSETS_TABLE))
+        .fetch_one(pool)
+        .await?
+        .get(0);
+    if exists {
+        sqlx::query(&format!("DELETE FROM {} WHERE pipeline_id = $1", offsets_table(config)))
+            .bind(pipeline_id)
+            .execute(pool)
+            .await?;
+    }
+    if config.drop_table_on_delete {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", table_name(config)))
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}

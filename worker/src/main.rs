@@ -1,0 +1,93 @@
+//! `sluice-worker`: parses configuration, sets up logging and runs the worker.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use sluice_infra::kafka::KafkaSettings;
+use sluice_infra::process::{init_tracing, parse_cli, parse_property, shutdown_signal};
+use sluice_protocol::retry::RetryPolicy;
+use sluice_worker::{run, Config};
+
+/// Sluice worker: owns the pipelines of the signals-topic partitions Kafka assigns it
+/// and runs their workflows. Start more workers to spread the load.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Unique id of this worker, shown as a pipeline's owner (default: random).
+    #[arg(long, env = "SLUICE_WORKER_ID")]
+    worker_id: Option<String>,
+    /// PostgreSQL URL of the control-plane database.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    kafka_bootstrap_servers: String,
+    /// Extra librdkafka property for every Kafka client, KEY=VALUE (repeatable).
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    kafka_properties: Vec<(String, String)>,
+    /// Topic that carries change signals (must match the control plane's).
+    #[arg(long, env = "SLUICE_SIGNALS_TOPIC", default_value = sluice_protocol::topics::DEFAULT_SIGNALS_TOPIC)]
+    signals_topic: String,
+    /// Consumer group all workers of one deployment join.
+    #[arg(long, env = "SLUICE_WORKER_GROUP", default_value = "sluice-workers")]
+    group_id: String,
+    /// Group session timeout in milliseconds: how long a crashed worker keeps its
+    /// pipelines before the survivors take them over.
+    #[arg(long, env = "SLUICE_SESSION_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1000..=300_000))]
+    session_timeout_ms: u64,
+    /// How often each workflow re-reads its pipeline without a signal, in milliseconds.
+    #[arg(long, env = "SLUICE_RESYNC_INTERVAL_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    resync_interval_ms: u64,
+    /// Replication factor of the per-pipeline topics the worker creates.
+    #[arg(long, env = "SLUICE_REPLICATION_FACTOR", default_value_t = 1,
+          value_parser = clap::value_parser!(i32).range(1..=16))]
+    replication_factor: i32,
+    /// First retry interval of a failed activity in milliseconds (doubles up to 100 s).
+    #[arg(long, env = "SLUICE_RETRY_INITIAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    retry_initial_ms: u64,
+    /// Timeout of one activity attempt in milliseconds.
+    #[arg(long, env = "SLUICE_ATTEMPT_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    attempt_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = match parse_cli::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    init_tracing();
+
+    let worker_id = cli
+        .worker_id
+        .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let mut kafka = KafkaSettings::new(cli.kafka_bootstrap_servers);
+    kafka.properties = cli.kafka_properties;
+    let config = Config {
+        worker_id,
+        database_url: cli.database_url,
+        kafka,
+        signals_topic: cli.signals_topic,
+        group_id: cli.group_id,
+        session_timeout: Duration::from_millis(cli.session_timeout_ms),
+        resync_interval: Duration::from_millis(cli.resync_interval_ms),
+        replication_factor: cli.replication_factor,
+        retry: RetryPolicy {
+            initial_interval: Duration::from_millis(cli.retry_initial_ms),
+            ..RetryPolicy::default()
+        },
+        attempt_timeout: Duration::from_millis(cli.attempt_timeout_ms),
+    };
+    match run(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Group membership: every worker joins one consumer group on the signals topic. The
+//! partitions Kafka assigns decide which pipelines this worker owns; the records on
+//! them are wake-up signals for those pipelines' workflows.
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, TopicPartitionList};
+use sluice_protocol::signal::Signal;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::supervisor::SupervisorEvent;
+
+/// Forwards assignment changes to the supervisor. With the cooperative-sticky
+/// strategy librdkafka reports incremental changes; with an eager strategy a revoke of
+/// everything precedes each assign. Treating Assign as "add" and Revoke as "remove" is
+/// correct for both.
+pub struct MembershipContext {
+    pub events: mpsc::UnboundedSender<SupervisorEvent>,
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ClientContext for MembershipContext {}
+
+impl ConsumerContext for MembershipContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // The supervisor may be gone during shutdown; nothing is left to stop then.
+            let _ = self.events.send(SupervisorEvent::Revoked(partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let _ = self.events.send(SupervisorEvent::Assigned(partitions(tpl)));
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+pub type SignalConsumer = StreamConsumer<MembershipContext>;
+
+/// Polls the signals topic until `stop` fires, turning records into wake-ups. Polling
+/// also drives the rebalance callbacks above.
+pub async fn poll_signals(consumer: &SignalConsumer, events: mpsc::UnboundedSender<SupervisorEvent>, stop: CancellationToken) {
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = consumer.recv() => m,
+        };
+        match message {
+            Ok(m) => {
+                match m.payload().map(Signal::from_bytes) {
+                    Some(Ok(signal)) => {
+                        let _ = events.send(SupervisorEvent::Signal {
+                            pipeline_id: signal.pipeline_id,
+                            partition: m.partition(),
+                        });
+                    }
+                    _ => tracing::warn!(partition = m.partition(), offset = m.offset(), "ignoring malformed signal"),
+                }
+                // Signals only wake workflows that re-read Postgres, so committing right
+                // after the hand-off loses nothing; it just avoids replaying old signals.
+                if let Err(e) = consumer.commit_message(&m, rdkafka::consumer::CommitMode::Async) {
+                    tracing::debug!(error = %e, "signal offset commit failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "signals consumer error");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

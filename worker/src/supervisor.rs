@@ -1,0 +1,145 @@
+//! The supervisor keeps one workflow running for every pipeline on the partitions this
+//! worker owns: it starts them on assignment, on a signal for a pipeline it does not
+//! run yet, and on a periodic resync; it stops them (at a safe point, releasing
+//! ownership) on revocation and shutdown.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::activity::run_activity;
+use crate::store;
+use crate::workflow::{self, WorkflowHandle};
+use crate::WorkerContext;
+
+#[derive(Debug)]
+pub enum SupervisorEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+    Signal { pipeline_id: String, partition: i32 },
+}
+
+/// How long stopping the workflows may take on revocation or shutdown.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+pub struct Supervisor {
+    ctx: Arc<WorkerContext>,
+    owned: BTreeSet<i32>,
+    workflows: HashMap<String, WorkflowHandle>,
+    next_seq: u64,
+    exited_tx: mpsc::UnboundedSender<(String, u64)>,
+    exited_rx: mpsc::UnboundedReceiver<(String, u64)>,
+}
+
+impl Supervisor {
+    pub fn new(ctx: Arc<WorkerContext>) -> Self {
+        let (exited_tx, exited_rx) = mpsc::unbounded_channel();
+        Self {
+            ctx,
+            owned: BTreeSet::new(),
+            workflows: HashMap::new(),
+            next_seq: 0,
+            exited_tx,
+            exited_rx,
+        }
+    }
+
+    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<SupervisorEvent>, shutdown: CancellationToken) {
+        let mut resync = tokio::time::interval(self.ctx.resync_interval);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(event) = events.recv() => self.handle(event, &shutdown).await,
+                Some((id, seq)) = self.exited_rx.recv() => {
+                    if self.workflows.get(&id).is_some_and(|h| h.seq == seq) {
+                        self.workflows.remove(&id);
+                    }
+                }
+                _ = resync.tick() => self.start_missing(&self.owned.iter().copied().collect::<Vec<_>>(), &shutdown).await,
+            }
+        }
+        let all: Vec<String> = self.workflows.keys().cloned().collect();
+        self.stop_workflows(all).await;
+        tracing::info!("all workflows stopped");
+    }
+
+    async fn handle(&mut self, event: SupervisorEvent, shutdown: &CancellationToken) {
+        match event {
+            SupervisorEvent::Assigned(partitions) => {
+                tracing::info!(?partitions, "partitions assigned");
+                self.owned.extend(&partitions);
+                self.start_missing(&partitions, shutdown).await;
+            }
+            SupervisorEvent::Revoked(partitions) => {
+                tracing::info!(?partitions, "partitions revoked");
+                for p in &partitions {
+                    self.owned.remove(p);
+                }
+                let ids = self
+                    .workflows
+                    .iter()
+                    .filter(|(_, h)| partitions.contains(&h.partition))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                self.stop_workflows(ids).await;
+            }
+            SupervisorEvent::Signal { pipeline_id, partition } => {
+                if let Some(handle) = self.workflows.get(&pipeline_id) {
+                    handle.wake.notify_one();
+                } else if self.owned.contains(&partition) {
+                    self.start(pipeline_id, partition);
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, pipeline_id: String, partition: i32) {
+        self.next_seq += 1;
+        let handle = workflow::spawn(
+            Arc::clone(&self.ctx),
+            pipeline_id.clone(),
+            partition,
+            self.next_seq,
+            self.exited_tx.clone(),
+        );
+        self.workflows.insert(pipeline_id, handle);
+    }
+
+    /// Starts a workflow for every stored pipeline on `partitions` that has none.
+    async fn start_missing(&mut self, partitions: &[i32], shutdown: &CancellationToken) {
+        if partitions.is_empty() {
+            return;
+        }
+        let ctx = Arc::clone(&self.ctx);
+        let stored = run_activity("load-partitions", "-", &ctx.retry, ctx.attempt_timeout, shutdown, || {
+            store::pipelines_on_partitions(&ctx.pool, partitions)
+        })
+        .await;
+        match stored {
+            Ok(stored) => {
+                for (id, partition) in stored {
+                    // The assignment may have changed while the query ran.
+                    if !self.workflows.contains_key(&id) && self.owned.contains(&partition) {
+                        self.start(id, partition);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not load owned pipelines"),
+        }
+    }
+
+    async fn stop_workflows(&mut self, ids: Vec<String>) {
+        let handles: Vec<WorkflowHandle> = ids.iter().filter_map(|id| self.workflows.remove(id)).collect();
+        for h in &handles {
+            h.stop.cancel();
+        }
+        let joined = tokio::time::timeout(STOP_GRACE, futures::future::join_all(handles.into_iter().map(|h| h.task))).await;
+        if joined.is_err() {
+            tracing::warn!("workflows did not stop within the grace period");
+        }
+    }
+}
