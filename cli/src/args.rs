@@ -1,0 +1,278 @@
+//! The command-line surface of `sluicectl`, declared with clap's derive API so the help
+//! text, the parser and the types the commands receive never drift apart.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit status of a successful run.
+pub const EXIT_OK: i32 = 0;
+/// Exit status when an RPC fails, the control plane is unreachable, or a wait fails or
+/// times out.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit status for a bad invocation: unknown flags, bad values, an unreadable or invalid
+/// spec file (sysexits EX_USAGE).
+pub const EXIT_USAGE: i32 = 64;
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0   success
+  1   an RPC failed, the control plane was unreachable, or --wait failed or timed out
+  64  usage error: bad flags or values, or an unreadable or invalid spec file
+
+Examples:
+  sluicectl create -f pipeline.yaml --wait
+  sluicectl list -o json
+  sluicectl pause orders-sync --wait
+  SLUICE_SERVER=http://cp.internal:50051 sluicectl get orders-sync";
+
+/// The operator's command line for Sluice pipelines.
+#[derive(Debug, Parser)]
+#[command(name = "sluicectl", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Address of the control plane's gRPC endpoint; "http://" is assumed when no scheme
+    /// is given.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "SLUICE_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL"
+    )]
+    pub server: String,
+
+    /// Output format.
+    #[arg(short, long, global = true, help_heading = "Global options", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+
+    /// Deadline of each RPC, in seconds (also bounds connecting).
+    #[arg(long, global = true, help_heading = "Global options", default_value_t = 10, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn rpc_timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable tables.
+    Table,
+    /// Pretty-printed JSON, stable field names, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a pipeline from a spec file or from flags.
+    #[command(after_help = "\
+Spec file shape (YAML or JSON; unknown keys are rejected):
+  id: orders-sync            # optional, otherwise generated
+  desired_status: ACTIVE     # optional, ACTIVE (default) or PAUSED
+  spec:
+    source:
+      type: generator
+      config: {count: 1000}
+    destination:
+      type: postgres
+      config: {table: orders}
+
+Flags win over the file: --id replaces id, --paused replaces desired_status.
+
+Examples:
+  sluicectl create -f orders.yaml --wait
+  cat orders.json | sluicectl create -f - --id orders-2 --paused
+  sluicectl create --id demo --source-type generator --source-config '{\"count\": 10}' \\
+      --destination-type postgres --destination-config '{\"table\": \"demo\"}'")]
+    Create(CreateArgs),
+
+    /// Show one pipeline.
+    #[command(after_help = "Example:\n  sluicectl get orders-sync -o json")]
+    Get {
+        /// Pipeline id.
+        id: String,
+    },
+
+    /// List pipelines, ordered by id.
+    #[command(after_help = "\
+All pages are fetched unless --limit is given.
+
+Examples:
+  sluicectl list
+  sluicectl list --limit 20 -o json")]
+    List(ListArgs),
+
+    /// Pause a pipeline (sets desired_status to PAUSED).
+    #[command(after_help = "\
+With --wait, returns once the owning worker reports PAUSED for the new generation.
+
+Example:
+  sluicectl pause orders-sync --wait --wait-timeout 60")]
+    Pause {
+        /// Pipeline id.
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+
+    /// Resume a paused pipeline (sets desired_status to ACTIVE).
+    #[command(after_help = "\
+With --wait, returns once the owning worker reports READY for the new generation.
+
+Example:
+  sluicectl resume orders-sync --wait")]
+    Resume {
+        /// Pipeline id.
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+
+    /// Delete a pipeline; the worker tears it down, then it disappears.
+    #[command(after_help = "\
+With --wait, returns once the pipeline is gone (GetPipeline answers NOT_FOUND).
+
+Example:
+  sluicectl delete orders-sync --wait")]
+    Delete {
+        /// Pipeline id.
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+
+    /// Show the status transitions of a pipeline, oldest first (works after deletion).
+    #[command(after_help = "Example:\n  sluicectl history orders-sync")]
+    History {
+        /// Pipeline id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Pipeline id; overrides the file's id. Generated by the server when absent.
+    #[arg(long)]
+    pub id: Option<String>,
+
+    /// Spec file (YAML or JSON); "-" reads standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// Source connector type, e.g. generator.
+    #[arg(
+        long,
+        value_name = "TYPE",
+        conflicts_with = "file",
+        required_unless_present = "file"
+    )]
+    pub source_type: Option<String>,
+
+    /// Source connector configuration as a JSON object [default: {}].
+    #[arg(long, value_name = "JSON", conflicts_with = "file")]
+    pub source_config: Option<String>,
+
+    /// Destination connector type, e.g. postgres.
+    #[arg(
+        long,
+        value_name = "TYPE",
+        conflicts_with = "file",
+        required_unless_present = "file"
+    )]
+    pub destination_type: Option<String>,
+
+    /// Destination connector configuration as a JSON object [default: {}].
+    #[arg(long, value_name = "JSON", conflicts_with = "file")]
+    pub destination_config: Option<String>,
+
+    /// Create the pipeline paused; overrides the file's desired_status.
+    #[arg(long)]
+    pub paused: bool,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Pipelines per page requested from the server (server default 50, at most 1000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub page_size: Option<u32>,
+
+    /// Stop after this many pipelines instead of fetching every page.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+pub struct WaitArgs {
+    /// Wait until the change has taken effect, showing progress on stderr.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// Give up waiting after this many seconds (exit status 1).
+    #[arg(long, value_name = "SECS", default_value_t = 300, requires = "wait",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub wait_timeout: u64,
+}
+
+impl WaitArgs {
+    /// The wait deadline, or None when the caller did not ask to wait.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.wait.then(|| Duration::from_secs(self.wait_timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn create_needs_a_file_or_connector_types() {
+        let err = Cli::try_parse_from(["sluicectl", "create"]).expect_err("missing spec");
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        Cli::try_parse_from(["sluicectl", "create", "-f", "x.yaml"]).expect("file is enough");
+        let err = Cli::try_parse_from([
+            "sluicectl",
+            "create",
+            "-f",
+            "x.yaml",
+            "--source-type",
+            "generator",
+        ])
+        .expect_err("file and flags conflict");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn wait_timeout_defaults_and_requires_wait() {
+        let cli = Cli::try_parse_from(["sluicectl", "pause", "p1", "--wait"]).expect("valid");
+        let Command::Pause { wait, .. } = cli.command else {
+            panic!("parsed as pause");
+        };
+        assert_eq!(wait.timeout(), Some(Duration::from_secs(300)));
+        assert!(Cli::try_parse_from(["sluicectl", "pause", "p1", "--wait-timeout", "5"]).is_err());
+    }
+
+    #[test]
+    fn global_flags_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from(["sluicectl", "get", "p1", "-o", "json", "--timeout", "3"])
+            .expect("valid");
+        assert_eq!(cli.output, OutputFormat::Json);
+        assert_eq!(cli.rpc_timeout(), Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,271 @@
+//! One function per subcommand: build the request, call the control plane, optionally
+//! wait, and return what to print on stdout.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use prost_types::FieldMask;
+use sluice_protocol::pb;
+use sluice_protocol::pb::pipeline_service_client::PipelineServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::args::{Cli, Command, CreateArgs, ListArgs, OutputFormat, WaitArgs};
+use crate::error::CliError;
+use crate::output;
+use crate::spec_file::{self, CreateFlags, FileFormat, PipelineFile};
+use crate::wait::{self, WaitTarget};
+
+/// The server's own cap on page_size; asking for more is pointless.
+const MAX_PAGE_SIZE: u64 = 1000;
+
+type Client = PipelineServiceClient<Channel>;
+
+/// Runs the parsed command and returns its stdout text.
+pub async fn run(cli: Cli) -> Result<String, CliError> {
+    let format = cli.output;
+    // Read and validate local input before connecting, so a bad file is reported as
+    // such even when the control plane is down.
+    let create_plan = match &cli.command {
+        Command::Create(args) => Some(plan_create(args)?),
+        _ => None,
+    };
+    let mut client = connect(&cli.server, cli.rpc_timeout()).await?;
+    match cli.command {
+        Command::Create(args) => {
+            let plan = create_plan.expect("create plans are built above for create commands");
+            create(&mut client, plan, args.wait, format).await
+        }
+        Command::Get { id } => {
+            let p = client
+                .get_pipeline(pb::GetPipelineRequest { id })
+                .await?
+                .into_inner();
+            Ok(output::render_pipeline(&p, format))
+        }
+        Command::List(args) => {
+            let pipelines = list(&mut client, &args).await?;
+            Ok(output::render_pipelines(&pipelines, format))
+        }
+        Command::Pause { id, wait } => {
+            set_desired(&mut client, id, pb::DesiredStatus::Paused, wait, format).await
+        }
+        Command::Resume { id, wait } => {
+            set_desired(&mut client, id, pb::DesiredStatus::Active, wait, format).await
+        }
+        Command::Delete { id, wait } => delete(&mut client, id, wait, format).await,
+        Command::History { id } => {
+            let events = client
+                .list_pipeline_events(pb::ListPipelineEventsRequest { pipeline_id: id })
+                .await?
+                .into_inner()
+                .events;
+            Ok(output::render_events(&events, format))
+        }
+    }
+}
+
+/// Accepts "host:port" as well as a URL, since operators rarely type the scheme.
+pub fn normalise_server(url: &str) -> String {
+    if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    }
+}
+
+async fn connect(server: &str, rpc_timeout: Duration) -> Result<Client, CliError> {
+    let url = normalise_server(server);
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|source| CliError::InvalidServer {
+            url: server.to_owned(),
+            source,
+        })?
+        .connect_timeout(rpc_timeout)
+        .timeout(rpc_timeout);
+    // Connecting eagerly turns "nothing listens there" into one clear message instead of
+    // an UNAVAILABLE from whichever RPC happens to run first.
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| CliError::Unreachable { url, source })?;
+    Ok(PipelineServiceClient::new(channel))
+}
+
+fn plan_create(args: &CreateArgs) -> Result<spec_file::CreatePlan, CliError> {
+    let file = args.file.as_deref().map(read_spec_file).transpose()?;
+    let flags = CreateFlags {
+        id: args.id.clone(),
+        paused: args.paused,
+        source_type: args.source_type.clone(),
+        source_config: args.source_config.clone(),
+        destination_type: args.destination_type.clone(),
+        destination_config: args.destination_config.clone(),
+    };
+    Ok(spec_file::build_create(file, flags)?)
+}
+
+fn read_spec_file(path: &Path) -> Result<PipelineFile, CliError> {
+    // The CLI runs a single task, so a blocking read here stalls nothing else.
+    let (text, origin, format) = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|source| CliError::ReadSpec {
+                origin: "standard input".into(),
+                source,
+            })?;
+        (text, "<stdin>".to_owned(), FileFormat::Detect)
+    } else {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadSpec {
+            origin: origin.clone(),
+            source,
+        })?;
+        (text, origin, FileFormat::from_path(path))
+    };
+    Ok(spec_file::parse_file(&text, format, &origin)?)
+}
+
+async fn create(
+    client: &mut Client,
+    plan: spec_file::CreatePlan,
+    wait: WaitArgs,
+    format: OutputFormat,
+) -> Result<String, CliError> {
+    let created = client.create_pipeline(plan.request).await?.into_inner();
+    let target = if plan.paused {
+        WaitTarget::Paused
+    } else {
+        WaitTarget::Ready
+    };
+    finish(client, created, target, wait, format).await
+}
+
+async fn set_desired(
+    client: &mut Client,
+    id: String,
+    desired: pb::DesiredStatus,
+    wait: WaitArgs,
+    format: OutputFormat,
+) -> Result<String, CliError> {
+    let request = pb::UpdatePipelineRequest {
+        pipeline: Some(pb::Pipeline {
+            id,
+            desired_status: desired as i32,
+            ..Default::default()
+        }),
+        update_mask: Some(FieldMask {
+            paths: vec!["desired_status".to_owned()],
+        }),
+    };
+    let updated = client.update_pipeline(request).await?.into_inner();
+    let target = match desired {
+        pb::DesiredStatus::Paused => WaitTarget::Paused,
+        _ => WaitTarget::Ready,
+    };
+    finish(client, updated, target, wait, format).await
+}
+
+async fn delete(
+    client: &mut Client,
+    id: String,
+    wait: WaitArgs,
+    format: OutputFormat,
+) -> Result<String, CliError> {
+    let deleted = client
+        .delete_pipeline(pb::DeletePipelineRequest { id })
+        .await?
+        .into_inner();
+    let Some(timeout) = wait.timeout() else {
+        return Ok(output::render_pipeline(&deleted, format));
+    };
+    match wait::wait_for(client, &deleted.id, WaitTarget::Removed, timeout).await? {
+        None => Ok(output::render_removed(&deleted.id, format)),
+        // wait_for only returns a pipeline for targets other than Removed.
+        Some(p) => Ok(output::render_pipeline(&p, format)),
+    }
+}
+
+/// Prints the RPC's answer, or waits and prints the converged pipeline.
+async fn finish(
+    client: &mut Client,
+    pipeline: pb::Pipeline,
+    target: WaitTarget,
+    wait: WaitArgs,
+    format: OutputFormat,
+) -> Result<String, CliError> {
+    let Some(timeout) = wait.timeout() else {
+        return Ok(output::render_pipeline(&pipeline, format));
+    };
+    let converged = wait::wait_for(client, &pipeline.id, target, timeout)
+        .await?
+        .unwrap_or(pipeline);
+    Ok(output::render_pipeline(&converged, format))
+}
+
+async fn list(client: &mut Client, args: &ListArgs) -> Result<Vec<pb::Pipeline>, CliError> {
+    let mut pipelines = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page_size = next_page_size(args.page_size, args.limit, pipelines.len());
+        let page = client
+            .list_pipelines(pb::ListPipelinesRequest {
+                page_size,
+                page_token: page_token.clone(),
+            })
+            .await?
+            .into_inner();
+        pipelines.extend(page.pipelines);
+        if let Some(limit) = args.limit {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            if pipelines.len() >= limit {
+                pipelines.truncate(limit);
+                break;
+            }
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        if page.next_page_token == page_token {
+            return Err(CliError::RepeatedPageToken(page.next_page_token));
+        }
+        page_token = page.next_page_token;
+    }
+    Ok(pipelines)
+}
+
+/// The page size to request: never more than still wanted under --limit, so a small
+/// limit does not fetch a full default page; 0 lets the server pick its default.
+fn next_page_size(page_size: Option<u32>, limit: Option<u64>, fetched: usize) -> i32 {
+    let remaining = limit.map(|l| l.saturating_sub(fetched as u64).clamp(1, MAX_PAGE_SIZE));
+    let size = match (page_size.map(u64::from), remaining) {
+        (Some(p), Some(r)) => p.min(r),
+        (Some(p), None) => p,
+        (None, Some(r)) => r,
+        (None, None) => 0,
+    };
+    // Both inputs are bounded by MAX_PAGE_SIZE, far below i32::MAX.
+    i32::try_from(size).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_size_respects_limit() {
+        assert_eq!(next_page_size(None, None, 0), 0);
+        assert_eq!(next_page_size(Some(100), None, 500), 100);
+        assert_eq!(next_page_size(None, Some(20), 0), 20);
+        assert_eq!(next_page_size(None, Some(20), 15), 5);
+        assert_eq!(next_page_size(Some(10), Some(20), 15), 5);
+        assert_eq!(next_page_size(None, Some(5000), 0), 1000);
+    }
+
+    #[test]
+    fn server_without_scheme_gets_http() {
+        assert_eq!(normalise_server("cp:50051"), "http://cp:50051");
+        assert_eq!(normalise_server("https://cp:443"), "https://cp:443");
+    }
+}

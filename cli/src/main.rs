@@ -1,0 +1,63 @@
+//! `sluicectl`, the operator's command line for Sluice: a thin gRPC client of the
+//! control plane's PipelineService. Exit status: 0 ok, 1 RPC or wait failure, 64 usage.
+
+#![forbid(unsafe_code)]
+
+mod args;
+mod commands;
+mod error;
+mod output;
+mod spec_file;
+mod wait;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, EXIT_FAILURE, EXIT_OK, EXIT_USAGE};
+use crate::error::CliError;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // --help and --version arrive as "errors" too; they print to stdout and
+            // succeed, real parse errors print to stderr and are usage errors.
+            let _ = err.print();
+            return exit(if err.use_stderr() {
+                EXIT_USAGE
+            } else {
+                EXIT_OK
+            });
+        }
+    };
+    match execute(cli) {
+        Ok(text) => {
+            let mut stdout = std::io::stdout().lock();
+            // A closed pipe (`sluicectl list | head`) is not worth an error message.
+            let _ = writeln!(stdout, "{text}").and_then(|()| stdout.flush());
+            exit(EXIT_OK)
+        }
+        Err(err) => {
+            let mut stderr = std::io::stderr().lock();
+            for line in err.report() {
+                let _ = writeln!(stderr, "{line}");
+            }
+            exit(err.exit_code())
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<String, CliError> {
+    // One request at a time: a current-thread runtime is all a CLI needs.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    runtime.block_on(commands::run(cli))
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE as u8))
+}

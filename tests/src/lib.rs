@@ -1,0 +1,394 @@
+//! Harness for end-to-end tests: every test gets its own database, signals topic and
+//! worker group on the shared PostgreSQL and Kafka that `deploy/local/up.sh` started,
+//! and starts the real `sluice-control-plane` and `sluice-worker` binaries.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use sluice_protocol::conversions::json_to_struct;
+use sluice_protocol::pb;
+use sluice_protocol::pb::pipeline_service_client::PipelineServiceClient;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+pub type Client = PipelineServiceClient<Channel>;
+
+/// Where the shared infrastructure listens: the environment, else `.local/env`.
+pub struct Infra {
+    pub database_url: String,
+    pub kafka_bootstrap_servers: String,
+}
+
+impl Infra {
+    pub fn from_env() -> Result<Self> {
+        let mut database_url = std::env::var("DATABASE_URL").ok();
+        let mut kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok();
+        if database_url.is_none() || kafka.is_none() {
+            let env_file = workspace_root().join(".local/env");
+            let text = std::fs::read_to_string(&env_file).with_context(|| {
+                format!(
+                    "DATABASE_URL/KAFKA_BOOTSTRAP_SERVERS unset and {} missing: run deploy/local/up.sh",
+                    env_file.display()
+                )
+            })?;
+            for line in text.lines() {
+                let Some(rest) = line.strip_prefix("export ") else {
+                    continue;
+                };
+                if let Some((k, v)) = rest.split_once('=') {
+                    let v = v.trim_matches('\'').trim_matches('"').to_owned();
+                    match k {
+                        "DATABASE_URL" => database_url = database_url.or(Some(v)),
+                        "KAFKA_BOOTSTRAP_SERVERS" => kafka = kafka.or(Some(v)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            database_url: database_url.context("DATABASE_URL not found")?,
+            kafka_bootstrap_servers: kafka.context("KAFKA_BOOTSTRAP_SERVERS not found")?,
+        })
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The directory holding the workspace's binaries (next to this test executable).
+fn bin_path(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test>  or  target/<profile>/<bin>
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "binary {name} not found next to {}: run `cargo build --bins` first",
+        exe.display()
+    )
+}
+
+/// A unique suffix for names of one test's resources.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// One isolated Sluice deployment: its own database, signals topic and worker group.
+pub struct Deployment {
+    pub infra: Infra,
+    pub db_name: String,
+    pub database_url: String,
+    pub signals_topic: String,
+    pub group: String,
+    pub pool: PgPool,
+    control_plane: Option<Process>,
+    pub control_plane_addr: Option<String>,
+    workers: Vec<Process>,
+}
+
+pub struct Process {
+    pub name: String,
+    child: Child,
+}
+
+impl Process {
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn stop(mut self) -> Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let status = tokio::time::timeout(Duration::from_secs(40), self.child.wait())
+            .await
+            .with_context(|| format!("{} did not exit after SIGTERM", self.name))??;
+        Ok(status)
+    }
+
+    /// SIGKILL: a crash.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
+
+impl Deployment {
+    pub async fn new() -> Result<Self> {
+        let infra = Infra::from_env()?;
+        let db_name = unique("sluice_t");
+        let mut admin = PgConnection::connect(&infra.database_url).await?;
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut admin)
+            .await?;
+        let database_url = replace_db(&infra.database_url, &db_name);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url)
+            .await?;
+        Ok(Self {
+            signals_topic: unique("sluice.signals.t").replace('_', "."),
+            group: unique("sluice-workers-t"),
+            infra,
+            db_name,
+            database_url,
+            pool,
+            control_plane: None,
+            control_plane_addr: None,
+            workers: Vec::new(),
+        })
+    }
+
+    pub async fn start_control_plane(&mut self) -> Result<Client> {
+        let mut child = Command::new(bin_path("sluice-control-plane")?)
+            .args(["--listen", "127.0.0.1:0", "--signal-partitions", "4"])
+            .env("DATABASE_URL", &self.database_url)
+            .env(
+                "KAFKA_BOOTSTRAP_SERVERS",
+                &self.infra.kafka_bootstrap_servers,
+            )
+            .env("SLUICE_SIGNALS_TOPIC", &self.signals_topic)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout is piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return Ok::<_, anyhow::Error>(addr.to_owned());
+                }
+            }
+            bail!("control plane exited before listening")
+        })
+        .await
+        .context("control plane did not start listening")??;
+        self.control_plane = Some(Process {
+            name: "control-plane".into(),
+            child,
+        });
+        self.control_plane_addr = Some(addr.clone());
+        self.client().await
+    }
+
+    pub async fn client(&self) -> Result<Client> {
+        let addr = self
+            .control_plane_addr
+            .as_ref()
+            .context("no control plane")?;
+        Ok(PipelineServiceClient::connect(format!("http://{addr}")).await?)
+    }
+
+    /// Starts a worker with test-friendly timings; returns its index.
+    pub async fn start_worker(&mut self, worker_id: &str) -> Result<usize> {
+        let child = Command::new(bin_path("sluice-worker")?)
+            .env("DATABASE_URL", &self.database_url)
+            .env(
+                "KAFKA_BOOTSTRAP_SERVERS",
+                &self.infra.kafka_bootstrap_servers,
+            )
+            .env("SLUICE_SIGNALS_TOPIC", &self.signals_topic)
+            .env("SLUICE_WORKER_GROUP", &self.group)
+            .env("SLUICE_WORKER_ID", worker_id)
+            .env("SLUICE_SESSION_TIMEOUT_MS", "6000")
+            .env("SLUICE_RESYNC_INTERVAL_MS", "2000")
+            .env("SLUICE_RETRY_INITIAL_MS", "200")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        self.workers.push(Process {
+            name: worker_id.to_owned(),
+            child,
+        });
+        Ok(self.workers.len() - 1)
+    }
+
+    pub fn take_worker(&mut self, index: usize) -> Process {
+        self.workers.remove(index)
+    }
+
+    /// A destination config writing into this deployment's database.
+    pub fn destination(&self, table: &str, drop_table_on_delete: bool) -> Value {
+        json!({"url": self.database_url, "table": table, "drop_table_on_delete": drop_table_on_delete})
+    }
+
+    pub async fn row_count(&self, table: &str) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar(&format!("SELECT count(*) FROM public.{table}"))
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn table_exists(&self, table: &str) -> Result<bool> {
+        Ok(sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("public.{table}"))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    pub async fn shutdown(mut self) -> Result<()> {
+        for w in self.workers.drain(..) {
+            w.stop().await?;
+        }
+        if let Some(cp) = self.control_plane.take() {
+            cp.stop().await?;
+        }
+        self.pool.close().await;
+        let mut admin = PgConnection::connect(&self.infra.database_url).await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.db_name
+        ))
+        .execute(&mut admin)
+        .await?;
+        let admin =
+            sluice_infra::kafka::KafkaSettings::new(&self.infra.kafka_bootstrap_servers).admin()?;
+        admin.delete_topic(&self.signals_topic).await?;
+        Ok(())
+    }
+}
+
+fn replace_db(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// A create request for a generator → postgres pipeline.
+pub fn generator_pipeline(
+    id: &str,
+    count: u64,
+    seed: u64,
+    destination: Value,
+    desired: pb::DesiredStatus,
+) -> pb::CreatePipelineRequest {
+    pb::CreatePipelineRequest {
+        pipeline_id: id.to_owned(),
+        pipeline: Some(pb::Pipeline {
+            spec: Some(pb::PipelineSpec {
+                source: Some(connector(
+                    "generator",
+                    json!({"count": count, "seed": seed, "slice_size": 500}),
+                )),
+                destination: Some(connector("postgres", destination)),
+            }),
+            desired_status: desired as i32,
+            ..Default::default()
+        }),
+    }
+}
+
+pub fn connector(kind: &str, config: Value) -> pb::ConnectorSpec {
+    let Value::Object(map) = config else {
+        panic!("connector config must be a JSON object");
+    };
+    pb::ConnectorSpec {
+        r#type: kind.to_owned(),
+        config: Some(json_to_struct(&map)),
+    }
+}
+
+pub fn set_desired(id: &str, desired: pb::DesiredStatus) -> pb::UpdatePipelineRequest {
+    pb::UpdatePipelineRequest {
+        pipeline: Some(pb::Pipeline {
+            id: id.to_owned(),
+            desired_status: desired as i32,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["desired_status".into()],
+        }),
+    }
+}
+
+pub async fn get(client: &mut Client, id: &str) -> Result<pb::Pipeline, tonic::Status> {
+    client
+        .get_pipeline(pb::GetPipelineRequest { id: id.to_owned() })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Polls `check` until it returns Some or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the worker has acted on the latest generation and reports `status`.
+pub async fn wait_converged(
+    client: &mut Client,
+    id: &str,
+    status: pb::PipelineStatus,
+    timeout: Duration,
+) -> Result<pb::Pipeline> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let p = get(client, id).await?;
+        if p.status == status as i32 && p.observed_generation >= p.generation {
+            return Ok(p);
+        }
+        if p.status == pb::PipelineStatus::Error as i32 && status != pb::PipelineStatus::Error {
+            bail!("{id} went to ERROR: {}", p.last_error);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {id} to reach {status:?}; last seen: {p:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sum over the generator's records for `seed`, to compare a destination table with.
+pub fn expected_amount_sum(seed: u64, count: u64) -> i64 {
+    (0..count)
+        .map(|id| {
+            sluice_protocol::catalog::generator_record(seed, id)["amount"]
+                .as_i64()
+                .unwrap_or_default()
+        })
+        .sum()
+}
+
+pub async fn amount_sum(pool: &PgPool, table: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT COALESCE(sum(amount), 0)::BIGINT FROM public.{table}"
+    ))
+    .fetch_one(pool)
+    .await?)
+}
