@@ -60,7 +60,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), RunError> {
-    let pool = sluice_infra::store::connect(&config.database_url, 16, Duration::from_secs(60)).await?;
+    let pool =
+        sluice_infra::store::connect(&config.database_url, 16, Duration::from_secs(60)).await?;
     sluice_infra::store::migrate(&pool).await?;
 
     let admin = config.kafka.admin()?;

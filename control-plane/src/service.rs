@@ -55,17 +55,18 @@ impl PipelineApi {
         };
         let spec = spec_from_pb(pipeline.spec.as_ref(), "pipeline.spec")?;
         spec.validate("pipeline.spec")?;
-        let desired = match desired_status_from_pb(pipeline.desired_status, "pipeline.desired_status")? {
-            None => DesiredStatus::Active,
-            Some(DesiredStatus::Deleted) => {
-                return Err(FieldViolation::new(
-                    "pipeline.desired_status",
-                    "a pipeline is created ACTIVE or PAUSED",
-                )
-                .into())
-            }
-            Some(d) => d,
-        };
+        let desired =
+            match desired_status_from_pb(pipeline.desired_status, "pipeline.desired_status")? {
+                None => DesiredStatus::Active,
+                Some(DesiredStatus::Deleted) => {
+                    return Err(FieldViolation::new(
+                        "pipeline.desired_status",
+                        "a pipeline is created ACTIVE or PAUSED",
+                    )
+                    .into())
+                }
+                Some(d) => d,
+            };
         let new = store::NewPipeline {
             id: &id,
             spec: &spec,
@@ -138,7 +139,10 @@ impl PipelineApi {
         Ok(record)
     }
 
-    async fn list(&self, req: pb::ListPipelinesRequest) -> Result<pb::ListPipelinesResponse, ApiError> {
+    async fn list(
+        &self,
+        req: pb::ListPipelinesRequest,
+    ) -> Result<pb::ListPipelinesResponse, ApiError> {
         let page_size = match req.page_size {
             n if n < 0 => {
                 return Err(FieldViolation::new("page_size", "must not be negative").into())
@@ -250,7 +254,9 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::ListPipelineEventsRequest>,
     ) -> Result<Response<pb::ListPipelineEventsResponse>, Status> {
-        Ok(Response::new(self.events(request.into_inner().pipeline_id).await?))
+        Ok(Response::new(
+            self.events(request.into_inner().pipeline_id).await?,
+        ))
     }
 }
 

@@ -105,7 +105,11 @@ pub async fn list_pipelines(
         "SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE ($1::text IS NULL OR id > $1) \
          ORDER BY id LIMIT $2"
     );
-    let rows = sqlx::query(&sql).bind(after).bind(limit).fetch_all(pool).await?;
+    let rows = sqlx::query(&sql)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
     rows.iter().map(record_from_row).collect()
 }
 

@@ -14,7 +14,10 @@ pub enum KafkaAdminError {
     #[error("kafka error: {0}")]
     Kafka(#[from] KafkaError),
     #[error("topic {topic}: {code}")]
-    Topic { topic: String, code: RDKafkaErrorCode },
+    Topic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error("topic {0} did not appear in the cluster metadata in time")]
     NotVisible(String),
 }
@@ -76,7 +79,11 @@ impl Admin {
             return Ok(n);
         }
         let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
-        for result in self.client.create_topics([&new_topic], &Self::options()).await? {
+        for result in self
+            .client
+            .create_topics([&new_topic], &Self::options())
+            .await?
+        {
             match result {
                 Ok(_) => {}
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -97,7 +104,11 @@ impl Admin {
 
     /// Deletes `topic`; a topic that is already gone is not an error.
     pub async fn delete_topic(&self, topic: &str) -> Result<(), KafkaAdminError> {
-        for result in self.client.delete_topics(&[topic], &Self::options()).await? {
+        for result in self
+            .client
+            .delete_topics(&[topic], &Self::options())
+            .await?
+        {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
                 Err((topic, code)) => return Err(KafkaAdminError::Topic { topic, code }),

@@ -1,7 +1,6 @@
 //! Postgres: connecting, the embedded migrations, and reading pipeline rows and their
 //! event history. Queries that only one process runs live with that process.
 
-
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
@@ -25,7 +24,11 @@ pub const PIPELINE_COLUMNS: &str = "id, spec, desired_status, status, generation
      observed_generation, owner, owner_epoch, last_error, partition, create_time, update_time";
 
 /// Connects, retrying until `deadline` elapses so a process may start before Postgres.
-pub async fn connect(url: &str, max_connections: u32, deadline: Duration) -> Result<PgPool, StoreError> {
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    deadline: Duration,
+) -> Result<PgPool, StoreError> {
     let started = Instant::now();
     loop {
         match PgPoolOptions::new()
@@ -52,7 +55,8 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 }
 
 pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
-    let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("{what}: {e}"));
+    let corrupt =
+        |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("{what}: {e}"));
     let spec_json: serde_json::Value = row.try_get("spec")?;
     let spec = PipelineSpec::from_json(spec_json).map_err(|e| corrupt("spec", &e))?;
     let desired: String = row.try_get("desired_status")?;
@@ -99,7 +103,10 @@ pub struct PipelineEvent {
     pub reason: String,
 }
 
-pub async fn list_events(pool: &PgPool, pipeline_id: &str) -> Result<Vec<PipelineEvent>, StoreError> {
+pub async fn list_events(
+    pool: &PgPool,
+    pipeline_id: &str,
+) -> Result<Vec<PipelineEvent>, StoreError> {
     let rows = sqlx::query(
         "SELECT pipeline_id, time, actor, from_status, to_status, generation, reason \
          FROM pipeline_events WHERE pipeline_id = $1 ORDER BY id",

@@ -67,7 +67,10 @@ pub fn generator_record(seed: u64, id: u64) -> Map<String, Value> {
     let h = splitmix64(seed ^ splitmix64(id));
     let mut record = Map::new();
     record.insert("id".into(), json!(id));
-    record.insert("name".into(), json!(format!("item-{id}-{:04x}", h & 0xffff)));
+    record.insert(
+        "name".into(),
+        json!(format!("item-{id}-{:04x}", h & 0xffff)),
+    );
     record.insert("amount".into(), json!((h >> 16) % 100_000));
     record.insert("score".into(), json!(((h >> 40) % 10_000) as f64 / 100.0));
     record.insert("active".into(), json!(h & 1 == 1));

@@ -106,7 +106,10 @@ pub fn connector_to_pb(c: &ConnectorSpec) -> pb::ConnectorSpec {
     }
 }
 
-pub fn spec_from_pb(spec: Option<&pb::PipelineSpec>, path: &str) -> Result<PipelineSpec, FieldViolation> {
+pub fn spec_from_pb(
+    spec: Option<&pb::PipelineSpec>,
+    path: &str,
+) -> Result<PipelineSpec, FieldViolation> {
     let spec = spec.ok_or_else(|| FieldViolation::new(path, "is required"))?;
     let source = spec
         .source
@@ -130,7 +133,10 @@ pub fn spec_to_pb(spec: &PipelineSpec) -> pb::PipelineSpec {
 }
 
 /// Reads an enum field; UNSPECIFIED is None, an out-of-range number is an error.
-pub fn desired_status_from_pb(v: i32, field: &str) -> Result<Option<DesiredStatus>, FieldViolation> {
+pub fn desired_status_from_pb(
+    v: i32,
+    field: &str,
+) -> Result<Option<DesiredStatus>, FieldViolation> {
     match pb::DesiredStatus::try_from(v) {
         Ok(pb::DesiredStatus::Unspecified) => Ok(None),
         Ok(pb::DesiredStatus::Active) => Ok(Some(DesiredStatus::Active)),
@@ -214,7 +220,9 @@ mod tests {
     #[test]
     fn struct_json_round_trip() {
         let v = json!({"count": 10, "ratio": 0.5, "name": "x", "on": true, "nested": {"a": [1, "b", null]}});
-        let Value::Object(map) = v else { unreachable!() };
+        let Value::Object(map) = v else {
+            unreachable!()
+        };
         assert_eq!(struct_to_json(&json_to_struct(&map)), map);
     }
 

@@ -43,7 +43,10 @@ pub struct PipelinePatch {
 }
 
 /// Parses the mask's paths; an absent (empty) mask means "every field the patch sets".
-pub fn parse_mask(paths: &[String], patch: &PipelinePatch) -> Result<Vec<MaskPath>, FieldViolation> {
+pub fn parse_mask(
+    paths: &[String],
+    patch: &PipelinePatch,
+) -> Result<Vec<MaskPath>, FieldViolation> {
     let mut out = Vec::new();
     let mut push = |p: MaskPath| {
         if !out.contains(&p) {
@@ -186,9 +189,15 @@ mod tests {
 
     #[test]
     fn rejects_output_only_and_unknown_paths() {
-        for p in ["status", "generation", "etag", "spec.source.config.count", "bogus"] {
-            let err = parse_mask(&[p.to_string()], &PipelinePatch::default())
-                .expect_err("rejected");
+        for p in [
+            "status",
+            "generation",
+            "etag",
+            "spec.source.config.count",
+            "bogus",
+        ] {
+            let err =
+                parse_mask(&[p.to_string()], &PipelinePatch::default()).expect_err("rejected");
             assert_eq!(err.field, "update_mask", "{p}");
         }
     }
@@ -214,8 +223,13 @@ mod tests {
     #[test]
     fn masked_but_missing_is_an_error() {
         let mask = parse_mask(&["spec".into()], &PipelinePatch::default()).expect("ok");
-        let err = apply_patch(DesiredStatus::Active, &spec(), &PipelinePatch::default(), &mask)
-            .expect_err("missing");
+        let err = apply_patch(
+            DesiredStatus::Active,
+            &spec(),
+            &PipelinePatch::default(),
+            &mask,
+        )
+        .expect_err("missing");
         assert_eq!(err.field, "pipeline.spec.source");
     }
 

@@ -12,7 +12,10 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 pub fn partition_for(pipeline_id: &str, partitions: u32) -> i32 {
-    assert!(partitions > 0, "the signals topic has at least one partition");
+    assert!(
+        partitions > 0,
+        "the signals topic has at least one partition"
+    );
     (fnv1a64(pipeline_id.as_bytes()) % u64::from(partitions)) as i32
 }
 
@@ -26,7 +29,10 @@ mod tests {
         // Pinned: a change here would move every stored pipeline to another worker.
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(partition_for("a", 12), (0xaf63_dc4c_8601_ec8c_u64 % 12) as i32);
+        assert_eq!(
+            partition_for("a", 12),
+            (0xaf63_dc4c_8601_ec8c_u64 % 12) as i32
+        );
     }
 
     proptest! {

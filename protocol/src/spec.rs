@@ -96,10 +96,9 @@ fn validate_source(spec: &ConnectorSpec, path: &str) -> Result<SourceConfig, Fie
         "generator" => {
             let count = config.u64("count", None)?;
             if count > MAX_GENERATOR_COUNT {
-                return Err(config.violation(
-                    "count",
-                    &format!("must be at most {MAX_GENERATOR_COUNT}"),
-                ));
+                return Err(
+                    config.violation("count", &format!("must be at most {MAX_GENERATOR_COUNT}"))
+                );
             }
             let seed = config.u64("seed", Some(0))?;
             let slice_size = config.u64("slice_size", Some(1000))?;

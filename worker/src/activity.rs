@@ -127,7 +127,9 @@ where
         let err = match outcome {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => e,
-            Err(_) => ActivityError::transient(format!("attempt timed out after {attempt_timeout:?}")),
+            Err(_) => {
+                ActivityError::transient(format!("attempt timed out after {attempt_timeout:?}"))
+            }
         };
         if !err.is_retryable() {
             return Err(err);
@@ -160,13 +162,20 @@ mod tests {
     async fn retries_transient_until_success() {
         let calls = AtomicU32::new(0);
         let cancel = CancellationToken::new();
-        let r = run_activity("t", "p", &fast(), Duration::from_secs(1), &cancel, || async {
-            if calls.fetch_add(1, Ordering::SeqCst) < 3 {
-                Err(ActivityError::transient("boom"))
-            } else {
-                Ok(7)
-            }
-        })
+        let r = run_activity(
+            "t",
+            "p",
+            &fast(),
+            Duration::from_secs(1),
+            &cancel,
+            || async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                    Err(ActivityError::transient("boom"))
+                } else {
+                    Ok(7)
+                }
+            },
+        )
         .await;
         assert_eq!(r.expect("succeeds"), 7);
         assert_eq!(calls.load(Ordering::SeqCst), 4);
@@ -176,28 +185,51 @@ mod tests {
     async fn config_errors_are_not_retried() {
         let calls = AtomicU32::new(0);
         let cancel = CancellationToken::new();
-        let r: Result<(), _> = run_activity("t", "p", &fast(), Duration::from_secs(1), &cancel, || async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err(ActivityError::config("bad table"))
-        })
+        let r: Result<(), _> = run_activity(
+            "t",
+            "p",
+            &fast(),
+            Duration::from_secs(1),
+            &cancel,
+            || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(ActivityError::config("bad table"))
+            },
+        )
         .await;
-        assert!(matches!(r, Err(ActivityError::Failed { failure_type: FailureType::ConfigError, .. })));
+        assert!(matches!(
+            r,
+            Err(ActivityError::Failed {
+                failure_type: FailureType::ConfigError,
+                ..
+            })
+        ));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn fencing_stops_at_once_and_cancel_interrupts() {
         let cancel = CancellationToken::new();
-        let r: Result<(), _> = run_activity("t", "p", &fast(), Duration::from_secs(1), &cancel, || async {
-            Err(ActivityError::Fenced)
-        })
+        let r: Result<(), _> = run_activity(
+            "t",
+            "p",
+            &fast(),
+            Duration::from_secs(1),
+            &cancel,
+            || async { Err(ActivityError::Fenced) },
+        )
         .await;
         assert!(matches!(r, Err(ActivityError::Fenced)));
 
         cancel.cancel();
-        let r: Result<(), _> = run_activity("t", "p", &fast(), Duration::from_secs(1), &cancel, || async {
-            std::future::pending().await
-        })
+        let r: Result<(), _> = run_activity(
+            "t",
+            "p",
+            &fast(),
+            Duration::from_secs(1),
+            &cancel,
+            || async { std::future::pending().await },
+        )
         .await;
         assert!(matches!(r, Err(ActivityError::Cancelled)));
     }

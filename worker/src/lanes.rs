@@ -13,15 +13,17 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_protocol::catalog::{generator_stream, StreamSchema};
 use sluice_protocol::message::ConnectorMessage;
-use sluice_protocol::spec::{DestinationConfig, GeneratorConfig, PostgresDestinationConfig, SourceConfig, ValidatedSpec};
+use sluice_protocol::spec::{
+    DestinationConfig, GeneratorConfig, PostgresDestinationConfig, SourceConfig, ValidatedSpec,
+};
 use sluice_protocol::topics::records_topic;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::{run_activity, ActivityError};
-use crate::connectors::postgres::{self as pg, BatchTarget, PendingRecord};
 use crate::connectors::generator;
+use crate::connectors::postgres::{self as pg, BatchTarget, PendingRecord};
 use crate::store::{save_checkpoint, Checkpoint};
 use crate::WorkerContext;
 
@@ -54,7 +56,11 @@ pub struct LaneParams {
 }
 
 impl Lanes {
-    pub fn start(ctx: Arc<WorkerContext>, params: LaneParams, events: mpsc::UnboundedSender<LaneEvent>) -> Self {
+    pub fn start(
+        ctx: Arc<WorkerContext>,
+        params: LaneParams,
+        events: mpsc::UnboundedSender<LaneEvent>,
+    ) -> Self {
         let cancel = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(-1);
         let topic = records_topic(&params.pipeline_id);
@@ -127,9 +133,14 @@ async fn backfill_lane(
             return;
         }
         let (records, next_cursor) = generator::read_slice(&lane.source, lane.checkpoint.cursor);
-        let produced = run_activity("read-slice", &id, &ctx.retry, ctx.attempt_timeout, &cancel, || {
-            produce_slice(&ctx, &lane.topic, &records)
-        })
+        let produced = run_activity(
+            "read-slice",
+            &id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &cancel,
+            || produce_slice(&ctx, &lane.topic, &records),
+        )
         .await;
         let end_offset = match produced {
             Ok(end) => end,
@@ -148,9 +159,14 @@ async fn backfill_lane(
         // The cursor moves only now that Kafka has acknowledged the whole slice. The
         // save is not cancellable: an acknowledged slice is always recorded.
         let never = CancellationToken::new();
-        let saved = run_activity("checkpoint", &id, &ctx.retry, ctx.attempt_timeout, &never, || {
-            save_checkpoint(&ctx.pool, &id, lane.epoch, &checkpoint)
-        })
+        let saved = run_activity(
+            "checkpoint",
+            &id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &never,
+            || save_checkpoint(&ctx.pool, &id, lane.epoch, &checkpoint),
+        )
         .await;
         if let Err(e) = saved {
             let _ = events.send(LaneEvent::Failed(e));
@@ -226,9 +242,14 @@ async fn write_lane(
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let start = run_activity("read-offsets", id, &ctx.retry, ctx.attempt_timeout, &cancel, || {
-        pg::committed_offset(&pool, &lane.destination, id, &lane.topic, RECORDS_PARTITION)
-    })
+    let start = run_activity(
+        "read-offsets",
+        id,
+        &ctx.retry,
+        ctx.attempt_timeout,
+        &cancel,
+        || pg::committed_offset(&pool, &lane.destination, id, &lane.topic, RECORDS_PARTITION),
+    )
     .await;
     let start = match start {
         Ok(s) => s,
@@ -278,9 +299,14 @@ async fn write_lane(
         }
         // Rows and offset commit atomically; cancelling mid-attempt rolls the
         // transaction back, and the batch is read again from the stored offset.
-        let written = run_activity("write-batch", id, &ctx.retry, ctx.attempt_timeout, &cancel, || {
-            pg::write_batch(&pool, &lane.destination, &lane.stream, &target, &batch)
-        })
+        let written = run_activity(
+            "write-batch",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &cancel,
+            || pg::write_batch(&pool, &lane.destination, &lane.stream, &target, &batch),
+        )
         .await;
         match written {
             Ok(next) => {
@@ -301,11 +327,17 @@ fn push_record(batch: &mut Vec<PendingRecord>, message: &rdkafka::message::Borro
             data: record.data,
         }),
         Ok(_) => {}
-        Err(e) => tracing::warn!(offset = message.offset(), error = %e, "skipping undecodable record"),
+        Err(e) => {
+            tracing::warn!(offset = message.offset(), error = %e, "skipping undecodable record")
+        }
     }
 }
 
-fn records_consumer(ctx: &WorkerContext, lane: &WriteLane, start: Option<i64>) -> Result<StreamConsumer, ActivityError> {
+fn records_consumer(
+    ctx: &WorkerContext,
+    lane: &WriteLane,
+    start: Option<i64>,
+) -> Result<StreamConsumer, ActivityError> {
     // Offsets live in the destination, never in Kafka: this consumer is assigned its
     // partition by hand, never joins a group and never commits. librdkafka still wants
     // a group.id for a consumer handle.

@@ -71,14 +71,22 @@ pub enum RunError {
 
 /// Runs the worker until `shutdown` resolves, then stops every workflow at a safe
 /// point, releases ownership and leaves the group.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-    let pool = sluice_infra::store::connect(&config.database_url, 16, Duration::from_secs(60)).await?;
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let pool =
+        sluice_infra::store::connect(&config.database_url, 16, Duration::from_secs(60)).await?;
     sluice_infra::store::migrate(&pool).await?;
     let admin = config.kafka.admin()?;
     // The control plane normally creates the signals topic; a worker started first
     // waits for it rather than guessing a partition count.
     loop {
-        if admin.partition_count(&config.signals_topic).await?.is_some() {
+        if admin
+            .partition_count(&config.signals_topic)
+            .await?
+            .is_some()
+        {
             break;
         }
         tracing::info!(topic = %config.signals_topic, "waiting for the signals topic");
@@ -116,7 +124,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "latest")
         .set("session.timeout.ms", session_ms.to_string())
-        .set("heartbeat.interval.ms", (session_ms / 4).max(250).to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (session_ms / 4).max(250).to_string(),
+        )
         .create_with_context(MembershipContext {
             events: events_tx.clone(),
         })?;
@@ -124,7 +135,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     tracing::info!(worker_id = %config.worker_id, group = %config.group_id, "worker joined the group");
 
     let stop_supervisor = CancellationToken::new();
-    let supervisor = tokio::spawn(Supervisor::new(Arc::clone(&ctx)).run(events_rx, stop_supervisor.clone()));
+    let supervisor =
+        tokio::spawn(Supervisor::new(Arc::clone(&ctx)).run(events_rx, stop_supervisor.clone()));
     let stop_polling = CancellationToken::new();
     {
         let polling = membership::poll_signals(&consumer, events_tx, stop_polling.clone());

@@ -48,7 +48,11 @@ pub type SignalConsumer = StreamConsumer<MembershipContext>;
 
 /// Polls the signals topic until `stop` fires, turning records into wake-ups. Polling
 /// also drives the rebalance callbacks above.
-pub async fn poll_signals(consumer: &SignalConsumer, events: mpsc::UnboundedSender<SupervisorEvent>, stop: CancellationToken) {
+pub async fn poll_signals(
+    consumer: &SignalConsumer,
+    events: mpsc::UnboundedSender<SupervisorEvent>,
+    stop: CancellationToken,
+) {
     loop {
         let message = tokio::select! {
             _ = stop.cancelled() => return,
@@ -63,7 +67,11 @@ pub async fn poll_signals(consumer: &SignalConsumer, events: mpsc::UnboundedSend
                             partition: m.partition(),
                         });
                     }
-                    _ => tracing::warn!(partition = m.partition(), offset = m.offset(), "ignoring malformed signal"),
+                    _ => tracing::warn!(
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        "ignoring malformed signal"
+                    ),
                 }
                 // Signals only wake workflows that re-read Postgres, so committing right
                 // after the hand-off loses nothing; it just avoids replaying old signals.

@@ -40,11 +40,13 @@ pub async fn claim(pool: &PgPool, id: &str, worker_id: &str) -> Result<Option<i6
 
 /// Gives ownership up so the phase shows UNASSIGNED until another worker claims it.
 pub async fn release(pool: &PgPool, id: &str, epoch: i64) -> Result<(), ActivityError> {
-    sqlx::query("UPDATE pipelines SET owner = NULL, update_time = now() WHERE id = $1 AND owner_epoch = $2")
-        .bind(id)
-        .bind(epoch)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE pipelines SET owner = NULL, update_time = now() WHERE id = $1 AND owner_epoch = $2",
+    )
+    .bind(id)
+    .bind(epoch)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -70,12 +72,13 @@ pub async fn save_checkpoint(
     checkpoint: &Checkpoint,
 ) -> Result<(), ActivityError> {
     let value = serde_json::to_value(checkpoint).expect("a checkpoint is plain JSON");
-    let done = sqlx::query("UPDATE pipelines SET checkpoint = $3 WHERE id = $1 AND owner_epoch = $2")
-        .bind(id)
-        .bind(epoch)
-        .bind(value)
-        .execute(pool)
-        .await?;
+    let done =
+        sqlx::query("UPDATE pipelines SET checkpoint = $3 WHERE id = $1 AND owner_epoch = $2")
+            .bind(id)
+            .bind(epoch)
+            .bind(value)
+            .execute(pool)
+            .await?;
     if done.rows_affected() == 0 {
         return Err(ActivityError::Fenced);
     }
@@ -103,11 +106,12 @@ pub async fn write_status(
     write: &StatusWrite<'_>,
 ) -> Result<(), ActivityError> {
     let mut tx = pool.begin().await?;
-    let row = sqlx::query("SELECT status FROM pipelines WHERE id = $1 AND owner_epoch = $2 FOR UPDATE")
-        .bind(id)
-        .bind(epoch)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let row =
+        sqlx::query("SELECT status FROM pipelines WHERE id = $1 AND owner_epoch = $2 FOR UPDATE")
+            .bind(id)
+            .bind(epoch)
+            .fetch_optional(&mut *tx)
+            .await?;
     let Some(row) = row else {
         return Err(ActivityError::Fenced);
     };
@@ -184,10 +188,14 @@ pub async fn remove_pipeline(
 }
 
 /// Ids of the pipelines stored on the given signals-topic partitions.
-pub async fn pipelines_on_partitions(pool: &PgPool, partitions: &[i32]) -> Result<Vec<(String, i32)>, ActivityError> {
-    let rows = sqlx::query("SELECT id, partition FROM pipelines WHERE partition = ANY($1) ORDER BY id")
-        .bind(partitions)
-        .fetch_all(pool)
-        .await?;
+pub async fn pipelines_on_partitions(
+    pool: &PgPool,
+    partitions: &[i32],
+) -> Result<Vec<(String, i32)>, ActivityError> {
+    let rows =
+        sqlx::query("SELECT id, partition FROM pipelines WHERE partition = ANY($1) ORDER BY id")
+            .bind(partitions)
+            .fetch_all(pool)
+            .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }

@@ -47,7 +47,11 @@ impl Supervisor {
         }
     }
 
-    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<SupervisorEvent>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<SupervisorEvent>,
+        shutdown: CancellationToken,
+    ) {
         let mut resync = tokio::time::interval(self.ctx.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -87,7 +91,10 @@ impl Supervisor {
                     .collect();
                 self.stop_workflows(ids).await;
             }
-            SupervisorEvent::Signal { pipeline_id, partition } => {
+            SupervisorEvent::Signal {
+                pipeline_id,
+                partition,
+            } => {
                 if let Some(handle) = self.workflows.get(&pipeline_id) {
                     handle.wake.notify_one();
                 } else if self.owned.contains(&partition) {
@@ -115,9 +122,14 @@ impl Supervisor {
             return;
         }
         let ctx = Arc::clone(&self.ctx);
-        let stored = run_activity("load-partitions", "-", &ctx.retry, ctx.attempt_timeout, shutdown, || {
-            store::pipelines_on_partitions(&ctx.pool, partitions)
-        })
+        let stored = run_activity(
+            "load-partitions",
+            "-",
+            &ctx.retry,
+            ctx.attempt_timeout,
+            shutdown,
+            || store::pipelines_on_partitions(&ctx.pool, partitions),
+        )
         .await;
         match stored {
             Ok(stored) => {
@@ -133,11 +145,18 @@ impl Supervisor {
     }
 
     async fn stop_workflows(&mut self, ids: Vec<String>) {
-        let handles: Vec<WorkflowHandle> = ids.iter().filter_map(|id| self.workflows.remove(id)).collect();
+        let handles: Vec<WorkflowHandle> = ids
+            .iter()
+            .filter_map(|id| self.workflows.remove(id))
+            .collect();
         for h in &handles {
             h.stop.cancel();
         }
-        let joined = tokio::time::timeout(STOP_GRACE, futures::future::join_all(handles.into_iter().map(|h| h.task))).await;
+        let joined = tokio::time::timeout(
+            STOP_GRACE,
+            futures::future::join_all(handles.into_iter().map(|h| h.task)),
+        )
+        .await;
         if joined.is_err() {
             tracing::warn!("workflows did not stop within the grace period");
         }

@@ -89,9 +89,14 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
             return;
         }
     };
-    let checkpoint = match run_activity("load-checkpoint", id, &ctx.retry, ctx.attempt_timeout, &stop, || {
-        store::load_checkpoint(&ctx.pool, id)
-    })
+    let checkpoint = match run_activity(
+        "load-checkpoint",
+        id,
+        &ctx.retry,
+        ctx.attempt_timeout,
+        &stop,
+        || store::load_checkpoint(&ctx.pool, id),
+    )
     .await
     {
         Ok(c) => c,
@@ -113,9 +118,14 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
     };
 
     loop {
-        let row = run_activity("load", id, &ctx.retry, ctx.attempt_timeout, &stop, || async {
-            Ok(get_pipeline(&ctx.pool, id).await?)
-        })
+        let row = run_activity(
+            "load",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &stop,
+            || async { Ok(get_pipeline(&ctx.pool, id).await?) },
+        )
         .await;
         let row = match row {
             Ok(Some(row)) => row,
@@ -130,7 +140,12 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
             }
         };
         if row.owner_epoch != epoch {
-            tracing::info!(pipeline_id = id, epoch, newer = row.owner_epoch, "fenced by a newer owner");
+            tracing::info!(
+                pipeline_id = id,
+                epoch,
+                newer = row.owner_epoch,
+                "fenced by a newer owner"
+            );
             wf.stop_lanes().await;
             return;
         }
@@ -148,7 +163,10 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
                 wf.stop_lanes().await;
                 return;
             }
-            Err(ActivityError::Failed { failure_type, message }) => {
+            Err(ActivityError::Failed {
+                failure_type,
+                message,
+            }) => {
                 tracing::warn!(pipeline_id = id, ?failure_type, error = %message, "pipeline failed");
                 wf.stop_lanes().await;
                 let write = StatusWrite {
@@ -185,14 +203,22 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
     wf.stop_lanes().await;
     let release_window = CancellationToken::new();
     let released = tokio::time::timeout(ctx.attempt_timeout, async {
-        run_activity("release", id, &ctx.retry, ctx.attempt_timeout, &release_window, || {
-            store::release(&ctx.pool, id, epoch)
-        })
+        run_activity(
+            "release",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &release_window,
+            || store::release(&ctx.pool, id, epoch),
+        )
         .await
     })
     .await;
     if !matches!(released, Ok(Ok(()))) {
-        tracing::warn!(pipeline_id = id, "could not release pipeline; the next owner will fence it");
+        tracing::warn!(
+            pipeline_id = id,
+            "could not release pipeline; the next owner will fence it"
+        );
     }
     tracing::info!(pipeline_id = id, "pipeline released");
 }
@@ -203,20 +229,29 @@ impl Workflow {
         if let Some(failure) = self.lane_failure.take() {
             return Err(failure);
         }
-        let spec = row.spec.validate("spec").map_err(|v| ActivityError::Failed {
-            failure_type: FailureType::ConfigError,
-            message: format!("stored spec is invalid: {v}"),
-        })?;
+        let spec = row
+            .spec
+            .validate("spec")
+            .map_err(|v| ActivityError::Failed {
+                failure_type: FailureType::ConfigError,
+                message: format!("stored spec is invalid: {v}"),
+            })?;
 
         if row.desired_status == DesiredStatus::Deleted {
             self.stop_lanes().await;
-            self.set_status(PipelineStatus::Teardown, generation, "deletion requested").await?;
+            self.set_status(PipelineStatus::Teardown, generation, "deletion requested")
+                .await?;
             self.teardown(&spec).await?;
             let (ctx, id, epoch) = (&self.ctx, self.id.as_str(), self.epoch);
             let never = CancellationToken::new();
-            run_activity("remove", id, &ctx.retry, ctx.attempt_timeout, &never, || {
-                store::remove_pipeline(&ctx.pool, id, epoch, &ctx.worker_id, generation)
-            })
+            run_activity(
+                "remove",
+                id,
+                &ctx.retry,
+                ctx.attempt_timeout,
+                &never,
+                || store::remove_pipeline(&ctx.pool, id, epoch, &ctx.worker_id, generation),
+            )
             .await?;
             return Ok(Flow::Removed);
         }
@@ -236,14 +271,18 @@ impl Workflow {
                 if needs_setup {
                     self.setup(&spec, spec_json, generation).await?;
                 }
-                self.set_status(PipelineStatus::Paused, generation, "paused by request").await?;
+                self.set_status(PipelineStatus::Paused, generation, "paused by request")
+                    .await?;
             }
             DesiredStatus::Active => {
                 if needs_setup {
                     self.stop_lanes().await;
                     self.setup(&spec, spec_json, generation).await?;
                 }
-                if matches!(self.status, Some(PipelineStatus::Setup | PipelineStatus::Paused)) {
+                if matches!(
+                    self.status,
+                    Some(PipelineStatus::Setup | PipelineStatus::Paused)
+                ) {
                     let reason = if self.status == Some(PipelineStatus::Paused) {
                         "resumed by request"
                     } else {
@@ -260,9 +299,14 @@ impl Workflow {
                     // The lanes resume from the stored checkpoint, which the backfill
                     // lane advanced while it ran.
                     let (ctx, id) = (&self.ctx, self.id.as_str());
-                    self.checkpoint = run_activity("load-checkpoint", id, &ctx.retry, ctx.attempt_timeout, &self.stop, || {
-                        store::load_checkpoint(&ctx.pool, id)
-                    })
+                    self.checkpoint = run_activity(
+                        "load-checkpoint",
+                        id,
+                        &ctx.retry,
+                        ctx.attempt_timeout,
+                        &self.stop,
+                        || store::load_checkpoint(&ctx.pool, id),
+                    )
                     .await?;
                     self.lanes = Some(Lanes::start(
                         Arc::clone(&self.ctx),
@@ -275,8 +319,11 @@ impl Workflow {
                         self.lane_events_tx.clone(),
                     ));
                 }
-                if self.status == Some(PipelineStatus::Backfill) && self.backfill_complete(&spec).await? {
-                    self.set_status(PipelineStatus::Ready, generation, "backfill complete").await?;
+                if self.status == Some(PipelineStatus::Backfill)
+                    && self.backfill_complete(&spec).await?
+                {
+                    self.set_status(PipelineStatus::Ready, generation, "backfill complete")
+                        .await?;
                 } else if let Some(status) = self.status {
                     // Records that this generation has been acted on; never a transition,
                     // so a periodic reconcile of a READY pipeline cannot flap.
@@ -294,17 +341,35 @@ impl Workflow {
         if !self.checkpoint.backfill_done {
             return Ok(false);
         }
-        let running = self.lanes.as_ref().map(|l| *l.committed.borrow()).filter(|c| *c >= 0);
+        let running = self
+            .lanes
+            .as_ref()
+            .map(|l| *l.committed.borrow())
+            .filter(|c| *c >= 0);
         let committed = match running {
             Some(c) => c,
             None => {
                 let (ctx, id) = (&self.ctx, self.id.as_str());
                 let DestinationConfig::Postgres(destination) = &spec.destination;
                 let topic = records_topic(id);
-                run_activity("read-offsets", id, &ctx.retry, ctx.attempt_timeout, &self.stop, || async {
-                    let pool = ctx.destinations.get(&destination.url)?;
-                    pg::committed_offset(&pool, destination, id, &topic, crate::lanes::RECORDS_PARTITION).await
-                })
+                run_activity(
+                    "read-offsets",
+                    id,
+                    &ctx.retry,
+                    ctx.attempt_timeout,
+                    &self.stop,
+                    || async {
+                        let pool = ctx.destinations.get(&destination.url)?;
+                        pg::committed_offset(
+                            &pool,
+                            destination,
+                            id,
+                            &topic,
+                            crate::lanes::RECORDS_PARTITION,
+                        )
+                        .await
+                    },
+                )
                 .await?
                 .unwrap_or(0)
             }
@@ -312,16 +377,36 @@ impl Workflow {
         Ok(committed >= self.checkpoint.backfill_end_offset)
     }
 
-    async fn setup(&mut self, spec: &ValidatedSpec, spec_json: serde_json::Value, generation: i64) -> Result<(), ActivityError> {
-        self.set_status(PipelineStatus::Setup, generation, "setting up").await?;
+    async fn setup(
+        &mut self,
+        spec: &ValidatedSpec,
+        spec_json: serde_json::Value,
+        generation: i64,
+    ) -> Result<(), ActivityError> {
+        self.set_status(PipelineStatus::Setup, generation, "setting up")
+            .await?;
         let (ctx, id) = (&self.ctx, self.id.as_str());
         let DestinationConfig::Postgres(destination) = &spec.destination;
         let topic = records_topic(id);
-        run_activity("setup", id, &ctx.retry, ctx.attempt_timeout, &self.stop, || async {
-            ctx.admin.ensure_topic(&topic, 1, ctx.replication_factor).await?;
-            let pool = ctx.destinations.get(&destination.url)?;
-            pg::setup(&pool, destination, &sluice_protocol::catalog::generator_stream()).await
-        })
+        run_activity(
+            "setup",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &self.stop,
+            || async {
+                ctx.admin
+                    .ensure_topic(&topic, 1, ctx.replication_factor)
+                    .await?;
+                let pool = ctx.destinations.get(&destination.url)?;
+                pg::setup(
+                    &pool,
+                    destination,
+                    &sluice_protocol::catalog::generator_stream(),
+                )
+                .await
+            },
+        )
         .await?;
 
         let mut checkpoint = self.checkpoint.clone();
@@ -332,9 +417,14 @@ impl Workflow {
             checkpoint.backfill_done = false;
         }
         checkpoint.setup_spec = Some(spec_json);
-        run_activity("checkpoint", id, &ctx.retry, ctx.attempt_timeout, &self.stop, || {
-            store::save_checkpoint(&ctx.pool, id, self.epoch, &checkpoint)
-        })
+        run_activity(
+            "checkpoint",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &self.stop,
+            || store::save_checkpoint(&ctx.pool, id, self.epoch, &checkpoint),
+        )
         .await?;
         self.checkpoint = checkpoint;
         Ok(())
@@ -344,16 +434,28 @@ impl Workflow {
         let (ctx, id) = (&self.ctx, self.id.as_str());
         let DestinationConfig::Postgres(destination) = &spec.destination;
         let topic = records_topic(id);
-        run_activity("teardown", id, &ctx.retry, ctx.attempt_timeout, &self.stop, || async {
-            ctx.admin.delete_topic(&topic).await?;
-            let pool = ctx.destinations.get(&destination.url)?;
-            pg::teardown(&pool, destination, id).await
-        })
+        run_activity(
+            "teardown",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &self.stop,
+            || async {
+                ctx.admin.delete_topic(&topic).await?;
+                let pool = ctx.destinations.get(&destination.url)?;
+                pg::teardown(&pool, destination, id).await
+            },
+        )
         .await
     }
 
     /// The update-status activity; a no-op when nothing would change.
-    async fn set_status(&mut self, to: PipelineStatus, generation: i64, reason: &str) -> Result<(), ActivityError> {
+    async fn set_status(
+        &mut self,
+        to: PipelineStatus,
+        generation: i64,
+        reason: &str,
+    ) -> Result<(), ActivityError> {
         if self.status == Some(to) && self.observed >= generation {
             return Ok(());
         }
@@ -368,9 +470,14 @@ impl Workflow {
 
     async fn write_status(&mut self, write: &StatusWrite<'_>) -> Result<(), ActivityError> {
         let (ctx, id, epoch) = (&self.ctx, self.id.as_str(), self.epoch);
-        run_activity("update-status", id, &ctx.retry, ctx.attempt_timeout, &self.stop, || {
-            store::write_status(&ctx.pool, id, epoch, &ctx.worker_id, write)
-        })
+        run_activity(
+            "update-status",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &self.stop,
+            || store::write_status(&ctx.pool, id, epoch, &ctx.worker_id, write),
+        )
         .await?;
         if self.status != Some(write.to) {
             tracing::info!(pipeline_id = id, from = ?self.status, to = %write.to, "status changed");

@@ -8,7 +8,9 @@ use sluice_protocol::spec::GeneratorConfig;
 /// The records of the slice starting at `cursor`, and the cursor after it.
 pub fn read_slice(config: &GeneratorConfig, cursor: u64) -> (Vec<Map<String, Value>>, u64) {
     let end = cursor.saturating_add(config.slice_size).min(config.count);
-    let records = (cursor..end).map(|id| generator_record(config.seed, id)).collect();
+    let records = (cursor..end)
+        .map(|id| generator_record(config.seed, id))
+        .collect();
     (records, end)
 }
 

@@ -72,13 +72,21 @@ fn offsets_table(config: &PostgresDestinationConfig) -> String {
     format!("{}.{}", ident(&config.schema), ident(OFFSETS_TABLE))
 }
 
-pub async fn setup(pool: &PgPool, config: &PostgresDestinationConfig, stream: &StreamSchema) -> Result<(), ActivityError> {
+pub async fn setup(
+    pool: &PgPool,
+    config: &PostgresDestinationConfig,
+    stream: &StreamSchema,
+) -> Result<(), ActivityError> {
     let table = table_name(config);
     let mut columns: Vec<String> = stream
         .fields
         .iter()
         .map(|f| {
-            let not_null = if f.name == stream.primary_key { " NOT NULL" } else { "" };
+            let not_null = if f.name == stream.primary_key {
+                " NOT NULL"
+            } else {
+                ""
+            };
             format!("{} {}{not_null}", ident(&f.name), sql_type(f.field_type))
         })
         .collect();
@@ -88,7 +96,10 @@ pub async fn setup(pool: &PgPool, config: &PostgresDestinationConfig, stream: &S
 
     let statements = [
         format!("CREATE SCHEMA IF NOT EXISTS {}", ident(&config.schema)),
-        format!("CREATE TABLE IF NOT EXISTS {table} ({})", columns.join(", ")),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} ({})",
+            columns.join(", ")
+        ),
         format!(
             "CREATE TABLE IF NOT EXISTS {} (pipeline_id TEXT NOT NULL, table_name TEXT NOT NULL, \
              topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL, \
@@ -158,7 +169,11 @@ pub async fn write_batch(
     // of each key in the batch.
     let mut newest: HashMap<String, &PendingRecord> = HashMap::new();
     for record in batch {
-        let key = record.data.get(&stream.primary_key).map(Value::to_string).unwrap_or_default();
+        let key = record
+            .data
+            .get(&stream.primary_key)
+            .map(Value::to_string)
+            .unwrap_or_default();
         newest.insert(key, record);
     }
     let mut rows: Vec<&PendingRecord> = newest.into_values().collect();
@@ -183,8 +198,15 @@ pub async fn write_batch(
         }
         b.push_bind(record.offset);
     });
-    insert.push(format!(" ON CONFLICT ({}) DO UPDATE SET ", ident(&stream.primary_key)));
-    for f in stream.fields.iter().filter(|f| f.name != stream.primary_key) {
+    insert.push(format!(
+        " ON CONFLICT ({}) DO UPDATE SET ",
+        ident(&stream.primary_key)
+    ));
+    for f in stream
+        .fields
+        .iter()
+        .filter(|f| f.name != stream.primary_key)
+    {
         insert.push(format!("{0} = EXCLUDED.{0}, ", ident(&f.name)));
     }
     insert.push(format!(
@@ -219,17 +241,24 @@ pub async fn write_batch(
 
 /// Drops what the pipeline created in the destination: its offsets always, the table
 /// only when the spec asks for it.
-pub async fn teardown(pool: &PgPool, config: &PostgresDestinationConfig, pipeline_id: &str) -> Result<(), ActivityError> {
+pub async fn teardown(
+    pool: &PgPool,
+    config: &PostgresDestinationConfig,
+    pipeline_id: &str,
+) -> Result<(), ActivityError> {
     let exists: bool = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
         .bind(format!("{}.{}", config.schema, OFFSETS_TABLE))
         .fetch_one(pool)
         .await?
         .get(0);
     if exists {
-        sqlx::query(&format!("DELETE FROM {} WHERE pipeline_id = $1", offsets_table(config)))
-            .bind(pipeline_id)
-            .execute(pool)
-            .await?;
+        sqlx::query(&format!(
+            "DELETE FROM {} WHERE pipeline_id = $1",
+            offsets_table(config)
+        ))
+        .bind(pipeline_id)
+        .execute(pool)
+        .await?;
     }
     if config.drop_table_on_delete {
         sqlx::query(&format!("DROP TABLE IF EXISTS {}", table_name(config)))
