@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# deploy/local/test.sh — runs Sluice's whole test suite on a fresh machine.
+#
+# Brings up PostgreSQL and Kafka with up.sh (installing what is missing), builds the
+# binaries the end-to-end tests start, then runs every unit, store and end-to-end
+# test. The services stay up afterwards (stop them with deploy/local/down.sh).
+# Extra arguments go to `cargo test` (e.g. `-p sluice-e2e lifecycle`).
+set -euo pipefail
+
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$script_dir/../.." && pwd)
+local_dir=${SLUICE_LOCAL_DIR:-$root/.local}
+cd "$root"
+
+"$script_dir/up.sh"
+# shellcheck disable=SC1091
+source "$local_dir/env"
+export DATABASE_URL KAFKA_BOOTSTRAP_SERVERS
+
+echo "[sluice-test] building binaries"
+cargo build --workspace --bins --locked
+echo "[sluice-test] running tests"
+cargo test --workspace --locked "$@"
