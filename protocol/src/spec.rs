@@ -38,6 +38,8 @@ pub struct GeneratorConfig {
     pub seed: u64,
     /// Records read per slice; the cursor is checkpointed after each slice.
     pub slice_size: u64,
+    /// Upper bound on the read rate; 0 means unlimited.
+    pub records_per_second: u64,
 }
 
 /// Configuration of the `postgres` destination.
@@ -105,10 +107,12 @@ fn validate_source(spec: &ConnectorSpec, path: &str) -> Result<SourceConfig, Fie
             if !(1..=100_000).contains(&slice_size) {
                 return Err(config.violation("slice_size", "must be between 1 and 100000"));
             }
+            let records_per_second = config.u64("records_per_second", Some(0))?;
             SourceConfig::Generator(GeneratorConfig {
                 count,
                 seed,
                 slice_size,
+                records_per_second,
             })
         }
         "" => return Err(FieldViolation::new(format!("{path}.type"), "is required")),
@@ -293,7 +297,8 @@ mod tests {
             SourceConfig::Generator(GeneratorConfig {
                 count: 10_000,
                 seed: 0,
-                slice_size: 1000
+                slice_size: 1000,
+                records_per_second: 0,
             })
         );
         let DestinationConfig::Postgres(pg) = v.destination;

@@ -364,7 +364,11 @@ pub async fn wait_converged(
         if p.status == status as i32 && p.observed_generation >= p.generation {
             return Ok(p);
         }
-        if p.status == pb::PipelineStatus::Error as i32 && status != pb::PipelineStatus::Error {
+        // An ERROR the worker reported for an older generation is what a retry replaces.
+        if p.status == pb::PipelineStatus::Error as i32
+            && status != pb::PipelineStatus::Error
+            && p.observed_generation >= p.generation
+        {
             bail!("{id} went to ERROR: {}", p.last_error);
         }
         if Instant::now() > deadline {

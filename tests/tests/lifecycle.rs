@@ -90,3 +90,239 @@ async fn backfill_lands_every_record_then_pause_and_resume_lose_nothing() -> Res
     );
     d.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_paused_never_starts_lanes_until_resumed() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+
+    let table = unique("paused");
+    let created = client
+        .create_pipeline(generator_pipeline(
+            "held",
+            2_000,
+            9,
+            d.destination(&table, false),
+            DesiredStatus::Paused,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(created.desired_status, DesiredStatus::Paused as i32);
+
+    let p = wait_converged(&mut client, "held", PipelineStatus::Paused, CONVERGE).await?;
+    assert_eq!(p.observed_generation, 1);
+    // Setup ran (the table exists) but no lane did: no row, no source progress.
+    assert!(d.table_exists(&table).await?);
+    assert_eq!(d.row_count(&table).await?, 0);
+    let checkpoint: serde_json::Value =
+        sqlx::query_scalar("SELECT checkpoint FROM pipelines WHERE id = 'held'")
+            .fetch_one(&d.pool)
+            .await?;
+    assert_eq!(
+        checkpoint["cursor"], 0,
+        "the source must not have been read: {checkpoint}"
+    );
+
+    // A resync later it is still untouched.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(d.row_count(&table).await?, 0);
+
+    client
+        .update_pipeline(set_desired("held", DesiredStatus::Active))
+        .await?;
+    wait_converged(&mut client, "held", PipelineStatus::Ready, CONVERGE).await?;
+    assert_eq!(d.row_count(&table).await?, 2_000);
+    assert_eq!(
+        amount_sum(&d.pool, &table).await?,
+        expected_amount_sum(9, 2_000)
+    );
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_during_backfill_stops_writes_and_resume_finishes_exactly() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+
+    let table = unique("big");
+    let count = 60_000;
+    client
+        .create_pipeline(generator_pipeline(
+            "big",
+            count,
+            5,
+            d.destination(&table, false),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(&mut client, "big", PipelineStatus::Backfill, CONVERGE).await?;
+    client
+        .update_pipeline(set_desired("big", DesiredStatus::Paused))
+        .await?;
+    wait_converged(&mut client, "big", PipelineStatus::Paused, CONVERGE).await?;
+
+    // Lanes stopped at a safe point: nothing is written while paused.
+    let at_pause = d.row_count(&table).await?;
+    assert!(
+        at_pause < count as i64,
+        "the pause must land mid-backfill, saw {at_pause} rows"
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        d.row_count(&table).await?,
+        at_pause,
+        "rows written while PAUSED"
+    );
+
+    client
+        .update_pipeline(set_desired("big", DesiredStatus::Active))
+        .await?;
+    wait_converged(&mut client, "big", PipelineStatus::Ready, CONVERGE).await?;
+    assert_eq!(d.row_count(&table).await?, count as i64);
+    assert_eq!(
+        amount_sum(&d.pool, &table).await?,
+        expected_amount_sum(5, count)
+    );
+    let moves: Vec<String> = client
+        .list_pipeline_events(pb::ListPipelineEventsRequest {
+            pipeline_id: "big".into(),
+        })
+        .await?
+        .into_inner()
+        .events
+        .iter()
+        .map(|e| e.to_status.clone())
+        .collect();
+    // Paused while backfilling: resume returns to BACKFILL, whichever it left.
+    assert_eq!(moves, ["SETUP", "BACKFILL", "PAUSED", "BACKFILL", "READY"]);
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_tears_down_before_the_row_disappears() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let admin =
+        sluice_infra::kafka::KafkaSettings::new(&d.infra.kafka_bootstrap_servers).admin()?;
+
+    let kept = unique("kept");
+    let dropped = unique("dropped");
+    client
+        .create_pipeline(generator_pipeline(
+            "keep-table",
+            300,
+            1,
+            d.destination(&kept, false),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    client
+        .create_pipeline(generator_pipeline(
+            "drop-table",
+            300,
+            1,
+            d.destination(&dropped, true),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    for id in ["keep-table", "drop-table"] {
+        wait_converged(&mut client, id, PipelineStatus::Ready, CONVERGE).await?;
+        let topic = sluice_protocol::topics::records_topic(id);
+        assert!(
+            admin.partition_count(&topic).await?.is_some(),
+            "{topic} exists while READY"
+        );
+    }
+
+    for id in ["keep-table", "drop-table"] {
+        let deleting = client
+            .delete_pipeline(pb::DeletePipelineRequest { id: id.into() })
+            .await?
+            .into_inner();
+        assert_eq!(deleting.phase, "DELETING");
+        assert_eq!(deleting.desired_status, DesiredStatus::Deleted as i32);
+    }
+    for id in ["keep-table", "drop-table"] {
+        wait_for(&format!("{id} to be removed"), CONVERGE, || {
+            let mut client = client.clone();
+            async move {
+                match get(&mut client, id).await {
+                    Err(s) if s.code() == tonic::Code::NotFound => Ok(Some(())),
+                    Err(s) => Err(s.into()),
+                    Ok(_) => Ok(None),
+                }
+            }
+        })
+        .await?;
+        let topic = sluice_protocol::topics::records_topic(id);
+        assert_eq!(
+            admin.partition_count(&topic).await?,
+            None,
+            "{topic} must be deleted by teardown"
+        );
+        let moves: Vec<String> = client
+            .list_pipeline_events(pb::ListPipelineEventsRequest {
+                pipeline_id: id.into(),
+            })
+            .await?
+            .into_inner()
+            .events
+            .iter()
+            .map(|e| format!("{}>{}", e.from_status, e.to_status))
+            .collect();
+        assert_eq!(
+            moves,
+            [
+                ">SETUP",
+                "SETUP>BACKFILL",
+                "BACKFILL>READY",
+                "READY>TEARDOWN",
+                "TEARDOWN>REMOVED"
+            ],
+            "history of {id}"
+        );
+    }
+    assert!(
+        d.table_exists(&kept).await?,
+        "the table is kept unless the spec asks to drop it"
+    );
+    assert_eq!(d.row_count(&kept).await?, 300);
+    assert!(
+        !d.table_exists(&dropped).await?,
+        "drop_table_on_delete drops the table"
+    );
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unassigned_until_a_worker_starts_then_converges() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    let table = unique("late");
+    let created = client
+        .create_pipeline(generator_pipeline(
+            "late",
+            500,
+            3,
+            d.destination(&table, false),
+            DesiredStatus::Active,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(created.phase, "UNASSIGNED");
+    assert_eq!(get(&mut client, "late").await?.phase, "UNASSIGNED");
+
+    d.start_worker("w-late").await?;
+    let ready = wait_converged(&mut client, "late", PipelineStatus::Ready, CONVERGE).await?;
+    assert_eq!(ready.owner, "w-late");
+    assert_eq!(d.row_count(&table).await?, 500);
+
+    // A graceful stop releases ownership: the pipeline shows UNASSIGNED again.
+    let worker = d.take_worker(0);
+    assert!(worker.stop().await?.success());
+    assert_eq!(get(&mut client, "late").await?.phase, "UNASSIGNED");
+    d.shutdown().await
+}

@@ -132,7 +132,9 @@ async fn backfill_lane(
         if cancel.is_cancelled() {
             return;
         }
+        let slice_started = tokio::time::Instant::now();
         let (records, next_cursor) = generator::read_slice(&lane.source, lane.checkpoint.cursor);
+        let pace = generator::slice_duration(&lane.source, records.len());
         let produced = run_activity(
             "read-slice",
             &id,
@@ -173,6 +175,12 @@ async fn backfill_lane(
             return;
         }
         lane.checkpoint = checkpoint;
+        if !lane.checkpoint.backfill_done {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(slice_started + pace) => {}
+            }
+        }
         if lane.checkpoint.backfill_done {
             tracing::info!(pipeline_id = %id, records = lane.source.count, "backfill produced every record");
             let _ = events.send(LaneEvent::BackfillDone(lane.checkpoint));

@@ -5,6 +5,14 @@ use serde_json::{Map, Value};
 use sluice_protocol::catalog::generator_record;
 use sluice_protocol::spec::GeneratorConfig;
 
+/// How long a slice of `records` should take at the configured rate.
+pub fn slice_duration(config: &GeneratorConfig, records: usize) -> std::time::Duration {
+    if config.records_per_second == 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::from_secs_f64(records as f64 / config.records_per_second as f64)
+}
+
 /// The records of the slice starting at `cursor`, and the cursor after it.
 pub fn read_slice(config: &GeneratorConfig, cursor: u64) -> (Vec<Map<String, Value>>, u64) {
     let end = cursor.saturating_add(config.slice_size).min(config.count);
@@ -24,6 +32,7 @@ mod tests {
             count: 25,
             seed: 3,
             slice_size: 10,
+            records_per_second: 0,
         };
         let mut cursor = 0;
         let mut ids = Vec::new();

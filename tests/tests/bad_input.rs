@@ -1,0 +1,257 @@
+//! Bad input gets the right gRPC code, names the field, and changes nothing: no row,
+//! no generation bump, no signal in the outbox.
+
+use anyhow::Result;
+use serde_json::json;
+use sluice_e2e::*;
+use sluice_protocol::pb::{self, DesiredStatus};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+async fn outbox_len(d: &Deployment) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM signal_outbox")
+        .fetch_one(&d.pool)
+        .await?)
+}
+
+fn field_of(status: &tonic::Status) -> String {
+    status
+        .get_details_bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+        .unwrap_or_default()
+}
+
+fn reason_of(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    let dest = d.destination("bad_input_t", false);
+
+    client
+        .create_pipeline(generator_pipeline(
+            "exists",
+            10,
+            0,
+            dest.clone(),
+            DesiredStatus::Paused,
+        ))
+        .await?;
+    let before = get(&mut client, "exists").await?;
+    let outbox_before = outbox_len(&d).await?;
+
+    // Creates that must fail, with the field each must name.
+    let mut cases: Vec<(pb::CreatePipelineRequest, Code, &str)> = Vec::new();
+    let mut req = generator_pipeline("x1", 10, 0, dest.clone(), DesiredStatus::Active);
+    req.pipeline
+        .as_mut()
+        .and_then(|p| p.spec.as_mut())
+        .expect("spec")
+        .source = Some(connector("kafka", json!({})));
+    cases.push((req, Code::InvalidArgument, "pipeline.spec.source.type"));
+    let mut req = generator_pipeline("x2", 10, 0, dest.clone(), DesiredStatus::Active);
+    req.pipeline
+        .as_mut()
+        .and_then(|p| p.spec.as_mut())
+        .expect("spec")
+        .destination = Some(connector("mysql", json!({})));
+    cases.push((req, Code::InvalidArgument, "pipeline.spec.destination.type"));
+    let mut req = generator_pipeline("x3", 10, 0, dest.clone(), DesiredStatus::Active);
+    req.pipeline
+        .as_mut()
+        .and_then(|p| p.spec.as_mut())
+        .expect("spec")
+        .source = Some(connector("generator", json!({"seed": 1})));
+    cases.push((
+        req,
+        Code::InvalidArgument,
+        "pipeline.spec.source.config.count",
+    ));
+    let req = generator_pipeline("x4", 10, 0, json!({"table": "t"}), DesiredStatus::Active);
+    cases.push((
+        req,
+        Code::InvalidArgument,
+        "pipeline.spec.destination.config.url",
+    ));
+    let req = generator_pipeline("Bad_Id!", 10, 0, dest.clone(), DesiredStatus::Active);
+    cases.push((req, Code::InvalidArgument, "pipeline_id"));
+    let req = generator_pipeline("x5", 10, 0, dest.clone(), DesiredStatus::Deleted);
+    cases.push((req, Code::InvalidArgument, "pipeline.desired_status"));
+    cases.push((
+        pb::CreatePipelineRequest {
+            pipeline_id: "x6".into(),
+            pipeline: None,
+        },
+        Code::InvalidArgument,
+        "pipeline",
+    ));
+    let req = generator_pipeline("exists", 10, 0, dest.clone(), DesiredStatus::Active);
+    cases.push((req, Code::AlreadyExists, ""));
+
+    for (req, code, field) in cases {
+        let id = req.pipeline_id.clone();
+        let err = client
+            .create_pipeline(req)
+            .await
+            .expect_err("must be rejected");
+        assert_eq!(err.code(), code, "create {id}: {err:?}");
+        assert_eq!(field_of(&err), field, "create {id}: {err:?}");
+        if code == Code::InvalidArgument && id != "Bad_Id!" {
+            assert_eq!(
+                get(&mut client, &id).await.expect_err("no row").code(),
+                Code::NotFound
+            );
+        }
+    }
+
+    // Unknown and malformed ids.
+    let err = get(&mut client, "nope").await.expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(reason_of(&err), "PIPELINE_NOT_FOUND");
+    assert_eq!(
+        get(&mut client, "NOT VALID")
+            .await
+            .expect_err("malformed")
+            .code(),
+        Code::InvalidArgument
+    );
+    let err = client
+        .update_pipeline(set_desired("nope", DesiredStatus::Paused))
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .delete_pipeline(pb::DeletePipelineRequest { id: "nope".into() })
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .list_pipelines(pb::ListPipelinesRequest {
+            page_size: 10,
+            page_token: "%%%".into(),
+        })
+        .await
+        .expect_err("bad token");
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "page_token")
+    );
+
+    // Update is exactly as strict as create.
+    let bad_spec_update = pb::UpdatePipelineRequest {
+        pipeline: Some(pb::Pipeline {
+            id: "exists".into(),
+            spec: Some(pb::PipelineSpec {
+                source: Some(connector("generator", json!({"count": "many"}))),
+                destination: None,
+            }),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["spec.source".into()],
+        }),
+    };
+    let err = client
+        .update_pipeline(bad_spec_update)
+        .await
+        .expect_err("invalid spec");
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "pipeline.spec.source.config.count")
+    );
+    for path in ["status", "generation", "bogus"] {
+        let mut req = set_desired("exists", DesiredStatus::Active);
+        req.update_mask = Some(prost_types::FieldMask {
+            paths: vec![path.into()],
+        });
+        let err = client.update_pipeline(req).await.expect_err("bad mask");
+        assert_eq!(
+            (err.code(), field_of(&err).as_str()),
+            (Code::InvalidArgument, "update_mask"),
+            "{path}"
+        );
+    }
+    let err = client
+        .update_pipeline(set_desired("exists", DesiredStatus::Deleted))
+        .await
+        .expect_err("DELETED via update");
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // None of that changed the pipeline or queued a signal.
+    let after = get(&mut client, "exists").await?;
+    assert_eq!(after.generation, before.generation);
+    assert_eq!(after.spec, before.spec);
+    assert_eq!(after.etag, before.etag);
+    assert_eq!(outbox_len(&d).await?, outbox_before);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM pipelines")
+        .fetch_one(&d.pool)
+        .await?;
+    assert_eq!(rows, 1);
+
+    // Deleted is terminal: any later change is FAILED_PRECONDITION (no worker runs, so
+    // the pipeline stays DELETING); deleting again is a no-op.
+    client
+        .delete_pipeline(pb::DeletePipelineRequest {
+            id: "exists".into(),
+        })
+        .await?;
+    let deleted_outbox = outbox_len(&d).await?;
+    let err = client
+        .update_pipeline(set_desired("exists", DesiredStatus::Active))
+        .await
+        .expect_err("deleted is terminal");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason_of(&err), "PIPELINE_DELETED");
+    let again = client
+        .delete_pipeline(pb::DeletePipelineRequest {
+            id: "exists".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(again.phase, "DELETING");
+    assert_eq!(outbox_len(&d).await?, deleted_outbox);
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_through_every_pipeline_once() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    let dest = d.destination("list_t", false);
+    for i in 0..7 {
+        client
+            .create_pipeline(generator_pipeline(
+                &format!("p-{i}"),
+                1,
+                0,
+                dest.clone(),
+                DesiredStatus::Paused,
+            ))
+            .await?;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_pipelines(pb::ListPipelinesRequest {
+                page_size: 3,
+                page_token: token.clone(),
+            })
+            .await?
+            .into_inner();
+        assert!(page.pipelines.len() <= 3);
+        seen.extend(page.pipelines.into_iter().map(|p| p.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, (0..7).map(|i| format!("p-{i}")).collect::<Vec<_>>());
+    d.shutdown().await
+}

@@ -1,0 +1,133 @@
+//! Failure paths: a connector error ends in ERROR (never "complete") and is retried
+//! when the generation changes; a crashed worker's pipelines move to a survivor.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::json;
+use sluice_e2e::*;
+use sluice_protocol::pb::{self, DesiredStatus, PipelineStatus};
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_error_lands_in_error_and_a_fixed_spec_retries() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+
+    // A destination database that does not exist: a config error, not retried.
+    let missing_db = d
+        .database_url
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/no_such_db_here"))
+        .expect("url has a path");
+    let table = unique("fixed");
+    client
+        .create_pipeline(generator_pipeline(
+            "broken",
+            100,
+            2,
+            json!({"url": missing_db, "table": table}),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    let failed = wait_converged(&mut client, "broken", PipelineStatus::Error, CONVERGE).await?;
+    assert_eq!(failed.phase, "ERROR");
+    assert!(
+        failed.last_error.contains("no_such_db_here"),
+        "last_error: {}",
+        failed.last_error
+    );
+
+    // Fixing the spec bumps the generation, which retries from SETUP.
+    let fix = pb::UpdatePipelineRequest {
+        pipeline: Some(pb::Pipeline {
+            id: "broken".into(),
+            spec: Some(pb::PipelineSpec {
+                source: None,
+                destination: Some(connector("postgres", d.destination(&table, false))),
+            }),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["spec.destination".into()],
+        }),
+    };
+    let updated = client.update_pipeline(fix).await?.into_inner();
+    assert_eq!(updated.generation, failed.generation + 1);
+    let ready = wait_converged(&mut client, "broken", PipelineStatus::Ready, CONVERGE).await?;
+    assert!(
+        ready.last_error.is_empty(),
+        "last_error is cleared on recovery"
+    );
+    assert_eq!(d.row_count(&table).await?, 100);
+    let moves: Vec<String> = client
+        .list_pipeline_events(pb::ListPipelineEventsRequest {
+            pipeline_id: "broken".into(),
+        })
+        .await?
+        .into_inner()
+        .events
+        .iter()
+        .map(|e| e.to_status.clone())
+        .collect();
+    assert_eq!(moves, ["SETUP", "ERROR", "SETUP", "BACKFILL", "READY"]);
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_workers_pipelines_move_to_the_survivor() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    d.start_worker("w2").await?;
+
+    let ids: Vec<String> = (0..8).map(|i| format!("fleet-{i}")).collect();
+    let mut tables = Vec::new();
+    for id in &ids {
+        let table = unique("fleet");
+        client
+            .create_pipeline(generator_pipeline(
+                id,
+                200,
+                11,
+                d.destination(&table, false),
+                DesiredStatus::Active,
+            ))
+            .await?;
+        tables.push(table);
+    }
+    let mut owners = Vec::new();
+    for id in &ids {
+        owners.push(
+            wait_converged(&mut client, id, PipelineStatus::Ready, CONVERGE)
+                .await?
+                .owner,
+        );
+    }
+    let victim = owners[0].clone();
+    let survivor = if victim == "w1" { "w2" } else { "w1" };
+    let victim_index = if victim == "w1" { 0 } else { 1 };
+    d.take_worker(victim_index).kill().await?;
+
+    // The survivor takes over once the victim's group session expires, and acts on
+    // changes for every pipeline.
+    for id in &ids {
+        client
+            .update_pipeline(set_desired(id, DesiredStatus::Paused))
+            .await?;
+    }
+    for id in &ids {
+        let p = wait_converged(&mut client, id, PipelineStatus::Paused, CONVERGE).await?;
+        assert_eq!(p.owner, survivor, "{id} must be owned by the survivor");
+    }
+    for table in &tables {
+        assert_eq!(d.row_count(table).await?, 200);
+        assert_eq!(
+            amount_sum(&d.pool, table).await?,
+            expected_amount_sum(11, 200)
+        );
+    }
+    d.shutdown().await
+}
