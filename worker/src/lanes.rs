@@ -269,6 +269,26 @@ async fn write_lane(
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    let result = consume_and_write(&ctx, &lane, &consumer, &pool, &cancel, &committed).await;
+    // Closing a consumer blocks while librdkafka stops its threads. The lane has
+    // already stopped writing, so close it off the async threads and let a pause
+    // complete without waiting for it.
+    tokio::task::spawn_blocking(move || drop(consumer));
+    if let Err(e) = result {
+        fail(e);
+    }
+}
+
+/// The write loop; returns Ok when cancelled at a safe point.
+async fn consume_and_write(
+    ctx: &WorkerContext,
+    lane: &WriteLane,
+    consumer: &StreamConsumer,
+    pool: &sqlx::PgPool,
+    cancel: &CancellationToken,
+    committed: &watch::Sender<i64>,
+) -> Result<(), ActivityError> {
+    let id = lane.pipeline_id.as_str();
     let target = BatchTarget {
         pipeline_id: id,
         topic: &lane.topic,
@@ -279,7 +299,7 @@ async fn write_lane(
     loop {
         // Safe point: no batch is open while waiting for the first record.
         let first = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Ok(()),
             m = consumer.recv() => m,
         };
         let mut batch = Vec::with_capacity(batch_size);
@@ -312,15 +332,16 @@ async fn write_lane(
             id,
             &ctx.retry,
             ctx.attempt_timeout,
-            &cancel,
-            || pg::write_batch(&pool, &lane.destination, &lane.stream, &target, &batch),
+            cancel,
+            || pg::write_batch(pool, &lane.destination, &lane.stream, &target, &batch),
         )
         .await;
         match written {
             Ok(next) => {
                 committed.send_replace(next);
             }
-            Err(e) => return fail(e),
+            Err(ActivityError::Cancelled) => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
 }
