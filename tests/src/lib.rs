@@ -68,7 +68,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The directory holding the workspace's binaries (next to this test executable).
-fn bin_path(name: &str) -> Result<PathBuf> {
+pub fn bin_path(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test>  or  target/<profile>/<bin>
     for dir in exe.ancestors().skip(1).take(2) {

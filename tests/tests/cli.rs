@@ -1,0 +1,140 @@
+//! `sluicectl` against a real control plane and worker: the operator's path from a
+//! spec file to READY, pause and resume with --wait, delete, history, and plain error
+//! reports with the right exit codes.
+
+use std::process::Output;
+
+use anyhow::Result;
+use serde_json::Value;
+use sluice_e2e::*;
+
+struct Ctl {
+    server: String,
+}
+
+impl Ctl {
+    async fn run(&self, args: &[&str]) -> Result<Output> {
+        Ok(tokio::process::Command::new(bin_path("sluicectl")?)
+            .arg("--server")
+            .arg(&self.server)
+            .args(args)
+            .output()
+            .await?)
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    async fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.run(args).await?;
+        assert!(
+            out.status.success(),
+            "sluicectl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    async fn json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.ok(&all).await?)?)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_workflow_through_sluicectl() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let ctl = Ctl {
+        server: format!(
+            "http://{}",
+            d.control_plane_addr.clone().unwrap_or_default()
+        ),
+    };
+
+    let table = unique("cli");
+    let spec_file = std::env::temp_dir().join(format!("{}.yaml", unique("spec")));
+    std::fs::write(
+        &spec_file,
+        format!(
+            "id: cli-orders\nspec:\n  source:\n    type: generator\n    config:\n      count: 1500\n      seed: 4\n  destination:\n    type: postgres\n    config:\n      url: {}\n      table: {table}\n",
+            d.database_url
+        ),
+    )?;
+    let created = ctl
+        .json(&[
+            "create",
+            "-f",
+            spec_file.to_str().unwrap_or_default(),
+            "--wait",
+        ])
+        .await?;
+    assert_eq!(created["status"], "READY", "{created}");
+    assert_eq!(d.row_count(&table).await?, 1500);
+
+    let got = ctl.json(&["get", "cli-orders"]).await?;
+    assert_eq!(got["phase"], "READY");
+    assert_eq!(got["spec"]["source"]["config"]["count"], 1500);
+
+    let paused = ctl.json(&["pause", "cli-orders", "--wait"]).await?;
+    assert_eq!(paused["status"], "PAUSED");
+    assert_eq!(paused["observed_generation"], paused["generation"]);
+    let resumed = ctl.json(&["resume", "cli-orders", "--wait"]).await?;
+    assert_eq!(resumed["status"], "READY");
+
+    let table_out = ctl.ok(&["list"]).await?;
+    assert!(table_out.contains("cli-orders"), "{table_out}");
+
+    // Errors: the gRPC code and reason, plainly, with exit code 1.
+    let missing = ctl.run(&["get", "no-such-pipeline"]).await?;
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("NOT_FOUND") && stderr.contains("PIPELINE_NOT_FOUND"),
+        "{stderr}"
+    );
+
+    let bad = ctl
+        .run(&[
+            "create",
+            "--id",
+            "bad-one",
+            "--source-type",
+            "kafka",
+            "--destination-type",
+            "postgres",
+        ])
+        .await?;
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("INVALID_ARGUMENT") && stderr.contains("pipeline.spec.source.type"),
+        "{stderr}"
+    );
+
+    let usage = ctl.run(&["frobnicate"]).await?;
+    assert_eq!(usage.status.code(), Some(64), "usage errors exit 64");
+
+    ctl.ok(&["delete", "cli-orders", "--wait"]).await?;
+    let gone = ctl.run(&["get", "cli-orders"]).await?;
+    assert_eq!(gone.status.code(), Some(1));
+    let history = ctl.json(&["history", "cli-orders"]).await?;
+    let moves: Vec<&str> = history
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter_map(|e| e["to_status"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        moves,
+        ["SETUP", "BACKFILL", "READY", "PAUSED", "READY", "TEARDOWN", "REMOVED"],
+        "{history}"
+    );
+
+    let _ = std::fs::remove_file(&spec_file);
+    d.shutdown().await
+}
