@@ -174,7 +174,10 @@ async fn delete(
     format: OutputFormat,
 ) -> Result<String, CliError> {
     let deleted = client
-        .delete_pipeline(pb::DeletePipelineRequest { id })
+        .delete_pipeline(pb::DeletePipelineRequest {
+            id,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let Some(timeout) = wait.timeout() else {

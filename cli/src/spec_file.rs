@@ -201,6 +201,7 @@ pub fn build_create(
             // An empty id asks the server to generate one.
             pipeline_id: flags.id.or(file_id).unwrap_or_default(),
             pipeline: Some(pipeline),
+            ..Default::default()
         },
         paused: status == InitialStatus::Paused,
     })

@@ -18,6 +18,12 @@ pub enum ApiError {
     AlreadyExists(String),
     #[error("pipeline {0:?} is deleted; it can no longer be changed")]
     Deleted(String),
+    #[error("pipeline {id:?} changed since etag {sent} was read (current etag {current})")]
+    EtagMismatch {
+        id: String,
+        sent: String,
+        current: String,
+    },
     #[error("internal error")]
     Internal(#[from] StoreError),
 }
@@ -62,6 +68,14 @@ impl From<ApiError> for Status {
                 Code::FailedPrecondition,
                 "PIPELINE_DELETED",
                 vec![("pipeline_id".into(), id.clone())],
+            ),
+            ApiError::EtagMismatch { id, current, .. } => (
+                Code::Aborted,
+                "ETAG_MISMATCH",
+                vec![
+                    ("pipeline_id".into(), id.clone()),
+                    ("current_etag".into(), current.clone()),
+                ],
             ),
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "request failed");

@@ -46,6 +46,10 @@ impl OutboxRelay {
                 if let Err(e) = cleaned {
                     tracing::warn!(error = %e, "outbox cleanup failed");
                 }
+                // Idempotency keys are honoured for a day.
+                if let Err(e) = crate::store::purge_request_log(&self.pool).await {
+                    tracing::warn!(error = %e, "request log cleanup failed");
+                }
             }
             tokio::select! {
                 _ = self.wakeup.notified() => {}

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use prost::Message;
 use sluice_infra::store::list_events;
 use sluice_protocol::conversions::{
     desired_status_from_pb, patch_from_pb, record_to_pb, spec_from_pb, PipelineRecord,
@@ -43,7 +44,7 @@ impl PipelineApi {
         }
     }
 
-    async fn create(&self, req: pb::CreatePipelineRequest) -> Result<PipelineRecord, ApiError> {
+    async fn create(&self, req: pb::CreatePipelineRequest) -> Result<pb::Pipeline, ApiError> {
         let pipeline = req
             .pipeline
             .ok_or_else(|| FieldViolation::new("pipeline", "is required"))?;
@@ -51,7 +52,7 @@ impl PipelineApi {
             generate_pipeline_id(&uuid::Uuid::now_v7().to_string())
         } else {
             validate_pipeline_id(&req.pipeline_id, "pipeline_id")?;
-            req.pipeline_id
+            req.pipeline_id.clone()
         };
         let spec = spec_from_pb(pipeline.spec.as_ref(), "pipeline.spec")?;
         spec.validate("pipeline.spec")?;
@@ -67,18 +68,30 @@ impl PipelineApi {
                 }
                 Some(d) => d,
             };
+        let request_id = parse_request_id(&req.request_id)?;
         let new = store::NewPipeline {
             id: &id,
             spec: &spec,
             desired_status: desired,
             partition: partition_for(&id, self.signal_partitions),
         };
-        let record = store::insert_pipeline(&self.pool, &new)
+        let mut tx = self.pool.begin().await?;
+        if let Some(rid) = request_id {
+            if let Some(replayed) = replay(&mut tx, rid, "CreatePipeline", &req.pipeline_id).await?
+            {
+                return Ok(replayed);
+            }
+        }
+        let record = store::insert_pipeline(&mut tx, &new)
             .await?
             .ok_or_else(|| ApiError::AlreadyExists(id.clone()))?;
+        if let Some(rid) = request_id {
+            store::save_response(&mut tx, rid, record_to_pb(&record).encode_to_vec()).await?;
+        }
+        tx.commit().await?;
         self.outbox_wakeup.notify_one();
         tracing::info!(pipeline_id = %id, desired_status = %desired, "pipeline created");
-        Ok(record)
+        Ok(record_to_pb(&record))
     }
 
     async fn update(&self, req: pb::UpdatePipelineRequest) -> Result<PipelineRecord, ApiError> {
@@ -97,6 +110,7 @@ impl PipelineApi {
         if current.desired_status == DesiredStatus::Deleted {
             return Err(ApiError::Deleted(pipeline.id));
         }
+        check_etag(&current, &pipeline.etag)?;
         let (desired, spec) = apply_patch(current.desired_status, &current.spec, &patch, &mask)?;
         // Exactly as strict as create: the merged spec must validate as a whole.
         spec.validate("pipeline.spec")?;
@@ -121,22 +135,34 @@ impl PipelineApi {
         Ok(record)
     }
 
-    async fn delete(&self, id: String) -> Result<PipelineRecord, ApiError> {
+    async fn delete(&self, req: pb::DeletePipelineRequest) -> Result<pb::Pipeline, ApiError> {
+        let id = req.id;
         validate_pipeline_id(&id, "id")?;
+        let request_id = parse_request_id(&req.request_id)?;
         let mut tx = self.pool.begin().await?;
+        if let Some(rid) = request_id {
+            if let Some(replayed) = replay(&mut tx, rid, "DeletePipeline", &id).await? {
+                return Ok(replayed);
+            }
+        }
         let current = store::lock_pipeline(&mut tx, &id)
             .await?
             .ok_or_else(|| ApiError::NotFound(id.clone()))?;
-        if current.desired_status == DesiredStatus::Deleted {
+        check_etag(&current, &req.etag)?;
+        let record = if current.desired_status == DesiredStatus::Deleted {
             // Deleting twice changes nothing; the teardown is already on its way.
-            return Ok(current);
+            current
+        } else {
+            store::write_desired(&mut tx, &id, DesiredStatus::Deleted, &current.spec).await?
+        };
+        let response = record_to_pb(&record);
+        if let Some(rid) = request_id {
+            store::save_response(&mut tx, rid, response.encode_to_vec()).await?;
         }
-        let record =
-            store::write_desired(&mut tx, &id, DesiredStatus::Deleted, &current.spec).await?;
         tx.commit().await?;
         self.outbox_wakeup.notify_one();
         tracing::info!(pipeline_id = %id, generation = record.generation, "pipeline deletion requested");
-        Ok(record)
+        Ok(response)
     }
 
     async fn list(
@@ -196,6 +222,54 @@ impl PipelineApi {
     }
 }
 
+/// Conditional writes (AIP-154): an empty etag means unconditional.
+fn check_etag(current: &PipelineRecord, sent: &str) -> Result<(), ApiError> {
+    let current_etag = current.etag();
+    if sent.is_empty() || sent == current_etag {
+        return Ok(());
+    }
+    Err(ApiError::EtagMismatch {
+        id: current.id.clone(),
+        sent: sent.to_owned(),
+        current: current_etag,
+    })
+}
+
+fn parse_request_id(raw: &str) -> Result<Option<uuid::Uuid>, FieldViolation> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    uuid::Uuid::parse_str(raw)
+        .map(Some)
+        .map_err(|_| FieldViolation::new("request_id", "must be a UUID"))
+}
+
+/// Registers an idempotency key; Some(response) when this is a retry of a request
+/// that already completed.
+async fn replay(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    request_id: uuid::Uuid,
+    method: &str,
+    target: &str,
+) -> Result<Option<pb::Pipeline>, ApiError> {
+    match store::claim_request(tx, request_id, method, target).await? {
+        store::RequestClaim::New => Ok(None),
+        store::RequestClaim::Replay(bytes) => {
+            let response = pb::Pipeline::decode(bytes.as_slice()).map_err(|e| {
+                ApiError::Internal(sluice_infra::store::StoreError::Corrupt(format!(
+                    "stored response: {e}"
+                )))
+            })?;
+            Ok(Some(response))
+        }
+        store::RequestClaim::Mismatch => Err(FieldViolation::new(
+            "request_id",
+            "was already used for a different request",
+        )
+        .into()),
+    }
+}
+
 fn decode_page_token(token: &str) -> Result<String, FieldViolation> {
     let invalid = || FieldViolation::new("page_token", "is not a token returned by ListPipelines");
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
@@ -210,8 +284,7 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::CreatePipelineRequest>,
     ) -> Result<Response<pb::Pipeline>, Status> {
-        let record = self.create(request.into_inner()).await?;
-        Ok(Response::new(record_to_pb(&record)))
+        Ok(Response::new(self.create(request.into_inner()).await?))
     }
 
     async fn get_pipeline(
@@ -246,8 +319,7 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::DeletePipelineRequest>,
     ) -> Result<Response<pb::Pipeline>, Status> {
-        let record = self.delete(request.into_inner().id).await?;
-        Ok(Response::new(record_to_pb(&record)))
+        Ok(Response::new(self.delete(request.into_inner()).await?))
     }
 
     async fn list_pipeline_events(

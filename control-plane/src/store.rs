@@ -18,10 +18,9 @@ pub struct NewPipeline<'a> {
 
 /// Inserts a pipeline and its first signal; None if the id is taken.
 pub async fn insert_pipeline(
-    pool: &PgPool,
+    tx: &mut Transaction<'_, Postgres>,
     new: &NewPipeline<'_>,
 ) -> Result<Option<PipelineRecord>, StoreError> {
-    let mut tx = pool.begin().await?;
     let sql = format!(
         "INSERT INTO pipelines (id, spec, desired_status, partition) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (id) DO NOTHING RETURNING {PIPELINE_COLUMNS}"
@@ -31,15 +30,76 @@ pub async fn insert_pipeline(
         .bind(new.spec.to_json())
         .bind(new.desired_status.as_str())
         .bind(new.partition)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
     let Some(row) = row else {
         return Ok(None);
     };
     let record = record_from_row(&row)?;
-    insert_signal(&mut tx, &record).await?;
-    tx.commit().await?;
+    insert_signal(tx, &record).await?;
     Ok(Some(record))
+}
+
+/// Outcome of registering an idempotency key.
+pub enum RequestClaim {
+    /// First use: proceed, then [`save_response`].
+    New,
+    /// A retry of a completed request: replay this response.
+    Replay(Vec<u8>),
+    /// The key was used for another request.
+    Mismatch,
+}
+
+/// Registers `request_id` inside the request's transaction. A concurrent duplicate
+/// waits on the unique key until the first commits, then sees its response.
+pub async fn claim_request(
+    tx: &mut Transaction<'_, Postgres>,
+    request_id: uuid::Uuid,
+    method: &str,
+    target: &str,
+) -> Result<RequestClaim, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO request_log (request_id, method, target) VALUES ($1, $2, $3) \
+         ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(request_id)
+    .bind(method)
+    .bind(target)
+    .execute(&mut **tx)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(RequestClaim::New);
+    }
+    let row = sqlx::query("SELECT method, target, response FROM request_log WHERE request_id = $1")
+        .bind(request_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let (m, t, response): (String, String, Option<Vec<u8>>) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    match response {
+        Some(bytes) if m == method && t == target => Ok(RequestClaim::Replay(bytes)),
+        _ => Ok(RequestClaim::Mismatch),
+    }
+}
+
+pub async fn save_response(
+    tx: &mut Transaction<'_, Postgres>,
+    request_id: uuid::Uuid,
+    response: Vec<u8>,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE request_log SET response = $2 WHERE request_id = $1")
+        .bind(request_id)
+        .bind(response)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn purge_request_log(pool: &PgPool) -> Result<u64, StoreError> {
+    let done = sqlx::query("DELETE FROM request_log WHERE create_time < now() - interval '1 day'")
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
 }
 
 /// Locks a pipeline row for a read-modify-write.

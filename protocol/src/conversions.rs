@@ -30,17 +30,10 @@ pub struct PipelineRecord {
 }
 
 impl PipelineRecord {
-    /// An opaque version tag that changes whenever any visible field changes.
+    /// Version tag of the desired state. Only the control plane's writes (which bump
+    /// the generation) change it, so worker progress never invalidates a client's etag.
     pub fn etag(&self) -> String {
-        let nanos = self
-            .update_time
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        format!(
-            "W/\"{}-{}-{}-{nanos:x}\"",
-            self.generation, self.observed_generation, self.owner_epoch
-        )
+        format!("\"g{}\"", self.generation)
     }
 }
 

@@ -300,6 +300,7 @@ pub fn generator_pipeline(
             desired_status: desired as i32,
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 

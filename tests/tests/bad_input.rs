@@ -87,6 +87,7 @@ async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
         pb::CreatePipelineRequest {
             pipeline_id: "x6".into(),
             pipeline: None,
+            ..Default::default()
         },
         Code::InvalidArgument,
         "pipeline",
@@ -127,7 +128,10 @@ async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
         .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
     let err = client
-        .delete_pipeline(pb::DeletePipelineRequest { id: "nope".into() })
+        .delete_pipeline(pb::DeletePipelineRequest {
+            id: "nope".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
@@ -199,6 +203,7 @@ async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
     client
         .delete_pipeline(pb::DeletePipelineRequest {
             id: "exists".into(),
+            ..Default::default()
         })
         .await?;
     let deleted_outbox = outbox_len(&d).await?;
@@ -211,6 +216,7 @@ async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
     let again = client
         .delete_pipeline(pb::DeletePipelineRequest {
             id: "exists".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

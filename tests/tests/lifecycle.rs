@@ -239,7 +239,10 @@ async fn delete_tears_down_before_the_row_disappears() -> Result<()> {
 
     for id in ["keep-table", "drop-table"] {
         let deleting = client
-            .delete_pipeline(pb::DeletePipelineRequest { id: id.into() })
+            .delete_pipeline(pb::DeletePipelineRequest {
+                id: id.into(),
+                ..Default::default()
+            })
             .await?
             .into_inner();
         assert_eq!(deleting.phase, "DELETING");
