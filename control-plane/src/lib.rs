@@ -69,6 +69,9 @@ pub async fn run(
             &config.signals_topic,
             config.signal_partitions,
             config.replication_factor,
+            // Signals are wake-ups, not data: a day is plenty for a worker group that
+            // starts fresh and replays from the oldest one.
+            &[("retention.ms", "86400000")],
         )
         .await?;
     tracing::info!(topic = %config.signals_topic, partitions, "signals topic ready");

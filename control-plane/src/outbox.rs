@@ -73,28 +73,47 @@ impl OutboxRelay {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut sent = Vec::with_capacity(rows.len());
+        let mut signals = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: i64 = row.try_get("id")?;
             let pipeline_id: String = row.try_get("pipeline_id")?;
             let partition: i32 = row.try_get("partition")?;
             let payload: Vec<u8> = row.try_get("payload")?;
-            let record = FutureRecord::to(&self.signals_topic)
-                .key(&pipeline_id)
-                .partition(partition)
-                .payload(&payload);
-            self.producer
-                .send(record, Timeout::After(Duration::from_secs(10)))
-                .await
-                .map_err(|(e, _)| RelayError::Kafka(e))?;
-            sent.push(id);
+            signals.push((id, pipeline_id, partition, payload));
+        }
+        // All sends of a batch are in flight together; the rows stay locked meanwhile,
+        // so another relay cannot send them twice.
+        let sends = signals
+            .iter()
+            .map(|(id, pipeline_id, partition, payload)| async move {
+                let record = FutureRecord::to(&self.signals_topic)
+                    .key(pipeline_id)
+                    .partition(*partition)
+                    .payload(payload);
+                self.producer
+                    .send(record, Timeout::After(Duration::from_secs(5)))
+                    .await
+                    .map(|_| *id)
+                    .map_err(|(e, _)| e)
+            });
+        let mut sent = Vec::with_capacity(signals.len());
+        let mut failure = None;
+        for result in futures::future::join_all(sends).await {
+            match result {
+                Ok(id) => sent.push(id),
+                Err(e) => failure = Some(e),
+            }
         }
         sqlx::query("UPDATE signal_outbox SET sent_at = clock_timestamp() WHERE id = ANY($1)")
             .bind(&sent)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(sent.len())
+        match failure {
+            // Unacknowledged signals stay queued for the next attempt.
+            Some(e) => Err(RelayError::Kafka(e)),
+            None => Ok(sent.len()),
+        }
     }
 }
 

@@ -74,11 +74,15 @@ impl Admin {
         topic: &str,
         partitions: i32,
         replication: i32,
+        configs: &[(&str, &str)],
     ) -> Result<i32, KafkaAdminError> {
         if let Some(n) = self.partition_count(topic).await? {
             return Ok(n);
         }
-        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        for (key, value) in configs {
+            new_topic = new_topic.set(key, value);
+        }
         for result in self
             .client
             .create_topics([&new_topic], &Self::options())
@@ -115,6 +119,21 @@ impl Admin {
             }
         }
         Ok(())
+    }
+
+    /// The offset just past the last record of `topic`'s `partition`.
+    pub async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, KafkaAdminError> {
+        let client = Arc::clone(&self.client);
+        let topic = topic.to_owned();
+        // fetch_watermarks blocks the calling thread.
+        let (_, high) = tokio::task::spawn_blocking(move || {
+            client
+                .inner()
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+        })
+        .await
+        .expect("watermark task does not panic")?;
+        Ok(high)
     }
 
     /// The partition count of `topic`, or None if the cluster does not know it.

@@ -131,3 +131,157 @@ async fn a_crashed_workers_pipelines_move_to_the_survivor() -> Result<()> {
     }
     d.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_pipeline_that_fails_recovers_in_place_with_the_same_spec() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let table = unique("inplace");
+    client
+        .create_pipeline(generator_pipeline(
+            "inplace",
+            300,
+            8,
+            d.destination(&table, false),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(&mut client, "inplace", PipelineStatus::Ready, CONVERGE).await?;
+    client
+        .update_pipeline(set_desired("inplace", DesiredStatus::Paused))
+        .await?;
+    wait_converged(&mut client, "inplace", PipelineStatus::Paused, CONVERGE).await?;
+
+    // Break the destination under the pipeline: its offsets table disappears.
+    sqlx::query("ALTER TABLE public._sluice_offsets RENAME TO _sluice_offsets_away")
+        .execute(&d.pool)
+        .await?;
+    client
+        .update_pipeline(set_desired("inplace", DesiredStatus::Active))
+        .await?;
+    let failed = wait_converged(&mut client, "inplace", PipelineStatus::Error, CONVERGE).await?;
+    assert!(
+        failed.last_error.contains("_sluice_offsets"),
+        "{}",
+        failed.last_error
+    );
+
+    // Repair it and re-state ACTIVE: that bumps the generation and retries.
+    sqlx::query("ALTER TABLE public._sluice_offsets_away RENAME TO _sluice_offsets")
+        .execute(&d.pool)
+        .await?;
+    let retried = client
+        .update_pipeline(set_desired("inplace", DesiredStatus::Active))
+        .await?
+        .into_inner();
+    assert_eq!(retried.generation, failed.generation + 1);
+    wait_converged(&mut client, "inplace", PipelineStatus::Ready, CONVERGE).await?;
+    assert_eq!(d.row_count(&table).await?, 300);
+    assert_eq!(
+        amount_sum(&d.pool, &table).await?,
+        expected_amount_sum(8, 300)
+    );
+    let moves: Vec<String> = client
+        .list_pipeline_events(pb::ListPipelineEventsRequest {
+            pipeline_id: "inplace".into(),
+        })
+        .await?
+        .into_inner()
+        .events
+        .iter()
+        .map(|e| e.to_status.clone())
+        .collect();
+    assert_eq!(
+        moves,
+        ["SETUP", "BACKFILL", "READY", "PAUSED", "ERROR", "SETUP", "BACKFILL", "READY"]
+    );
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_interrupts_an_activity_that_keeps_retrying() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    // Nothing listens on port 1: connection refused is transient, so setup retries.
+    let unreachable = json!({"url": "postgres://sluice:sluice@127.0.0.1:1/sluice", "table": "t"});
+    client
+        .create_pipeline(generator_pipeline(
+            "stuck",
+            50,
+            1,
+            unreachable,
+            DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(&mut client, "stuck", PipelineStatus::Setup, CONVERGE).await?;
+
+    let table = unique("unstuck");
+    let fix = pb::UpdatePipelineRequest {
+        pipeline: Some(pb::Pipeline {
+            id: "stuck".into(),
+            spec: Some(pb::PipelineSpec {
+                source: None,
+                destination: Some(connector("postgres", d.destination(&table, false))),
+            }),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["spec.destination".into()],
+        }),
+    };
+    client.update_pipeline(fix).await?;
+    wait_converged(&mut client, "stuck", PipelineStatus::Ready, CONVERGE).await?;
+    assert_eq!(d.row_count(&table).await?, 50);
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_pipeline_whose_destination_never_worked_still_removes_it() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let missing_db = d
+        .database_url
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/no_such_db_either"))
+        .expect("url has a path");
+    client
+        .create_pipeline(generator_pipeline(
+            "doomed",
+            10,
+            1,
+            json!({"url": missing_db, "table": "t"}),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(&mut client, "doomed", PipelineStatus::Error, CONVERGE).await?;
+    client
+        .delete_pipeline(pb::DeletePipelineRequest {
+            id: "doomed".into(),
+            ..Default::default()
+        })
+        .await?;
+    wait_for("doomed to be removed", CONVERGE, || {
+        let mut client = client.clone();
+        async move {
+            match get(&mut client, "doomed").await {
+                Err(s) if s.code() == tonic::Code::NotFound => Ok(Some(())),
+                Err(s) => Err(s.into()),
+                Ok(_) => Ok(None),
+            }
+        }
+    })
+    .await?;
+    let events = client
+        .list_pipeline_events(pb::ListPipelineEventsRequest {
+            pipeline_id: "doomed".into(),
+        })
+        .await?
+        .into_inner()
+        .events;
+    let moves: Vec<&str> = events.iter().map(|e| e.to_status.as_str()).collect();
+    assert_eq!(moves, ["SETUP", "ERROR", "TEARDOWN", "REMOVED"]);
+    d.shutdown().await
+}

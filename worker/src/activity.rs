@@ -18,6 +18,9 @@ pub enum ActivityError {
     Fenced,
     #[error("cancelled")]
     Cancelled,
+    /// A rule of the status model would be broken: retrying cannot help.
+    #[error("invariant violated: {0}")]
+    Invariant(String),
     #[error("{failure_type:?}: {message}")]
     Failed {
         failure_type: FailureType,

@@ -56,17 +56,29 @@ pub struct LaneParams {
 }
 
 impl Lanes {
+    /// Starts the lanes; their events are tagged with `seq`.
     pub fn start(
         ctx: Arc<WorkerContext>,
         params: LaneParams,
-        events: mpsc::UnboundedSender<LaneEvent>,
+        seq: u64,
+        events: mpsc::UnboundedSender<(u64, LaneEvent)>,
     ) -> Self {
+        let (lane_tx, mut lane_rx) = mpsc::unbounded_channel();
+        let forward = tokio::spawn(async move {
+            while let Some(event) = lane_rx.recv().await {
+                if events.send((seq, event)).is_err() {
+                    return;
+                }
+            }
+        });
+        let events = lane_tx;
         let cancel = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(-1);
         let topic = records_topic(&params.pipeline_id);
         let SourceConfig::Generator(source) = params.spec.source.clone();
         let DestinationConfig::Postgres(destination) = params.spec.destination.clone();
         let stream = generator_stream();
+        let records_start_offset = params.checkpoint.records_start_offset;
 
         let backfill = tokio::spawn(backfill_lane(
             Arc::clone(&ctx),
@@ -88,6 +100,7 @@ impl Lanes {
                 topic,
                 destination,
                 stream,
+                records_start_offset,
             },
             cancel.clone(),
             events,
@@ -95,7 +108,7 @@ impl Lanes {
         ));
         Self {
             cancel,
-            tasks: vec![backfill, write],
+            tasks: vec![backfill, write, forward],
             committed,
         }
     }
@@ -131,6 +144,25 @@ async fn backfill_lane(
         // Safe point: between slices nothing is in flight.
         if cancel.is_cancelled() {
             return;
+        }
+        // A worker that lost the pipeline must not produce another slice (Kafka writes
+        // are not fenced by the epoch, so check before each one).
+        let owned = run_activity(
+            "check-owner",
+            &id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &cancel,
+            || crate::store::check_epoch(&ctx.pool, &id, lane.epoch),
+        )
+        .await;
+        match owned {
+            Ok(()) => {}
+            Err(ActivityError::Cancelled) => return,
+            Err(e) => {
+                let _ = events.send(LaneEvent::Failed(e));
+                return;
+            }
         }
         let slice_started = tokio::time::Instant::now();
         let (records, next_cursor) = generator::read_slice(&lane.source, lane.checkpoint.cursor);
@@ -231,6 +263,7 @@ struct WriteLane {
     topic: String,
     destination: PostgresDestinationConfig,
     stream: StreamSchema,
+    records_start_offset: i64,
 }
 
 async fn write_lane(
@@ -264,6 +297,9 @@ async fn write_lane(
         Err(e) => return fail(e),
     };
     committed.send_replace(start.unwrap_or(0));
+    let start = start
+        .max(Some(lane.records_start_offset))
+        .filter(|s| *s > 0);
 
     let consumer = match records_consumer(&ctx, &lane, start) {
         Ok(c) => c,
@@ -304,7 +340,7 @@ async fn consume_and_write(
         };
         let mut batch = Vec::with_capacity(batch_size);
         match first {
-            Ok(m) => push_record(&mut batch, &m),
+            Ok(m) => push_record(&mut batch, &m, lane.records_start_offset),
             Err(e) => {
                 tracing::warn!(pipeline_id = id, error = %e, "records consumer error");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -317,7 +353,7 @@ async fn consume_and_write(
             tokio::select! {
                 _ = &mut linger => break,
                 m = consumer.recv() => match m {
-                    Ok(m) => push_record(&mut batch, &m),
+                    Ok(m) => push_record(&mut batch, &m, lane.records_start_offset),
                     Err(_) => break,
                 },
             }
@@ -346,7 +382,15 @@ async fn consume_and_write(
     }
 }
 
-fn push_record(batch: &mut Vec<PendingRecord>, message: &rdkafka::message::BorrowedMessage<'_>) {
+fn push_record(
+    batch: &mut Vec<PendingRecord>,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    records_start_offset: i64,
+) {
+    // Records an earlier spec left in the topic are not this spec's data.
+    if message.offset() < records_start_offset {
+        return;
+    }
     let Some(payload) = message.payload() else {
         return;
     };

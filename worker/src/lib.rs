@@ -122,7 +122,10 @@ pub async fn run(
         .set("client.id", &config.worker_id)
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "latest")
+        // A new group starts from the oldest retained signal: replaying old signals
+        // only causes extra wake-ups, while starting at "latest" could skip a signal
+        // sent between the assignment and the offset lookup.
+        .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", session_ms.to_string())
         .set(
             "heartbeat.interval.ms",

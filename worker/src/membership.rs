@@ -28,8 +28,20 @@ impl ClientContext for MembershipContext {}
 impl ConsumerContext for MembershipContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            // The supervisor may be gone during shutdown; nothing is left to stop then.
-            let _ = self.events.send(SupervisorEvent::Revoked(partitions(tpl)));
+            // Hold the rebalance until this worker's workflows on those partitions have
+            // stopped at a safe point and released their pipelines, so the next owner
+            // starts after them rather than beside them. Bounded: fencing covers a
+            // worker too slow to finish.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let sent = self
+                .events
+                .send(SupervisorEvent::Revoked(partitions(tpl), Some(done_tx)));
+            if sent.is_ok() {
+                // The callback runs inside the consumer's poll on a runtime thread.
+                tokio::task::block_in_place(|| {
+                    let _ = done_rx.recv_timeout(REVOKE_WAIT);
+                });
+            }
         }
     }
 
@@ -43,6 +55,9 @@ impl ConsumerContext for MembershipContext {
         }
     }
 }
+
+/// How long a revocation may wait for the workflows to stop.
+const REVOKE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 pub type SignalConsumer = StreamConsumer<MembershipContext>;
 

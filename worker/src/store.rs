@@ -23,6 +23,10 @@ pub struct Checkpoint {
     /// as complete at the destination once the write lane has committed up to it.
     #[serde(default)]
     pub backfill_end_offset: i64,
+    /// Records-topic offset where the current spec's records begin: records of an
+    /// earlier spec below it are never written to the destination.
+    #[serde(default)]
+    pub records_start_offset: i64,
 }
 
 /// Takes ownership: bumps the epoch and returns it, or None if the row is gone.
@@ -119,10 +123,10 @@ pub async fn write_status(
     let from_status: Option<PipelineStatus> = from.as_deref().and_then(|s| s.parse().ok());
     let changes_status = from_status != Some(write.to);
     if changes_status && !can_transition(from_status, write.to) {
-        return Err(ActivityError::Failed {
-            failure_type: sluice_protocol::message::FailureType::SystemError,
-            message: format!("illegal status transition {from:?} -> {}", write.to),
-        });
+        return Err(ActivityError::Invariant(format!(
+            "illegal status transition {from:?} -> {}",
+            write.to
+        )));
     }
     sqlx::query(
         "UPDATE pipelines SET status = $3, observed_generation = GREATEST(observed_generation, $4), \
@@ -161,6 +165,7 @@ pub async fn remove_pipeline(
     epoch: i64,
     actor: &str,
     generation: i64,
+    reason: &str,
 ) -> Result<(), ActivityError> {
     let mut tx = pool.begin().await?;
     let deleted = sqlx::query(
@@ -176,15 +181,28 @@ pub async fn remove_pipeline(
     }
     sqlx::query(
         "INSERT INTO pipeline_events (pipeline_id, actor, from_status, to_status, generation, reason) \
-         VALUES ($1, $2, 'TEARDOWN', 'REMOVED', $3, 'teardown finished; pipeline removed')",
+         VALUES ($1, $2, 'TEARDOWN', 'REMOVED', $3, $4)",
     )
     .bind(id)
     .bind(actor)
     .bind(generation)
+    .bind(reason)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// Whether `epoch` still owns the pipeline.
+pub async fn check_epoch(pool: &PgPool, id: &str, epoch: i64) -> Result<(), ActivityError> {
+    let owned: Option<i64> = sqlx::query_scalar("SELECT owner_epoch FROM pipelines WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    match owned {
+        Some(e) if e == epoch => Ok(()),
+        _ => Err(ActivityError::Fenced),
+    }
 }
 
 /// Ids of the pipelines stored on the given signals-topic partitions.

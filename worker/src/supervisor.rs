@@ -10,7 +10,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::activity::run_activity;
 use crate::store;
 use crate::workflow::{self, WorkflowHandle};
 use crate::WorkerContext;
@@ -18,8 +17,12 @@ use crate::WorkerContext;
 #[derive(Debug)]
 pub enum SupervisorEvent {
     Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-    Signal { pipeline_id: String, partition: i32 },
+    /// Partitions taken away; the sender is told once their workflows have stopped.
+    Revoked(Vec<i32>, Option<std::sync::mpsc::Sender<()>>),
+    Signal {
+        pipeline_id: String,
+        partition: i32,
+    },
 }
 
 /// How long stopping the workflows may take on revocation or shutdown.
@@ -57,13 +60,13 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(event) = events.recv() => self.handle(event, &shutdown).await,
+                Some(event) = events.recv() => self.handle(event).await,
                 Some((id, seq)) = self.exited_rx.recv() => {
                     if self.workflows.get(&id).is_some_and(|h| h.seq == seq) {
                         self.workflows.remove(&id);
                     }
                 }
-                _ = resync.tick() => self.start_missing(&self.owned.iter().copied().collect::<Vec<_>>(), &shutdown).await,
+                _ = resync.tick() => self.start_missing(&self.owned.iter().copied().collect::<Vec<_>>()).await,
             }
         }
         let all: Vec<String> = self.workflows.keys().cloned().collect();
@@ -71,14 +74,14 @@ impl Supervisor {
         tracing::info!("all workflows stopped");
     }
 
-    async fn handle(&mut self, event: SupervisorEvent, shutdown: &CancellationToken) {
+    async fn handle(&mut self, event: SupervisorEvent) {
         match event {
             SupervisorEvent::Assigned(partitions) => {
                 tracing::info!(?partitions, "partitions assigned");
                 self.owned.extend(&partitions);
-                self.start_missing(&partitions, shutdown).await;
+                self.start_missing(&partitions).await;
             }
-            SupervisorEvent::Revoked(partitions) => {
+            SupervisorEvent::Revoked(partitions, done) => {
                 tracing::info!(?partitions, "partitions revoked");
                 for p in &partitions {
                     self.owned.remove(p);
@@ -90,15 +93,19 @@ impl Supervisor {
                     .map(|(id, _)| id.clone())
                     .collect();
                 self.stop_workflows(ids).await;
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             }
             SupervisorEvent::Signal {
                 pipeline_id,
                 partition,
             } => {
-                if let Some(handle) = self.workflows.get(&pipeline_id) {
-                    handle.wake.notify_one();
-                } else if self.owned.contains(&partition) {
-                    self.start(pipeline_id, partition);
+                match self.workflows.get(&pipeline_id) {
+                    Some(handle) if !handle.task.is_finished() => handle.wake.notify_one(),
+                    // Not running (or just exited, e.g. fenced): start it afresh.
+                    _ if self.owned.contains(&partition) => self.start(pipeline_id, partition),
+                    _ => {}
                 }
             }
         }
@@ -117,20 +124,18 @@ impl Supervisor {
     }
 
     /// Starts a workflow for every stored pipeline on `partitions` that has none.
-    async fn start_missing(&mut self, partitions: &[i32], shutdown: &CancellationToken) {
+    async fn start_missing(&mut self, partitions: &[i32]) {
         if partitions.is_empty() {
             return;
         }
-        let ctx = Arc::clone(&self.ctx);
-        let stored = run_activity(
-            "load-partitions",
-            "-",
-            &ctx.retry,
-            ctx.attempt_timeout,
-            shutdown,
-            || store::pipelines_on_partitions(&ctx.pool, partitions),
+        // One attempt: while Postgres is unreachable the supervisor must keep serving
+        // revocations; the next resync tries again.
+        let stored = tokio::time::timeout(
+            self.ctx.attempt_timeout,
+            store::pipelines_on_partitions(&self.ctx.pool, partitions),
         )
-        .await;
+        .await
+        .unwrap_or_else(|_| Err(crate::activity::ActivityError::transient("timed out")));
         match stored {
             Ok(stored) => {
                 for (id, partition) in stored {

@@ -68,9 +68,13 @@ struct Workflow {
     epoch: i64,
     checkpoint: Checkpoint,
     lanes: Option<Lanes>,
-    lane_events_tx: mpsc::UnboundedSender<LaneEvent>,
+    /// Numbers each start of the lanes, so events of lanes already stopped are ignored.
+    lanes_seq: u64,
+    lane_events_tx: mpsc::UnboundedSender<(u64, LaneEvent)>,
     lane_failure: Option<ActivityError>,
-    stop: CancellationToken,
+    /// Cancels the activities of the current reconcile pass: fired when the worker
+    /// stops, or when a signal arrives while an activity is retrying.
+    pass: CancellationToken,
     /// Status and observed generation as this workflow last wrote or read them.
     status: Option<PipelineStatus>,
     observed: i64,
@@ -110,9 +114,10 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
         epoch,
         checkpoint,
         lanes: None,
+        lanes_seq: 0,
         lane_events_tx,
         lane_failure: None,
-        stop: stop.clone(),
+        pass: stop.child_token(),
         status: None,
         observed: 0,
     };
@@ -151,24 +156,49 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
         }
         wf.status = row.status;
         wf.observed = row.observed_generation;
-        match wf.reconcile(&row).await {
+        wf.pass = stop.child_token();
+        let pass = wf.pass.clone();
+        let mut interrupted = false;
+        let outcome = {
+            let reconcile = wf.reconcile(&row);
+            tokio::pin!(reconcile);
+            loop {
+                tokio::select! {
+                    r = &mut reconcile => break r,
+                    // A change made while an activity keeps retrying must not wait for
+                    // it: cancel the pass and reconcile again from the fresh row.
+                    _ = wake.notified(), if !interrupted => {
+                        interrupted = true;
+                        pass.cancel();
+                    }
+                    // The same when the signal was lost: the resync notices the change.
+                    _ = tokio::time::sleep(ctx.resync_interval), if !interrupted => {
+                        if generation_changed(&ctx, id, row.generation).await {
+                            interrupted = true;
+                            pass.cancel();
+                        }
+                    }
+                }
+            }
+        };
+        match outcome {
             Ok(Flow::Removed) => {
                 tracing::info!(pipeline_id = id, "pipeline torn down and removed");
                 return;
             }
             Ok(Flow::Continue) => {}
-            Err(ActivityError::Cancelled) => break,
+            Err(ActivityError::Cancelled) if stop.is_cancelled() => break,
+            Err(ActivityError::Cancelled) => {}
             Err(ActivityError::Fenced) => {
                 tracing::info!(pipeline_id = id, epoch, "fenced by a newer owner");
                 wf.stop_lanes().await;
                 return;
             }
-            Err(ActivityError::Failed {
-                failure_type,
-                message,
-            }) => {
-                tracing::warn!(pipeline_id = id, ?failure_type, error = %message, "pipeline failed");
+            Err(e) => {
+                let message = e.to_string();
+                tracing::warn!(pipeline_id = id, error = %message, "pipeline failed");
                 wf.stop_lanes().await;
+                wf.pass = stop.child_token();
                 let write = StatusWrite {
                     to: PipelineStatus::Error,
                     observed_generation: row.generation,
@@ -180,21 +210,34 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
                 }
             }
         }
+        if interrupted {
+            continue;
+        }
 
         let awaiting_destination = wf.status == Some(PipelineStatus::Backfill)
             && wf.checkpoint.backfill_done
             && wf.lanes.is_some();
-        let mut committed = wf.lanes.as_ref().map(|l| l.committed.clone());
-        tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(ctx.resync_interval) => {}
-            Some(event) = lane_events.recv() => match event {
-                LaneEvent::BackfillDone(cp) => wf.checkpoint = cp,
-                LaneEvent::Failed(e) => wf.lane_failure = Some(e),
-            },
-            _ = async { committed.as_mut().expect("lanes are running").changed().await },
-                if awaiting_destination => {}
-            _ = stop.cancelled() => break,
+        let woke = {
+            let committed = async {
+                match wf.lanes.as_mut() {
+                    Some(lanes) if awaiting_destination => {
+                        let _ = lanes.committed.changed().await;
+                    }
+                    _ => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wake.notified() => None,
+                _ = tokio::time::sleep(ctx.resync_interval) => None,
+                Some(event) = lane_events.recv() => Some(event),
+                _ = committed => None,
+                _ = stop.cancelled() => break,
+            }
+        };
+        match woke {
+            Some((seq, LaneEvent::BackfillDone(cp))) if seq == wf.lanes_seq => wf.checkpoint = cp,
+            Some((seq, LaneEvent::Failed(e))) if seq == wf.lanes_seq => wf.lane_failure = Some(e),
+            _ => {}
         }
     }
 
@@ -223,6 +266,21 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
     tracing::info!(pipeline_id = id, "pipeline released");
 }
 
+/// Whether the stored generation moved past `seen` (or the row is gone). Errors count
+/// as no change: the caller simply looks again later.
+async fn generation_changed(ctx: &WorkerContext, id: &str, seen: i64) -> bool {
+    let stored: Result<Option<i64>, sqlx::Error> =
+        sqlx::query_scalar("SELECT generation FROM pipelines WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&ctx.pool)
+            .await;
+    match stored {
+        Ok(Some(generation)) => generation != seen,
+        Ok(None) => true,
+        Err(_) => false,
+    }
+}
+
 impl Workflow {
     async fn reconcile(&mut self, row: &PipelineRecord) -> Result<Flow, ActivityError> {
         let generation = row.generation;
@@ -241,7 +299,7 @@ impl Workflow {
             self.stop_lanes().await;
             self.set_status(PipelineStatus::Teardown, generation, "deletion requested")
                 .await?;
-            self.teardown(&spec).await?;
+            let reason = self.teardown(&spec).await?;
             let (ctx, id, epoch) = (&self.ctx, self.id.as_str(), self.epoch);
             let never = CancellationToken::new();
             run_activity(
@@ -250,7 +308,16 @@ impl Workflow {
                 &ctx.retry,
                 ctx.attempt_timeout,
                 &never,
-                || store::remove_pipeline(&ctx.pool, id, epoch, &ctx.worker_id, generation),
+                || {
+                    store::remove_pipeline(
+                        &ctx.pool,
+                        id,
+                        epoch,
+                        &ctx.worker_id,
+                        generation,
+                        &reason,
+                    )
+                },
             )
             .await?;
             return Ok(Flow::Removed);
@@ -279,21 +346,24 @@ impl Workflow {
                     self.stop_lanes().await;
                     self.setup(&spec, spec_json, generation).await?;
                 }
-                if matches!(
-                    self.status,
-                    Some(PipelineStatus::Setup | PipelineStatus::Paused)
-                ) {
-                    let reason = if self.status == Some(PipelineStatus::Paused) {
-                        "resumed by request"
-                    } else {
-                        "setup finished"
-                    };
-                    let to = if self.backfill_complete(&spec).await? {
-                        PipelineStatus::Ready
-                    } else {
-                        PipelineStatus::Backfill
-                    };
-                    self.set_status(to, generation, reason).await?;
+                match self.status {
+                    // SETUP only ever moves on to BACKFILL; BACKFILL → READY below
+                    // once the destination has everything.
+                    Some(PipelineStatus::Setup) => {
+                        self.set_status(PipelineStatus::Backfill, generation, "setup finished")
+                            .await?;
+                    }
+                    // Back to whichever it left.
+                    Some(PipelineStatus::Paused) => {
+                        let to = if self.backfill_complete(&spec).await? {
+                            PipelineStatus::Ready
+                        } else {
+                            PipelineStatus::Backfill
+                        };
+                        self.set_status(to, generation, "resumed by request")
+                            .await?;
+                    }
+                    _ => {}
                 }
                 if self.lanes.is_none() {
                     // The lanes resume from the stored checkpoint, which the backfill
@@ -304,10 +374,11 @@ impl Workflow {
                         id,
                         &ctx.retry,
                         ctx.attempt_timeout,
-                        &self.stop,
+                        &self.pass,
                         || store::load_checkpoint(&ctx.pool, id),
                     )
                     .await?;
+                    self.lanes_seq += 1;
                     self.lanes = Some(Lanes::start(
                         Arc::clone(&self.ctx),
                         LaneParams {
@@ -316,6 +387,7 @@ impl Workflow {
                             spec: spec.clone(),
                             checkpoint: self.checkpoint.clone(),
                         },
+                        self.lanes_seq,
                         self.lane_events_tx.clone(),
                     ));
                 }
@@ -357,7 +429,7 @@ impl Workflow {
                     id,
                     &ctx.retry,
                     ctx.attempt_timeout,
-                    &self.stop,
+                    &self.pass,
                     || async {
                         let pool = ctx.destinations.get(&destination.url)?;
                         pg::committed_offset(
@@ -393,10 +465,12 @@ impl Workflow {
             id,
             &ctx.retry,
             ctx.attempt_timeout,
-            &self.stop,
+            &self.pass,
             || async {
+                // Records are kept until the pipeline is deleted: a long pause must not
+                // let unwritten records expire.
                 ctx.admin
-                    .ensure_topic(&topic, 1, ctx.replication_factor)
+                    .ensure_topic(&topic, 1, ctx.replication_factor, &[("retention.ms", "-1")])
                     .await?;
                 let pool = ctx.destinations.get(&destination.url)?;
                 pg::setup(
@@ -409,12 +483,42 @@ impl Workflow {
         )
         .await?;
 
-        let mut checkpoint = self.checkpoint.clone();
+        // The lanes may have advanced the stored checkpoint since it was last read.
+        let mut checkpoint = run_activity(
+            "load-checkpoint",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &self.pass,
+            || store::load_checkpoint(&ctx.pool, id),
+        )
+        .await?;
         if checkpoint.setup_spec.is_some() && checkpoint.setup_spec.as_ref() != Some(&spec_json) {
-            // A changed spec reads the source again; upserts keep the destination exact.
-            tracing::info!(pipeline_id = id, "spec changed, backfill restarts");
+            // A changed spec reads the source again from the start; records the old
+            // spec left in the topic are skipped by the write lane.
+            let end = run_activity(
+                "records-end",
+                id,
+                &ctx.retry,
+                ctx.attempt_timeout,
+                &self.pass,
+                || async {
+                    Ok(ctx
+                        .admin
+                        .end_offset(&topic, crate::lanes::RECORDS_PARTITION)
+                        .await?)
+                },
+            )
+            .await?;
+            tracing::info!(
+                pipeline_id = id,
+                records_start_offset = end,
+                "spec changed, backfill restarts"
+            );
             checkpoint.cursor = 0;
             checkpoint.backfill_done = false;
+            checkpoint.records_start_offset = end;
+            checkpoint.backfill_end_offset = end;
         }
         checkpoint.setup_spec = Some(spec_json);
         run_activity(
@@ -422,7 +526,7 @@ impl Workflow {
             id,
             &ctx.retry,
             ctx.attempt_timeout,
-            &self.stop,
+            &self.pass,
             || store::save_checkpoint(&ctx.pool, id, self.epoch, &checkpoint),
         )
         .await?;
@@ -430,23 +534,51 @@ impl Workflow {
         Ok(())
     }
 
-    async fn teardown(&self, spec: &ValidatedSpec) -> Result<(), ActivityError> {
+    /// Deletes the pipeline's topics, then cleans the destination. Destination cleanup
+    /// is best effort once it fails permanently (the database is gone, credentials
+    /// revoked): a deleted pipeline must not be kept alive by its destination. Returns
+    /// the reason recorded with the removal.
+    async fn teardown(&self, spec: &ValidatedSpec) -> Result<String, ActivityError> {
         let (ctx, id) = (&self.ctx, self.id.as_str());
         let DestinationConfig::Postgres(destination) = &spec.destination;
         let topic = records_topic(id);
         run_activity(
+            "delete-topics",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &self.pass,
+            || async { Ok(ctx.admin.delete_topic(&topic).await?) },
+        )
+        .await?;
+        if self.checkpoint.setup_spec.is_none() {
+            return Ok("teardown finished (setup never completed; destination untouched)".into());
+        }
+        let cleaned = run_activity(
             "teardown",
             id,
             &ctx.retry,
             ctx.attempt_timeout,
-            &self.stop,
+            &self.pass,
             || async {
-                ctx.admin.delete_topic(&topic).await?;
                 let pool = ctx.destinations.get(&destination.url)?;
                 pg::teardown(&pool, destination, id).await
             },
         )
-        .await
+        .await;
+        match cleaned {
+            Ok(()) => Ok("teardown finished; pipeline removed".into()),
+            Err(ActivityError::Failed {
+                failure_type,
+                message,
+            }) if !failure_type.is_retryable() => {
+                tracing::warn!(pipeline_id = id, error = %message, "destination cleanup failed; removing the pipeline anyway");
+                Ok(format!(
+                    "topics deleted; destination cleanup failed: {message}"
+                ))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The update-status activity; a no-op when nothing would change.
@@ -475,7 +607,7 @@ impl Workflow {
             id,
             &ctx.retry,
             ctx.attempt_timeout,
-            &self.stop,
+            &self.pass,
             || store::write_status(&ctx.pool, id, epoch, &ctx.worker_id, write),
         )
         .await?;

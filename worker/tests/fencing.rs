@@ -94,7 +94,7 @@ async fn illegal_transitions_are_refused_and_same_status_records_no_event(pool: 
     let err = store::write_status(&pool, "p", epoch, "w", &write(PipelineStatus::Ready))
         .await
         .expect_err("None -> READY is illegal");
-    assert!(matches!(err, ActivityError::Failed { .. }));
+    assert!(matches!(err, ActivityError::Invariant(_)), "{err:?}");
     for to in [
         PipelineStatus::Setup,
         PipelineStatus::Backfill,
@@ -115,7 +115,7 @@ async fn illegal_transitions_are_refused_and_same_status_records_no_event(pool: 
     let err = store::write_status(&pool, "p", epoch, "w", &write(PipelineStatus::Backfill))
         .await
         .expect_err("READY -> BACKFILL would flap");
-    assert!(matches!(err, ActivityError::Failed { .. }));
+    assert!(matches!(err, ActivityError::Invariant(_)), "{err:?}");
     assert_eq!(events(&pool, "p").await, ["SETUP", "BACKFILL", "READY"]);
     let observed: i64 =
         sqlx::query_scalar("SELECT observed_generation FROM pipelines WHERE id = 'p'")
@@ -136,7 +136,7 @@ async fn the_row_is_removed_only_after_teardown(pool: PgPool) {
         .await
         .expect("setup");
     assert!(
-        store::remove_pipeline(&pool, "p", epoch, "w", 1)
+        store::remove_pipeline(&pool, "p", epoch, "w", 1, "test")
             .await
             .is_err(),
         "not in TEARDOWN yet"
@@ -144,7 +144,7 @@ async fn the_row_is_removed_only_after_teardown(pool: PgPool) {
     store::write_status(&pool, "p", epoch, "w", &write(PipelineStatus::Teardown))
         .await
         .expect("teardown");
-    store::remove_pipeline(&pool, "p", epoch, "w", 1)
+    store::remove_pipeline(&pool, "p", epoch, "w", 1, "test")
         .await
         .expect("removed");
     assert_eq!(events(&pool, "p").await, ["SETUP", "TEARDOWN", "REMOVED"]);
@@ -211,19 +211,29 @@ async fn destination_batches_are_fenced_and_never_go_back_in_time(pool: PgPool) 
         Some(12)
     );
 
-    // An older version of the row (lower offset) never overwrites a newer one.
-    pg::write_batch(&pool, &config, &stream, &target(2), &[record(5, 1, 5)])
+    // An older version of a row (lower offset) never overwrites a newer one; a batch
+    // that would move the committed offset back is refused as a stale writer's.
+    let err = pg::write_batch(&pool, &config, &stream, &target(2), &[record(5, 1, 5)])
         .await
-        .expect("write");
+        .expect_err("offsets never go back");
+    assert!(matches!(err, ActivityError::Fenced));
     assert_eq!(amount_of(&pool, 1).await, 111);
+    pg::write_batch(&pool, &config, &stream, &target(2), &[record(12, 2, 22)])
+        .await
+        .expect("next batch");
 
-    // A zombie with an older epoch commits nothing: rows and offsets roll back together.
+    // A new owner (epoch 3) fences the offsets before its first batch: the previous
+    // owner (epoch 2) can no longer commit, even though it wrote the last batch.
+    let start = pg::fence_offsets(&pool, &config, &target(3))
+        .await
+        .expect("fence");
+    assert_eq!(start, Some(13));
     let err = pg::write_batch(
         &pool,
         &config,
         &stream,
-        &target(1),
-        &[record(20, 1, 999), record(21, 2, 2)],
+        &target(2),
+        &[record(13, 1, 999), record(14, 3, 3)],
     )
     .await
     .expect_err("fenced");
@@ -233,7 +243,15 @@ async fn destination_batches_are_fenced_and_never_go_back_in_time(pool: PgPool) 
         .fetch_one(&pool)
         .await
         .expect("count");
-    assert_eq!(rows, 1);
+    assert_eq!(rows, 2, "the fenced batch rolled back entirely");
+    assert!(matches!(
+        pg::fence_offsets(&pool, &config, &target(2)).await,
+        Err(ActivityError::Fenced)
+    ));
+    pg::write_batch(&pool, &config, &stream, &target(3), &[record(13, 1, 131)])
+        .await
+        .expect("the new owner writes");
+    assert_eq!(amount_of(&pool, 1).await, 131);
 
     pg::teardown(&pool, &config, "p").await.expect("teardown");
     assert_eq!(

@@ -142,7 +142,37 @@ pub async fn committed_offset(
     .bind(partition)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|r| r.get::<i64, _>(0)))
+    Ok(row.map(|r| r.get::<i64, _>(0)).filter(|o| *o >= 0))
+}
+
+/// Takes the offsets row over for `target.epoch` and returns the next offset to
+/// consume (None if nothing was committed yet). From then on a previous owner's write
+/// lane, which still holds an older epoch, can no longer commit a batch.
+pub async fn fence_offsets(
+    pool: &PgPool,
+    config: &PostgresDestinationConfig,
+    target: &BatchTarget<'_>,
+) -> Result<Option<i64>, ActivityError> {
+    let offsets = offsets_table(config);
+    let row = sqlx::query(&format!(
+        "INSERT INTO {offsets} (pipeline_id, table_name, topic, partition, next_offset, owner_epoch) \
+         VALUES ($1, $2, $3, $4, -1, $5) \
+         ON CONFLICT (pipeline_id, table_name, topic, partition) DO UPDATE \
+         SET owner_epoch = EXCLUDED.owner_epoch, update_time = now() \
+         WHERE {offsets}.owner_epoch <= EXCLUDED.owner_epoch \
+         RETURNING next_offset"
+    ))
+    .bind(target.pipeline_id)
+    .bind(&config.table)
+    .bind(target.topic)
+    .bind(target.partition)
+    .bind(target.epoch)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        None => Err(ActivityError::Fenced),
+        Some(row) => Ok(Some(row.get::<i64, _>(0)).filter(|o| *o >= 0)),
+    }
 }
 
 pub struct BatchTarget<'a> {
@@ -221,7 +251,8 @@ pub async fn write_batch(
          VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (pipeline_id, table_name, topic, partition) DO UPDATE \
          SET next_offset = EXCLUDED.next_offset, owner_epoch = EXCLUDED.owner_epoch, update_time = now() \
-         WHERE {offsets}.owner_epoch <= EXCLUDED.owner_epoch"
+         WHERE {offsets}.owner_epoch <= EXCLUDED.owner_epoch \
+           AND {offsets}.next_offset <= EXCLUDED.next_offset"
     ))
     .bind(target.pipeline_id)
     .bind(&config.table)
@@ -232,7 +263,8 @@ pub async fn write_batch(
     .execute(&mut *tx)
     .await?;
     if committed.rows_affected() == 0 {
-        // A newer owner has written here: roll back, this worker is a zombie.
+        // A newer owner took the offsets over (or this batch would move them back):
+        // roll back, this writer is a zombie.
         return Err(ActivityError::Fenced);
     }
     tx.commit().await?;
