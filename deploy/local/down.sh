@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# deploy/local/down.sh — stop the local Kafka broker and PostgreSQL started by
-# up.sh. Idempotent (nothing running => nothing to do).
+# deploy/local/down.sh — stop the Sluice processes started by stack.sh, then the
+# local Kafka broker and PostgreSQL started by up.sh. Idempotent (nothing running
+# => nothing to do).
 #   --purge   also delete $SLUICE_LOCAL_DIR (all data, logs and cached jars).
 # Only processes recorded/owned by this local dir are touched.
 set -euo pipefail
@@ -88,6 +89,8 @@ if [[ ! -d $LOCAL_DIR ]]; then
   exit 0
 fi
 
+# Sluice first, while the services it talks to are still up.
+"$SCRIPT_DIR/stack.sh" stop || log "could not stop the Sluice processes; continuing"
 take_lock
 kafka_down
 pg_down
