@@ -53,6 +53,9 @@ pub struct LaneParams {
     pub epoch: i64,
     pub spec: ValidatedSpec,
     pub checkpoint: Checkpoint,
+    /// When the pipeline was created: rows of a newer pipeline incarnation win over
+    /// an older one's in a kept destination table, whatever their offsets.
+    pub incarnation: std::time::SystemTime,
 }
 
 impl Lanes {
@@ -101,6 +104,7 @@ impl Lanes {
                 destination,
                 stream,
                 records_start_offset,
+                incarnation: params.incarnation,
             },
             cancel.clone(),
             events,
@@ -264,6 +268,19 @@ struct WriteLane {
     destination: PostgresDestinationConfig,
     stream: StreamSchema,
     records_start_offset: i64,
+    incarnation: std::time::SystemTime,
+}
+
+impl WriteLane {
+    fn target(&self) -> BatchTarget<'_> {
+        BatchTarget {
+            pipeline_id: &self.pipeline_id,
+            topic: &self.topic,
+            partition: RECORDS_PARTITION,
+            epoch: self.epoch,
+            incarnation: self.incarnation,
+        }
+    }
 }
 
 async fn write_lane(
@@ -283,13 +300,16 @@ async fn write_lane(
         Ok(p) => p,
         Err(e) => return fail(e),
     };
+    let target = lane.target();
     let start = run_activity(
         "read-offsets",
         id,
         &ctx.retry,
         ctx.attempt_timeout,
         &cancel,
-        || pg::committed_offset(&pool, &lane.destination, id, &lane.topic, RECORDS_PARTITION),
+        // Taking the offsets row over with this epoch first fences a previous owner's
+        // write lane before this one reads where to start.
+        || pg::fence_offsets(&pool, &lane.destination, &target),
     )
     .await;
     let start = match start {
@@ -325,12 +345,7 @@ async fn consume_and_write(
     committed: &watch::Sender<i64>,
 ) -> Result<(), ActivityError> {
     let id = lane.pipeline_id.as_str();
-    let target = BatchTarget {
-        pipeline_id: id,
-        topic: &lane.topic,
-        partition: RECORDS_PARTITION,
-        epoch: lane.epoch,
-    };
+    let target = lane.target();
     let batch_size = lane.destination.batch_size as usize;
     loop {
         // Safe point: no batch is open while waiting for the first record.

@@ -386,6 +386,7 @@ impl Workflow {
                             epoch: self.epoch,
                             spec: spec.clone(),
                             checkpoint: self.checkpoint.clone(),
+                            incarnation: row.create_time,
                         },
                         self.lanes_seq,
                         self.lane_events_tx.clone(),

@@ -185,11 +185,13 @@ async fn destination_batches_are_fenced_and_never_go_back_in_time(pool: PgPool) 
     pg::setup(&pool, &config, &stream)
         .await
         .expect("setup is idempotent");
+    let born = std::time::SystemTime::now();
     let target = |epoch| BatchTarget {
         pipeline_id: "p",
         topic: "records",
         partition: 0,
         epoch,
+        incarnation: born,
     };
 
     // Duplicates inside one batch keep the newest version.
@@ -254,6 +256,7 @@ async fn destination_batches_are_fenced_and_never_go_back_in_time(pool: PgPool) 
     assert_eq!(amount_of(&pool, 1).await, 131);
 
     pg::teardown(&pool, &config, "p").await.expect("teardown");
+
     assert_eq!(
         pg::committed_offset(&pool, &config, "p", "records", 0)
             .await
@@ -265,4 +268,18 @@ async fn destination_batches_are_fenced_and_never_go_back_in_time(pool: PgPool) 
         .await
         .expect("regclass");
     assert!(kept, "the table is kept unless drop_table_on_delete");
+
+    // The pipeline is created again over the kept table: its topic offsets restart at
+    // zero, yet its rows replace the old incarnation's.
+    let reborn = BatchTarget {
+        incarnation: born + std::time::Duration::from_secs(1),
+        ..target(1)
+    };
+    pg::fence_offsets(&pool, &config, &reborn)
+        .await
+        .expect("fence");
+    pg::write_batch(&pool, &config, &stream, &reborn, &[record(0, 1, 7)])
+        .await
+        .expect("new incarnation writes");
+    assert_eq!(amount_of(&pool, 1).await, 7);
 }

@@ -90,6 +90,7 @@ pub async fn setup(
             format!("{} {}{not_null}", ident(&f.name), sql_type(f.field_type))
         })
         .collect();
+    columns.push("_sluice_incarnation TIMESTAMPTZ NOT NULL DEFAULT '-infinity'".into());
     columns.push("_sluice_version BIGINT NOT NULL".into());
     columns.push("_sluice_synced_at TIMESTAMPTZ NOT NULL DEFAULT now()".into());
     columns.push(format!("PRIMARY KEY ({})", ident(&stream.primary_key)));
@@ -111,6 +112,11 @@ pub async fn setup(
     for statement in statements {
         sqlx::query(&statement).execute(pool).await?;
     }
+    sqlx::query(&format!(
+        "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS _sluice_incarnation TIMESTAMPTZ NOT NULL DEFAULT '-infinity'"
+    ))
+    .execute(pool)
+    .await?;
     // Additive schema evolution: new catalog fields become new nullable columns.
     for f in &stream.fields {
         sqlx::query(&format!(
@@ -180,6 +186,9 @@ pub struct BatchTarget<'a> {
     pub topic: &'a str,
     pub partition: i32,
     pub epoch: i64,
+    /// Creation time of the pipeline: offsets restart when a deleted pipeline is
+    /// created again, so the newer-than guard compares (incarnation, offset).
+    pub incarnation: std::time::SystemTime,
 }
 
 /// Writes one batch and its offset in a single transaction. Returns the committed
@@ -215,7 +224,8 @@ pub async fn write_batch(
     for f in &stream.fields {
         insert.push(ident(&f.name)).push(", ");
     }
-    insert.push("_sluice_version) ");
+    insert.push("_sluice_incarnation, _sluice_version) ");
+    let incarnation: chrono::DateTime<chrono::Utc> = target.incarnation.into();
     insert.push_values(rows, |mut b, record| {
         for f in &stream.fields {
             let v = record.data.get(&f.name);
@@ -226,6 +236,7 @@ pub async fn write_batch(
                 FieldType::Boolean => b.push_bind(v.and_then(Value::as_bool)),
             };
         }
+        b.push_bind(incarnation);
         b.push_bind(record.offset);
     });
     insert.push(format!(
@@ -240,8 +251,10 @@ pub async fn write_batch(
         insert.push(format!("{0} = EXCLUDED.{0}, ", ident(&f.name)));
     }
     insert.push(format!(
-        "_sluice_version = EXCLUDED._sluice_version, _sluice_synced_at = now() \
-         WHERE {table}._sluice_version <= EXCLUDED._sluice_version"
+        "_sluice_incarnation = EXCLUDED._sluice_incarnation, \
+         _sluice_version = EXCLUDED._sluice_version, _sluice_synced_at = now() \
+         WHERE ({table}._sluice_incarnation, {table}._sluice_version) \
+            <= (EXCLUDED._sluice_incarnation, EXCLUDED._sluice_version)"
     ));
     insert.build().execute(&mut *tx).await?;
 
