@@ -397,3 +397,32 @@ pub async fn amount_sum(pool: &PgPool, table: &str) -> Result<i64> {
     .fetch_one(pool)
     .await?)
 }
+
+/// The pipeline's history as `to_status` names, oldest first.
+pub async fn history(client: &mut Client, id: &str) -> Result<Vec<String>> {
+    Ok(client
+        .list_pipeline_events(pb::ListPipelineEventsRequest {
+            pipeline_id: id.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| e.to_status)
+        .collect())
+}
+
+/// Waits until `GetPipeline` answers NOT_FOUND: teardown finished and the row is gone.
+pub async fn wait_removed(client: &Client, id: &str, timeout: Duration) -> Result<()> {
+    wait_for(&format!("{id} to be removed"), timeout, || {
+        let mut client = client.clone();
+        async move {
+            match get(&mut client, id).await {
+                Err(s) if s.code() == tonic::Code::NotFound => Ok(Some(())),
+                Err(s) => Err(s.into()),
+                Ok(_) => Ok(None),
+            }
+        }
+    })
+    .await
+}

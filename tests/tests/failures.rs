@@ -62,16 +62,7 @@ async fn config_error_lands_in_error_and_a_fixed_spec_retries() -> Result<()> {
         "last_error is cleared on recovery"
     );
     assert_eq!(d.row_count(&table).await?, 100);
-    let moves: Vec<String> = client
-        .list_pipeline_events(pb::ListPipelineEventsRequest {
-            pipeline_id: "broken".into(),
-        })
-        .await?
-        .into_inner()
-        .events
-        .iter()
-        .map(|e| e.to_status.clone())
-        .collect();
+    let moves = history(&mut client, "broken").await?;
     assert_eq!(moves, ["SETUP", "ERROR", "SETUP", "BACKFILL", "READY"]);
     d.shutdown().await
 }
@@ -182,16 +173,7 @@ async fn a_ready_pipeline_that_fails_recovers_in_place_with_the_same_spec() -> R
         amount_sum(&d.pool, &table).await?,
         expected_amount_sum(8, 300)
     );
-    let moves: Vec<String> = client
-        .list_pipeline_events(pb::ListPipelineEventsRequest {
-            pipeline_id: "inplace".into(),
-        })
-        .await?
-        .into_inner()
-        .events
-        .iter()
-        .map(|e| e.to_status.clone())
-        .collect();
+    let moves = history(&mut client, "inplace").await?;
     assert_eq!(
         moves,
         ["SETUP", "BACKFILL", "READY", "PAUSED", "ERROR", "SETUP", "BACKFILL", "READY"]
@@ -263,17 +245,7 @@ async fn deleting_a_pipeline_whose_destination_never_worked_still_removes_it() -
             ..Default::default()
         })
         .await?;
-    wait_for("doomed to be removed", CONVERGE, || {
-        let mut client = client.clone();
-        async move {
-            match get(&mut client, "doomed").await {
-                Err(s) if s.code() == tonic::Code::NotFound => Ok(Some(())),
-                Err(s) => Err(s.into()),
-                Ok(_) => Ok(None),
-            }
-        }
-    })
-    .await?;
+    wait_removed(&client, "doomed", CONVERGE).await?;
     let events = client
         .list_pipeline_events(pb::ListPipelineEventsRequest {
             pipeline_id: "doomed".into(),

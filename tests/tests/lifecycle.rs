@@ -185,16 +185,7 @@ async fn pause_during_backfill_stops_writes_and_resume_finishes_exactly() -> Res
         amount_sum(&d.pool, &table).await?,
         expected_amount_sum(5, count)
     );
-    let moves: Vec<String> = client
-        .list_pipeline_events(pb::ListPipelineEventsRequest {
-            pipeline_id: "big".into(),
-        })
-        .await?
-        .into_inner()
-        .events
-        .iter()
-        .map(|e| e.to_status.clone())
-        .collect();
+    let moves = history(&mut client, "big").await?;
     // Paused while backfilling: resume returns to BACKFILL, whichever it left.
     assert_eq!(moves, ["SETUP", "BACKFILL", "PAUSED", "BACKFILL", "READY"]);
     d.shutdown().await
@@ -249,17 +240,7 @@ async fn delete_tears_down_before_the_row_disappears() -> Result<()> {
         assert_eq!(deleting.desired_status, DesiredStatus::Deleted as i32);
     }
     for id in ["keep-table", "drop-table"] {
-        wait_for(&format!("{id} to be removed"), CONVERGE, || {
-            let mut client = client.clone();
-            async move {
-                match get(&mut client, id).await {
-                    Err(s) if s.code() == tonic::Code::NotFound => Ok(Some(())),
-                    Err(s) => Err(s.into()),
-                    Ok(_) => Ok(None),
-                }
-            }
-        })
-        .await?;
+        wait_removed(&client, id, CONVERGE).await?;
         let topic = sluice_protocol::topics::records_topic(id);
         assert_eq!(
             admin.partition_count(&topic).await?,
