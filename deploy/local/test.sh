@@ -20,4 +20,15 @@ export DATABASE_URL KAFKA_BOOTSTRAP_SERVERS
 echo "[sluice-test] building binaries"
 cargo build --workspace --bins --locked
 echo "[sluice-test] running tests"
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+# With arguments (e.g. `-p sluice-e2e lifecycle`) they select what runs; without, all.
+if [ "$#" -gt 0 ]; then
+  cargo test --locked "$@" 2>&1 | tee "$log" || status=$?
+else
+  cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+fi
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
