@@ -21,6 +21,36 @@ pub fn parse_cli<T: clap::Parser>() -> Result<T, ExitCode> {
     }
 }
 
+/// Where a Sluice process finds PostgreSQL and Kafka: the flags every binary shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// PostgreSQL URL of the control-plane database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka_bootstrap_servers: String,
+    /// Extra librdkafka property for every Kafka client, KEY=VALUE (repeatable), e.g.
+    /// security.protocol=SASL_SSL.
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+    /// Topic that carries change signals from the control plane to the workers.
+    #[arg(long, env = "SLUICE_SIGNALS_TOPIC", default_value = sluice_protocol::topics::DEFAULT_SIGNALS_TOPIC)]
+    pub signals_topic: String,
+    /// Replication factor of the topics this process creates.
+    #[arg(long, env = "SLUICE_REPLICATION_FACTOR", default_value_t = 1,
+          value_parser = clap::value_parser!(i32).range(1..=16))]
+    pub replication_factor: i32,
+}
+
+impl ConnectionArgs {
+    pub fn kafka(&self) -> crate::kafka::KafkaSettings {
+        let mut kafka = crate::kafka::KafkaSettings::new(&self.kafka_bootstrap_servers);
+        kafka.properties = self.kafka_properties.clone();
+        kafka
+    }
+}
+
 /// Logs to stderr; the filter comes from `SLUICE_LOG` (tracing-subscriber syntax).
 pub fn init_tracing() {
     tracing_subscriber::fmt()

@@ -4,8 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_infra::kafka::KafkaSettings;
-use sluice_infra::process::{init_tracing, parse_cli, parse_property, shutdown_signal};
+use sluice_infra::process::{init_tracing, parse_cli, shutdown_signal, ConnectionArgs};
 use sluice_protocol::retry::RetryPolicy;
 use sluice_worker::{run, Config};
 
@@ -14,21 +13,11 @@ use sluice_worker::{run, Config};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    #[command(flatten)]
+    connection: ConnectionArgs,
     /// Unique id of this worker, shown as a pipeline's owner (default: random).
     #[arg(long, env = "SLUICE_WORKER_ID")]
     worker_id: Option<String>,
-    /// PostgreSQL URL of the control-plane database.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    kafka_bootstrap_servers: String,
-    /// Extra librdkafka property for every Kafka client, KEY=VALUE (repeatable).
-    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
-    kafka_properties: Vec<(String, String)>,
-    /// Topic that carries change signals (must match the control plane's).
-    #[arg(long, env = "SLUICE_SIGNALS_TOPIC", default_value = sluice_protocol::topics::DEFAULT_SIGNALS_TOPIC)]
-    signals_topic: String,
     /// Consumer group all workers of one deployment join.
     #[arg(long, env = "SLUICE_WORKER_GROUP", default_value = "sluice-workers")]
     group_id: String,
@@ -41,10 +30,6 @@ struct Cli {
     #[arg(long, env = "SLUICE_RESYNC_INTERVAL_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     resync_interval_ms: u64,
-    /// Replication factor of the per-pipeline topics the worker creates.
-    #[arg(long, env = "SLUICE_REPLICATION_FACTOR", default_value_t = 1,
-          value_parser = clap::value_parser!(i32).range(1..=16))]
-    replication_factor: i32,
     /// First retry interval of a failed activity in milliseconds (doubles up to 100 s).
     #[arg(long, env = "SLUICE_RETRY_INITIAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
@@ -66,17 +51,16 @@ async fn main() -> ExitCode {
     let worker_id = cli
         .worker_id
         .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
-    let mut kafka = KafkaSettings::new(cli.kafka_bootstrap_servers);
-    kafka.properties = cli.kafka_properties;
+    let kafka = cli.connection.kafka();
     let config = Config {
         worker_id,
-        database_url: cli.database_url,
+        database_url: cli.connection.database_url,
         kafka,
-        signals_topic: cli.signals_topic,
+        signals_topic: cli.connection.signals_topic,
         group_id: cli.group_id,
         session_timeout: Duration::from_millis(cli.session_timeout_ms),
         resync_interval: Duration::from_millis(cli.resync_interval_ms),
-        replication_factor: cli.replication_factor,
+        replication_factor: cli.connection.replication_factor,
         retry: RetryPolicy {
             initial_interval: Duration::from_millis(cli.retry_initial_ms),
             ..RetryPolicy::default()
