@@ -310,3 +310,37 @@ async fn unassigned_until_a_worker_starts_then_converges() -> Result<()> {
     assert_eq!(get(&mut client, "late").await?.phase, "UNASSIGNED");
     d.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_created_again_over_its_kept_table_replaces_the_rows() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let table = unique("again");
+    for seed in [1, 2] {
+        client
+            .create_pipeline(generator_pipeline(
+                "again",
+                400,
+                seed,
+                d.destination(&table, false),
+                DesiredStatus::Active,
+            ))
+            .await?;
+        wait_converged(&mut client, "again", PipelineStatus::Ready, CONVERGE).await?;
+        assert_eq!(d.row_count(&table).await?, 400);
+        assert_eq!(
+            amount_sum(&d.pool, &table).await?,
+            expected_amount_sum(seed, 400),
+            "the table holds seed {seed}'s records"
+        );
+        client
+            .delete_pipeline(pb::DeletePipelineRequest {
+                id: "again".into(),
+                ..Default::default()
+            })
+            .await?;
+        wait_removed(&client, "again", CONVERGE).await?;
+    }
+    d.shutdown().await
+}

@@ -36,8 +36,11 @@ impl ConsumerContext for MembershipContext {
             let sent = self
                 .events
                 .send(SupervisorEvent::Revoked(partitions(tpl), Some(done_tx)));
-            if sent.is_ok() {
-                // The callback runs inside the consumer's poll on a runtime thread.
+            // The callback runs inside the consumer's poll on a runtime thread; only a
+            // multi-threaded runtime lets it block there.
+            let can_block = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if sent.is_ok() && can_block {
                 tokio::task::block_in_place(|| {
                     let _ = done_rx.recv_timeout(REVOKE_WAIT);
                 });

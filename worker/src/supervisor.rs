@@ -26,7 +26,7 @@ pub enum SupervisorEvent {
 }
 
 /// How long stopping the workflows may take on revocation or shutdown.
-const STOP_GRACE: Duration = Duration::from_secs(30);
+const STOP_GRACE: Duration = Duration::from_secs(15);
 
 pub struct Supervisor {
     ctx: Arc<WorkerContext>,

@@ -75,6 +75,9 @@ struct Workflow {
     /// Cancels the activities of the current reconcile pass: fired when the worker
     /// stops, or when a signal arrives while an activity is retrying.
     pass: CancellationToken,
+    /// Creation time of the pipeline row: tells this incarnation's destination
+    /// bookkeeping from that of a deleted pipeline that had the same id.
+    incarnation: std::time::SystemTime,
     /// Status and observed generation as this workflow last wrote or read them.
     status: Option<PipelineStatus>,
     observed: i64,
@@ -115,6 +118,7 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
         checkpoint,
         lanes: None,
         lanes_seq: 0,
+        incarnation: std::time::SystemTime::UNIX_EPOCH,
         lane_events_tx,
         lane_failure: None,
         pass: stop.child_token(),
@@ -156,6 +160,7 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
         }
         wf.status = row.status;
         wf.observed = row.observed_generation;
+        wf.incarnation = row.create_time;
         wf.pass = stop.child_token();
         let pass = wf.pass.clone();
         let mut interrupted = false;
@@ -166,12 +171,14 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
                 tokio::select! {
                     r = &mut reconcile => break r,
                     // A change made while an activity keeps retrying must not wait for
-                    // it: cancel the pass and reconcile again from the fresh row.
+                    // it: cancel the pass and reconcile again from the fresh row. The
+                    // resync branch covers a lost signal the same way.
                     _ = wake.notified(), if !interrupted => {
-                        interrupted = true;
-                        pass.cancel();
+                        if generation_changed(&ctx, id, row.generation).await {
+                            interrupted = true;
+                            pass.cancel();
+                        }
                     }
-                    // The same when the signal was lost: the resync notices the change.
                     _ = tokio::time::sleep(ctx.resync_interval), if !interrupted => {
                         if generation_changed(&ctx, id, row.generation).await {
                             interrupted = true;
@@ -269,15 +276,18 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
 /// Whether the stored generation moved past `seen` (or the row is gone). Errors count
 /// as no change: the caller simply looks again later.
 async fn generation_changed(ctx: &WorkerContext, id: &str, seen: i64) -> bool {
-    let stored: Result<Option<i64>, sqlx::Error> =
-        sqlx::query_scalar("SELECT generation FROM pipelines WHERE id = $1")
+    // Bounded: the reconcile pass is not polled while this runs.
+    let stored = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sqlx::query_scalar::<_, i64>("SELECT generation FROM pipelines WHERE id = $1")
             .bind(id)
-            .fetch_optional(&ctx.pool)
-            .await;
+            .fetch_optional(&ctx.pool),
+    )
+    .await;
     match stored {
-        Ok(Some(generation)) => generation != seen,
-        Ok(None) => true,
-        Err(_) => false,
+        Ok(Ok(Some(generation))) => generation != seen,
+        Ok(Ok(None)) => true,
+        _ => false,
     }
 }
 
@@ -386,7 +396,7 @@ impl Workflow {
                             epoch: self.epoch,
                             spec: spec.clone(),
                             checkpoint: self.checkpoint.clone(),
-                            incarnation: row.create_time,
+                            incarnation: self.incarnation,
                         },
                         self.lanes_seq,
                         self.lane_events_tx.clone(),
@@ -433,14 +443,14 @@ impl Workflow {
                     &self.pass,
                     || async {
                         let pool = ctx.destinations.get(&destination.url)?;
-                        pg::committed_offset(
-                            &pool,
-                            destination,
-                            id,
-                            &topic,
-                            crate::lanes::RECORDS_PARTITION,
-                        )
-                        .await
+                        let target = pg::BatchTarget {
+                            pipeline_id: id,
+                            topic: &topic,
+                            partition: crate::lanes::RECORDS_PARTITION,
+                            epoch: self.epoch,
+                            incarnation: self.incarnation,
+                        };
+                        pg::committed_offset(&pool, destination, &target).await
                     },
                 )
                 .await?
@@ -623,6 +633,8 @@ impl Workflow {
     async fn stop_lanes(&mut self) {
         if let Some(lanes) = self.lanes.take() {
             lanes.stop().await;
+            // Whatever the stopped lanes still report no longer applies.
+            self.lanes_seq += 1;
         }
     }
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Map, Value};
 use sluice_protocol::catalog::{FieldType, StreamSchema};
 use sluice_protocol::spec::PostgresDestinationConfig;
@@ -48,6 +49,11 @@ pub struct PendingRecord {
 }
 
 const OFFSETS_TABLE: &str = "_sluice_offsets";
+
+/// A time as PostgreSQL stores it (microseconds), so values read back compare equal.
+fn db_time(t: std::time::SystemTime) -> DateTime<Utc> {
+    DateTime::<Utc>::from(t).trunc_subsecs(6)
+}
 
 fn sql_type(t: FieldType) -> &'static str {
     match t {
@@ -104,7 +110,9 @@ pub async fn setup(
         format!(
             "CREATE TABLE IF NOT EXISTS {} (pipeline_id TEXT NOT NULL, table_name TEXT NOT NULL, \
              topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL, \
-             owner_epoch BIGINT NOT NULL, update_time TIMESTAMPTZ NOT NULL DEFAULT now(), \
+             owner_epoch BIGINT NOT NULL, \
+             incarnation TIMESTAMPTZ NOT NULL DEFAULT '-infinity', \
+             update_time TIMESTAMPTZ NOT NULL DEFAULT now(), \
              PRIMARY KEY (pipeline_id, table_name, topic, partition))",
             offsets_table(config)
         ),
@@ -112,11 +120,15 @@ pub async fn setup(
     for statement in statements {
         sqlx::query(&statement).execute(pool).await?;
     }
-    sqlx::query(&format!(
-        "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS _sluice_incarnation TIMESTAMPTZ NOT NULL DEFAULT '-infinity'"
-    ))
-    .execute(pool)
-    .await?;
+    for statement in [
+        format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS _sluice_incarnation TIMESTAMPTZ NOT NULL DEFAULT '-infinity'"),
+        format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS incarnation TIMESTAMPTZ NOT NULL DEFAULT '-infinity'",
+            offsets_table(config)
+        ),
+    ] {
+        sqlx::query(&statement).execute(pool).await?;
+    }
     // Additive schema evolution: new catalog fields become new nullable columns.
     for f in &stream.fields {
         sqlx::query(&format!(
@@ -134,18 +146,19 @@ pub async fn setup(
 pub async fn committed_offset(
     pool: &PgPool,
     config: &PostgresDestinationConfig,
-    pipeline_id: &str,
-    topic: &str,
-    partition: i32,
+    target: &BatchTarget<'_>,
 ) -> Result<Option<i64>, ActivityError> {
+    let incarnation = db_time(target.incarnation);
     let row = sqlx::query(&format!(
-        "SELECT next_offset FROM {} WHERE pipeline_id = $1 AND table_name = $2 AND topic = $3 AND partition = $4",
+        "SELECT next_offset FROM {} WHERE pipeline_id = $1 AND table_name = $2 AND topic = $3 \
+         AND partition = $4 AND incarnation = $5",
         offsets_table(config)
     ))
-    .bind(pipeline_id)
+    .bind(target.pipeline_id)
     .bind(&config.table)
-    .bind(topic)
-    .bind(partition)
+    .bind(target.topic)
+    .bind(target.partition)
+    .bind(incarnation)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|r| r.get::<i64, _>(0)).filter(|o| *o >= 0))
@@ -160,12 +173,20 @@ pub async fn fence_offsets(
     target: &BatchTarget<'_>,
 ) -> Result<Option<i64>, ActivityError> {
     let offsets = offsets_table(config);
+    let incarnation = db_time(target.incarnation);
+    // A row left by an older incarnation of the pipeline (deleted and created again
+    // with the same id) is taken over and restarted; within one incarnation the epoch
+    // decides.
     let row = sqlx::query(&format!(
-        "INSERT INTO {offsets} (pipeline_id, table_name, topic, partition, next_offset, owner_epoch) \
-         VALUES ($1, $2, $3, $4, -1, $5) \
+        "INSERT INTO {offsets} (pipeline_id, table_name, topic, partition, next_offset, owner_epoch, incarnation) \
+         VALUES ($1, $2, $3, $4, -1, $5, $6) \
          ON CONFLICT (pipeline_id, table_name, topic, partition) DO UPDATE \
-         SET owner_epoch = EXCLUDED.owner_epoch, update_time = now() \
-         WHERE {offsets}.owner_epoch <= EXCLUDED.owner_epoch \
+         SET owner_epoch = EXCLUDED.owner_epoch, \
+             next_offset = CASE WHEN {offsets}.incarnation < EXCLUDED.incarnation THEN -1 \
+                                ELSE {offsets}.next_offset END, \
+             incarnation = EXCLUDED.incarnation, update_time = now() \
+         WHERE {offsets}.incarnation < EXCLUDED.incarnation \
+            OR ({offsets}.incarnation = EXCLUDED.incarnation AND {offsets}.owner_epoch <= EXCLUDED.owner_epoch) \
          RETURNING next_offset"
     ))
     .bind(target.pipeline_id)
@@ -173,6 +194,7 @@ pub async fn fence_offsets(
     .bind(target.topic)
     .bind(target.partition)
     .bind(target.epoch)
+    .bind(incarnation)
     .fetch_optional(pool)
     .await?;
     match row {
@@ -225,7 +247,7 @@ pub async fn write_batch(
         insert.push(ident(&f.name)).push(", ");
     }
     insert.push("_sluice_incarnation, _sluice_version) ");
-    let incarnation: chrono::DateTime<chrono::Utc> = target.incarnation.into();
+    let incarnation = db_time(target.incarnation);
     insert.push_values(rows, |mut b, record| {
         for f in &stream.fields {
             let v = record.data.get(&f.name);
@@ -260,11 +282,12 @@ pub async fn write_batch(
 
     let offsets = offsets_table(config);
     let committed = sqlx::query(&format!(
-        "INSERT INTO {offsets} (pipeline_id, table_name, topic, partition, next_offset, owner_epoch) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
+        "INSERT INTO {offsets} (pipeline_id, table_name, topic, partition, next_offset, owner_epoch, incarnation) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
          ON CONFLICT (pipeline_id, table_name, topic, partition) DO UPDATE \
          SET next_offset = EXCLUDED.next_offset, owner_epoch = EXCLUDED.owner_epoch, update_time = now() \
-         WHERE {offsets}.owner_epoch <= EXCLUDED.owner_epoch \
+         WHERE {offsets}.incarnation = EXCLUDED.incarnation \
+           AND {offsets}.owner_epoch <= EXCLUDED.owner_epoch \
            AND {offsets}.next_offset <= EXCLUDED.next_offset"
     ))
     .bind(target.pipeline_id)
@@ -273,12 +296,31 @@ pub async fn write_batch(
     .bind(target.partition)
     .bind(next_offset)
     .bind(target.epoch)
+    .bind(incarnation)
     .execute(&mut *tx)
     .await?;
     if committed.rows_affected() == 0 {
-        // A newer owner took the offsets over (or this batch would move them back):
-        // roll back, this writer is a zombie.
-        return Err(ActivityError::Fenced);
+        // Roll back; then tell a stale writer (a newer owner or incarnation holds the
+        // row) from a batch that would move the offsets back, which is a bug.
+        drop(tx);
+        let holder: Option<(i64, DateTime<Utc>, i64)> = sqlx::query_as(&format!(
+            "SELECT owner_epoch, incarnation, next_offset FROM {offsets} \
+             WHERE pipeline_id = $1 AND table_name = $2 AND topic = $3 AND partition = $4"
+        ))
+        .bind(target.pipeline_id)
+        .bind(&config.table)
+        .bind(target.topic)
+        .bind(target.partition)
+        .fetch_optional(pool)
+        .await?;
+        return Err(match holder {
+            Some((epoch, inc, stored)) if epoch <= target.epoch && inc == incarnation => {
+                ActivityError::Invariant(format!(
+                    "batch ending at offset {next_offset} would move the committed offset back from {stored}"
+                ))
+            }
+            _ => ActivityError::Fenced,
+        });
     }
     tx.commit().await?;
     Ok(next_offset)
