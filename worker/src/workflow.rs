@@ -514,6 +514,17 @@ impl Workflow {
                 ctx.attempt_timeout,
                 &self.pass,
                 || async {
+                    // Old-spec records still queued in the producer must land below
+                    // the start offset, so flush before reading the end.
+                    let producer = ctx.producer.clone();
+                    tokio::task::spawn_blocking(move || {
+                        rdkafka::producer::Producer::flush(
+                            &producer,
+                            std::time::Duration::from_secs(30),
+                        )
+                    })
+                    .await
+                    .expect("flush task does not panic")?;
                     Ok(ctx
                         .admin
                         .end_offset(&topic, crate::lanes::RECORDS_PARTITION)
