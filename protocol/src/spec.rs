@@ -13,6 +13,10 @@ use crate::FieldViolation;
 pub const SOURCE_TYPES: &[&str] = &["generator"];
 pub const DESTINATION_TYPES: &[&str] = &["postgres"];
 
+/// Largest spec accepted, as stored JSON: a spec is configuration, not data, and every
+/// change of it is stored, signalled and re-read by a worker.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+
 /// Largest generator count accepted: bounded so a typo cannot ask for a year of work.
 pub const MAX_GENERATOR_COUNT: u64 = 1_000_000_000;
 
@@ -74,6 +78,13 @@ impl PipelineSpec {
     /// Validates the spec; `prefix` is the path of the spec in the request (e.g.
     /// `pipeline.spec`), used to name the offending field.
     pub fn validate(&self, prefix: &str) -> Result<ValidatedSpec, FieldViolation> {
+        let size = self.to_json().to_string().len();
+        if size > MAX_SPEC_BYTES {
+            return Err(FieldViolation::new(
+                prefix,
+                format!("is {size} bytes as JSON; the limit is {MAX_SPEC_BYTES} bytes"),
+            ));
+        }
         let source = validate_source(&self.source, &format!("{prefix}.source"))?;
         let destination =
             validate_destination(&self.destination, &format!("{prefix}.destination"))?;
@@ -371,6 +382,20 @@ mod tests {
                 .expect_err("must be rejected");
             assert_eq!(err.field, field, "{source}: {err}");
         }
+    }
+
+    #[test]
+    fn oversized_specs_are_rejected_with_the_limit_named() {
+        let s = spec(
+            json!({"type": "generator", "config": {"count": 1}}),
+            json!({"type": "postgres", "config": {"url": format!("postgres://x/{}", "y".repeat(MAX_SPEC_BYTES)), "table": "t"}}),
+        );
+        let err = s.validate("pipeline.spec").expect_err("too large");
+        assert_eq!(err.field, "pipeline.spec");
+        assert!(
+            err.description.contains(&MAX_SPEC_BYTES.to_string()),
+            "{err}"
+        );
     }
 
     #[test]

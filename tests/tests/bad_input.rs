@@ -81,6 +81,9 @@ async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
     ));
     let req = generator_pipeline("Bad_Id!", 10, 0, dest.clone(), DesiredStatus::Active);
     cases.push((req, Code::InvalidArgument, "pipeline_id"));
+    let huge = json!({"url": format!("postgres://x/{}", "y".repeat(70_000)), "table": "t"});
+    let req = generator_pipeline("x7", 10, 0, huge, DesiredStatus::Active);
+    cases.push((req, Code::InvalidArgument, "pipeline.spec"));
     let req = generator_pipeline("x5", 10, 0, dest.clone(), DesiredStatus::Deleted);
     cases.push((req, Code::InvalidArgument, "pipeline.desired_status"));
     cases.push((
