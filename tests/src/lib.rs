@@ -426,3 +426,20 @@ pub async fn wait_removed(client: &Client, id: &str, timeout: Duration) -> Resul
     })
     .await
 }
+
+/// An update that replaces the pipeline's destination (mask `spec.destination`).
+pub fn set_destination(id: &str, config: Value) -> pb::UpdatePipelineRequest {
+    pb::UpdatePipelineRequest {
+        pipeline: Some(pb::Pipeline {
+            id: id.to_owned(),
+            spec: Some(pb::PipelineSpec {
+                source: None,
+                destination: Some(connector("postgres", config)),
+            }),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["spec.destination".into()],
+        }),
+    }
+}

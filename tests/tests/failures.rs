@@ -41,19 +41,7 @@ async fn config_error_lands_in_error_and_a_fixed_spec_retries() -> Result<()> {
     );
 
     // Fixing the spec bumps the generation, which retries from SETUP.
-    let fix = pb::UpdatePipelineRequest {
-        pipeline: Some(pb::Pipeline {
-            id: "broken".into(),
-            spec: Some(pb::PipelineSpec {
-                source: None,
-                destination: Some(connector("postgres", d.destination(&table, false))),
-            }),
-            ..Default::default()
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["spec.destination".into()],
-        }),
-    };
+    let fix = set_destination("broken", d.destination(&table, false));
     let updated = client.update_pipeline(fix).await?.into_inner();
     assert_eq!(updated.generation, failed.generation + 1);
     let ready = wait_converged(&mut client, "broken", PipelineStatus::Ready, CONVERGE).await?;
@@ -200,19 +188,7 @@ async fn a_change_interrupts_an_activity_that_keeps_retrying() -> Result<()> {
     wait_converged(&mut client, "stuck", PipelineStatus::Setup, CONVERGE).await?;
 
     let table = unique("unstuck");
-    let fix = pb::UpdatePipelineRequest {
-        pipeline: Some(pb::Pipeline {
-            id: "stuck".into(),
-            spec: Some(pb::PipelineSpec {
-                source: None,
-                destination: Some(connector("postgres", d.destination(&table, false))),
-            }),
-            ..Default::default()
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["spec.destination".into()],
-        }),
-    };
+    let fix = set_destination("stuck", d.destination(&table, false));
     client.update_pipeline(fix).await?;
     wait_converged(&mut client, "stuck", PipelineStatus::Ready, CONVERGE).await?;
     assert_eq!(d.row_count(&table).await?, 50);

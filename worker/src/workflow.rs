@@ -378,16 +378,7 @@ impl Workflow {
                 if self.lanes.is_none() {
                     // The lanes resume from the stored checkpoint, which the backfill
                     // lane advanced while it ran.
-                    let (ctx, id) = (&self.ctx, self.id.as_str());
-                    self.checkpoint = run_activity(
-                        "load-checkpoint",
-                        id,
-                        &ctx.retry,
-                        ctx.attempt_timeout,
-                        &self.pass,
-                        || store::load_checkpoint(&ctx.pool, id),
-                    )
-                    .await?;
+                    self.checkpoint = self.load_checkpoint().await?;
                     self.lanes_seq += 1;
                     self.lanes = Some(Lanes::start(
                         Arc::clone(&self.ctx),
@@ -495,15 +486,7 @@ impl Workflow {
         .await?;
 
         // The lanes may have advanced the stored checkpoint since it was last read.
-        let mut checkpoint = run_activity(
-            "load-checkpoint",
-            id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &self.pass,
-            || store::load_checkpoint(&ctx.pool, id),
-        )
-        .await?;
+        let mut checkpoint = self.load_checkpoint().await?;
         if checkpoint.setup_spec.is_some() && checkpoint.setup_spec.as_ref() != Some(&spec_json) {
             // A changed spec reads the source again from the start; records the old
             // spec left in the topic are skipped by the write lane.
@@ -639,6 +622,20 @@ impl Workflow {
         self.status = Some(write.to);
         self.observed = self.observed.max(write.observed_generation);
         Ok(())
+    }
+
+    /// Reads the stored checkpoint, which the backfill lane advances as it runs.
+    async fn load_checkpoint(&self) -> Result<Checkpoint, ActivityError> {
+        let (ctx, id) = (&self.ctx, self.id.as_str());
+        run_activity(
+            "load-checkpoint",
+            id,
+            &ctx.retry,
+            ctx.attempt_timeout,
+            &self.pass,
+            || store::load_checkpoint(&ctx.pool, id),
+        )
+        .await
     }
 
     async fn stop_lanes(&mut self) {
