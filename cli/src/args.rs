@@ -21,11 +21,16 @@ Exit status:
   1   an RPC failed, the control plane was unreachable, or --wait failed or timed out
   64  usage error: bad flags or values, or an unreadable or invalid spec file
 
+Authentication:
+  Every call sends a bearer token: $SLUICE_TOKEN, else token: in the config file.
+  An admin creates tokens with `sluice-control-plane tokens create`.
+
 Examples:
+  export SLUICE_TOKEN=sluice_...
   sluicectl create -f pipeline.yaml --wait
   sluicectl list -o json
   sluicectl pause orders-sync --wait
-  SLUICE_SERVER=http://cp.internal:50051 sluicectl get orders-sync";
+  SLUICE_SERVER=https://cp.internal:50051 sluicectl --ca-file ca.pem get orders-sync";
 
 /// The operator's command line for Sluice pipelines.
 #[derive(Debug, Parser)]
@@ -38,10 +43,52 @@ pub struct Cli {
         global = true,
         help_heading = "Global options",
         env = "SLUICE_SERVER",
-        default_value = "http://127.0.0.1:50051",
         value_name = "URL"
     )]
-    pub server: String,
+    pub server: Option<String>,
+
+    /// Config file (YAML: server, token, ca_file, client_cert, client_key) [default:
+    /// ~/.config/sluice/config.yaml when it exists].
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "SLUICE_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify an https:// control plane with.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "SLUICE_CA_FILE",
+        value_name = "FILE"
+    )]
+    pub ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "SLUICE_CLIENT_CERT",
+        requires = "client_key",
+        value_name = "FILE"
+    )]
+    pub client_cert: Option<PathBuf>,
+
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "SLUICE_CLIENT_KEY",
+        requires = "client_cert",
+        value_name = "FILE"
+    )]
+    pub client_key: Option<PathBuf>,
 
     /// Output format.
     #[arg(short, long, global = true, help_heading = "Global options", value_enum, default_value_t = OutputFormat::Table)]

@@ -6,9 +6,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use prost_types::FieldMask;
+use sluice_protocol::auth::BearerToken;
 use sluice_protocol::pb;
 use sluice_protocol::pb::pipeline_service_client::PipelineServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::config::{self, Connection, Overrides};
 
 use crate::args::{Cli, Command, CreateArgs, ListArgs, OutputFormat, WaitArgs};
 use crate::error::CliError;
@@ -19,7 +23,7 @@ use crate::wait::{self, WaitTarget};
 /// The server's own cap on page_size; asking for more is pointless.
 const MAX_PAGE_SIZE: u64 = 1000;
 
-type Client = PipelineServiceClient<Channel>;
+pub type Client = PipelineServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// Runs the parsed command and returns its stdout text.
 pub async fn run(cli: Cli) -> Result<String, CliError> {
@@ -30,7 +34,15 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         Command::Create(args) => Some(plan_create(args)?),
         _ => None,
     };
-    let mut client = connect(&cli.server, cli.rpc_timeout()).await?;
+    let connection = config::resolve(Overrides {
+        config: cli.config.clone(),
+        server: cli.server.clone(),
+        token: std::env::var("SLUICE_TOKEN").ok(),
+        ca_file: cli.ca_file.clone(),
+        client_cert: cli.client_cert.clone(),
+        client_key: cli.client_key.clone(),
+    })?;
+    let mut client = connect(&connection, cli.rpc_timeout()).await?;
     match cli.command {
         Command::Create(args) => {
             let plan = create_plan.expect("create plans are built above for create commands");
@@ -65,6 +77,15 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
     }
 }
 
+/// "<tenant>/<id>": names the pipeline the server returned whatever the caller's tenant.
+fn qualified(p: &pb::Pipeline) -> String {
+    if p.tenant.is_empty() {
+        p.id.clone()
+    } else {
+        format!("{}/{}", p.tenant, p.id)
+    }
+}
+
 /// Accepts "host:port" as well as a URL, since operators rarely type the scheme.
 pub fn normalise_server(url: &str) -> String {
     if url.contains("://") {
@@ -74,22 +95,54 @@ pub fn normalise_server(url: &str) -> String {
     }
 }
 
-async fn connect(server: &str, rpc_timeout: Duration) -> Result<Client, CliError> {
+async fn connect(connection: &Connection, rpc_timeout: Duration) -> Result<Client, CliError> {
+    let server = connection.server.as_str();
     let url = normalise_server(server);
-    let endpoint = Endpoint::from_shared(url.clone())
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|source| CliError::InvalidServer {
             url: server.to_owned(),
             source,
         })?
         .connect_timeout(rpc_timeout)
         .timeout(rpc_timeout);
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(tls_config(connection)?)
+            .map_err(|e| CliError::Tls(e.to_string()))?;
+    } else if connection.ca_file.is_some() || connection.client_cert.is_some() {
+        return Err(CliError::Tls(format!(
+            "a CA file or client certificate was given but the server URL {url} is not https://"
+        )));
+    }
+    let token =
+        BearerToken::new(connection.token.as_deref()).map_err(|e| CliError::ReadConfig {
+            origin: "the token".into(),
+            message: e.to_string(),
+        })?;
     // Connecting eagerly turns "nothing listens there" into one clear message instead of
     // an UNAVAILABLE from whichever RPC happens to run first.
     let channel = endpoint
         .connect()
         .await
         .map_err(|source| CliError::Unreachable { url, source })?;
-    Ok(PipelineServiceClient::new(channel))
+    Ok(PipelineServiceClient::with_interceptor(channel, token))
+}
+
+fn tls_config(connection: &Connection) -> Result<ClientTlsConfig, CliError> {
+    let read = |path: &Path| {
+        std::fs::read(path)
+            .map_err(|e| CliError::Tls(format!("cannot read {}: {e}", path.display())))
+    };
+    let mut tls = ClientTlsConfig::new();
+    tls = match &connection.ca_file {
+        Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca)?)),
+        // Without a CA file, the system's trust store decides.
+        None => tls.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&connection.client_cert, &connection.client_key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(tls)
 }
 
 fn plan_create(args: &CreateArgs) -> Result<spec_file::CreatePlan, CliError> {
@@ -183,7 +236,7 @@ async fn delete(
     let Some(timeout) = wait.timeout() else {
         return Ok(output::render_pipeline(&deleted, format));
     };
-    match wait::wait_for(client, &deleted.id, WaitTarget::Removed, timeout).await? {
+    match wait::wait_for(client, &qualified(&deleted), WaitTarget::Removed, timeout).await? {
         None => Ok(output::render_removed(&deleted.id, format)),
         // wait_for only returns a pipeline for targets other than Removed.
         Some(p) => Ok(output::render_pipeline(&p, format)),
@@ -201,7 +254,7 @@ async fn finish(
     let Some(timeout) = wait.timeout() else {
         return Ok(output::render_pipeline(&pipeline, format));
     };
-    let converged = wait::wait_for(client, &pipeline.id, target, timeout)
+    let converged = wait::wait_for(client, &qualified(&pipeline), target, timeout)
         .await?
         .unwrap_or(pipeline);
     Ok(output::render_pipeline(&converged, format))

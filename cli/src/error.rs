@@ -20,6 +20,10 @@ pub enum CliError {
         origin: String,
         source: std::io::Error,
     },
+    #[error("cannot use config file {origin}: {message}")]
+    ReadConfig { origin: String, message: String },
+    #[error("TLS setup: {0}")]
+    Tls(String),
     #[error("invalid --server url {url:?}: {source}")]
     InvalidServer {
         url: String,
@@ -59,7 +63,11 @@ impl From<WaitError> for CliError {
 impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Spec(_) | Self::ReadSpec { .. } | Self::InvalidServer { .. } => EXIT_USAGE,
+            Self::Spec(_)
+            | Self::ReadSpec { .. }
+            | Self::InvalidServer { .. }
+            | Self::ReadConfig { .. }
+            | Self::Tls(_) => EXIT_USAGE,
             Self::Unreachable { .. }
             | Self::Rpc(_)
             | Self::RepeatedPageToken(_)
@@ -95,6 +103,15 @@ fn rpc_details(status: &tonic::Status) -> Vec<String> {
         if !info.reason.is_empty() {
             lines.push(format!("reason: {}", info.reason));
         }
+    }
+    match status.code() {
+        Code::Unauthenticated => lines.push(
+            "hint: set SLUICE_TOKEN, or token: in the config file (see sluicectl --help)".into(),
+        ),
+        Code::PermissionDenied => {
+            lines.push("hint: this token's role may not do that; ask for an operator token".into())
+        }
+        _ => {}
     }
     if let Some(bad_request) = details.bad_request() {
         lines.extend(

@@ -14,6 +14,7 @@ use crate::args::OutputFormat;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PipelineView {
     pub id: String,
+    pub tenant: String,
     pub phase: String,
     pub desired_status: String,
     pub status: String,
@@ -94,6 +95,7 @@ impl From<&pb::Pipeline> for PipelineView {
     fn from(p: &pb::Pipeline) -> Self {
         Self {
             id: p.id.clone(),
+            tenant: p.tenant.clone(),
             phase: p.phase.clone(),
             desired_status: desired_status_name(p.desired_status),
             status: status_name(p.status),
@@ -175,8 +177,9 @@ pub fn render_pipeline(p: &pb::Pipeline, format: OutputFormat) -> String {
                 "{} (observed {})",
                 view.generation, view.observed_generation
             );
-            let rows: [(&str, &str); 11] = [
+            let rows: [(&str, &str); 12] = [
                 ("ID", &view.id),
+                ("TENANT", &view.tenant),
                 ("PHASE", &view.phase),
                 ("DESIRED STATUS", &view.desired_status),
                 ("STATUS", &view.status),
@@ -203,6 +206,7 @@ pub fn render_pipelines(pipelines: &[pb::Pipeline], format: OutputFormat) -> Str
         OutputFormat::Table => {
             let mut table = new_table();
             table.set_header([
+                "TENANT",
                 "ID",
                 "PHASE",
                 "DESIRED",
@@ -215,6 +219,7 @@ pub fn render_pipelines(pipelines: &[pb::Pipeline], format: OutputFormat) -> Str
             ]);
             for v in &views {
                 table.add_row([
+                    or_dash(&v.tenant),
                     v.id.as_str(),
                     or_dash(&v.phase),
                     or_dash(&v.desired_status),
@@ -275,6 +280,7 @@ mod tests {
         };
         pb::Pipeline {
             id: "orders".into(),
+            tenant: "acme".into(),
             spec: Some(pb::PipelineSpec {
                 source: Some(pb::ConnectorSpec {
                     r#type: "generator".into(),
@@ -320,6 +326,7 @@ mod tests {
             value,
             json!({
                 "id": "orders",
+                "tenant": "acme",
                 "phase": "PAUSING",
                 "desired_status": "PAUSED",
                 "status": "READY",

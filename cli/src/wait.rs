@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_protocol::pb;
-use sluice_protocol::pb::pipeline_service_client::PipelineServiceClient;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::Code;
 
+use crate::commands::Client;
 use crate::output::{desired_status_name, status_name};
 
 /// How often GetPipeline is polled; fast enough to feel immediate, cheap for the server.
@@ -185,7 +184,7 @@ fn log_line(line: &str) {
 
 /// Polls until the target is reached. Returns the final pipeline, or None once removed.
 pub async fn wait_for(
-    client: &mut PipelineServiceClient<Channel>,
+    client: &mut Client,
     id: &str,
     target: WaitTarget,
     timeout: Duration,
@@ -197,7 +196,7 @@ pub async fn wait_for(
 }
 
 async fn poll(
-    client: &mut PipelineServiceClient<Channel>,
+    client: &mut Client,
     id: &str,
     target: WaitTarget,
     timeout: Duration,

@@ -24,6 +24,24 @@ pub enum ApiError {
         sent: String,
         current: String,
     },
+    #[error("unauthenticated: {why}")]
+    Unauthenticated {
+        reason: &'static str,
+        why: &'static str,
+    },
+    #[error("permission denied: {method} is not allowed for role {role}: {why}")]
+    PermissionDenied {
+        method: &'static str,
+        role: crate::auth::Role,
+        why: &'static str,
+    },
+    /// A configured limit was reached (`limit` names it, as in the flag).
+    #[error("limit {limit} ({max}) reached: {what}")]
+    LimitExceeded {
+        limit: &'static str,
+        max: u64,
+        what: String,
+    },
     #[error("internal error")]
     Internal(#[from] StoreError),
 }
@@ -77,6 +95,30 @@ impl From<ApiError> for Status {
                     ("current_etag".into(), current.clone()),
                 ],
             ),
+            ApiError::Unauthenticated { reason, .. } => {
+                (Code::Unauthenticated, *reason, Vec::new())
+            }
+            ApiError::PermissionDenied { method, role, .. } => (
+                Code::PermissionDenied,
+                "PERMISSION_DENIED",
+                vec![
+                    ("method".into(), (*method).to_owned()),
+                    ("role".into(), role.to_string()),
+                ],
+            ),
+            ApiError::LimitExceeded { limit, max, .. } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "LIMIT_EXCEEDED",
+                    ERROR_DOMAIN,
+                    [
+                        ("limit".to_owned(), (*limit).to_owned()),
+                        ("max".to_owned(), max.to_string()),
+                    ],
+                );
+                details.add_quota_failure_violation(*limit, message.clone());
+                return Status::with_error_details(Code::ResourceExhausted, message, details);
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "request failed");
                 (Code::Internal, "INTERNAL", Vec::new())

@@ -5,12 +5,15 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod error;
+pub mod limits;
 pub mod outbox;
 pub mod service;
 pub mod store;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +22,10 @@ use sluice_infra::kafka::KafkaSettings;
 use sluice_protocol::pb::pipeline_service_server::PipelineServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::outbox::OutboxRelay;
+pub use crate::service::Limits;
 use crate::service::PipelineApi;
 
 #[derive(Debug, Clone)]
@@ -33,6 +38,37 @@ pub struct Config {
     /// existing topic keeps its own count.
     pub signal_partitions: i32,
     pub replication_factor: i32,
+    pub limits: Limits,
+    /// Largest request message accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Serve TLS instead of plaintext gRPC.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of the gRPC listener's TLS identity; with `client_ca`, clients must
+/// present a certificate signed by it (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn server_config(&self) -> Result<ServerTlsConfig, RunError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| RunError::Tls {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        Ok(config)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +82,11 @@ pub enum RunError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read TLS file {path}: {source}")]
+    Tls {
+        path: PathBuf,
         source: std::io::Error,
     },
     #[error("grpc server: {0}")]
@@ -117,11 +158,22 @@ pub async fn run(
     tracing::info!(addr = %local, "control plane listening");
     on_listening(local);
 
-    let api = PipelineApi::new(pool.clone(), partitions as u32, wakeup);
-    let served = tonic::transport::Server::builder()
+    let api = PipelineApi::new(pool.clone(), partitions as u32, wakeup, config.limits);
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        server = server.tls_config(tls.server_config()?)?;
+        tracing::info!(mutual = tls.client_ca.is_some(), "serving gRPC over TLS");
+    }
+    let too_large = limits::RequestTooLarge::new(config.max_request_bytes);
+    let served = server
+        .layer(tower::util::MapResponseLayer::new(move |r| {
+            too_large.rewrite(r)
+        }))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(PipelineServiceServer::new(api))
+        .add_service(
+            PipelineServiceServer::new(api).max_decoding_message_size(config.max_request_bytes),
+        )
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small responses wait on delayed ACKs (~40 ms each).
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

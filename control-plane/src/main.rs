@@ -1,17 +1,46 @@
-//! `sluice-control-plane`: parses configuration, sets up logging and runs the server.
+//! `sluice-control-plane`: parses configuration, sets up logging and runs the server, or
+//! manages API tokens (`tokens create|list|revoke`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
-use sluice_control_plane::{run, Config};
-use sluice_infra::process::{init_tracing, parse_cli, shutdown_signal, ConnectionArgs};
+use clap::{Args, Parser, Subcommand};
+use sluice_control_plane::auth::{self, Role};
+use sluice_control_plane::{run, Config, Limits, TlsFiles};
+use sluice_infra::process::{init_tracing, parse_cli_from, shutdown_signal, ConnectionArgs};
+use sluice_protocol::ids::validate_tenant;
+
+const AFTER_HELP: &str = "\
+Without a subcommand the control plane serves (same as `serve`).
+
+Examples:
+  sluice-control-plane --listen 0.0.0.0:50051 --tls-cert cp.pem --tls-key cp.key
+  sluice-control-plane tokens create --tenant acme --role operator --name ci
+  sluice-control-plane tokens list
+  sluice-control-plane tokens revoke 0192f3a4-1111-7222-8333-444455556666";
 
 /// Sluice control plane: the gRPC API that stores desired pipeline state and signals
 /// workers.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = AFTER_HELP)]
 struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the gRPC API (the default).
+    Serve(Box<ServeArgs>),
+    /// Manage the bearer tokens clients authenticate with.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
     #[command(flatten)]
     connection: ConnectionArgs,
     /// Address the gRPC server listens on (port 0 picks a free port; the chosen address
@@ -22,17 +51,125 @@ struct Cli {
     #[arg(long, env = "SLUICE_SIGNAL_PARTITIONS", default_value_t = 12,
           value_parser = clap::value_parser!(i32).range(1..=10_000))]
     signal_partitions: i32,
+    /// PEM certificate (chain) of the gRPC listener; with --tls-key, serve TLS.
+    #[arg(
+        long,
+        env = "SLUICE_TLS_CERT",
+        requires = "tls_key",
+        value_name = "FILE"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the gRPC listener.
+    #[arg(
+        long,
+        env = "SLUICE_TLS_KEY",
+        requires = "tls_cert",
+        value_name = "FILE"
+    )]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle that client certificates must chain to (mutual TLS).
+    #[arg(
+        long,
+        env = "SLUICE_TLS_CLIENT_CA",
+        requires = "tls_cert",
+        value_name = "FILE"
+    )]
+    tls_client_ca: Option<PathBuf>,
+    /// Largest request message accepted; larger ones are RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SLUICE_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=64 * 1024 * 1024))]
+    max_request_bytes: u32,
+    /// Pipelines one tenant may have; creating more is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SLUICE_MAX_PIPELINES_PER_TENANT", default_value_t = Limits::default().max_pipelines_per_tenant,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_pipelines_per_tenant: u64,
+}
+
+#[derive(Debug, Args)]
+struct DatabaseArgs {
+    /// PostgreSQL URL of the control-plane database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create a token and print it once (it is stored only as a hash).
+    Create {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// The tenant the token acts for.
+        #[arg(long, value_parser = parse_tenant)]
+        tenant: String,
+        /// admin (every tenant), operator (its tenant) or viewer (read only).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["admin", "operator", "viewer"]))]
+        role: String,
+        /// A label to recognise the token by in `tokens list`.
+        #[arg(long)]
+        name: String,
+    },
+    /// List tokens (ids, tenants, roles; never the tokens themselves).
+    List {
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Revoke a token by id; calls with it are refused at once.
+    Revoke {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// Id shown by `tokens create` or `tokens list`.
+        id: uuid::Uuid,
+    },
+}
+
+fn parse_tenant(s: &str) -> Result<String, String> {
+    validate_tenant(s, "tenant")
+        .map(|()| s.to_owned())
+        .map_err(|v| v.description)
+}
+
+/// `sluice-control-plane [flags]` means `sluice-control-plane serve [flags]`.
+fn with_default_subcommand(mut args: Vec<String>) -> Vec<String> {
+    let first = args.get(1).map(String::as_str);
+    let explicit = matches!(
+        first,
+        Some("serve" | "tokens" | "help" | "-h" | "--help" | "-V" | "--version")
+    );
+    if !explicit {
+        args.insert(1, "serve".to_owned());
+    }
+    args
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match parse_cli::<Cli>() {
+    let cli = match parse_cli_from::<Cli>(with_default_subcommand(std::env::args().collect())) {
         Ok(cli) => cli,
         Err(code) => return code,
     };
     init_tracing();
+    match cli.command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Tokens(command) => match tokens(command).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
 
+async fn serve(cli: ServeArgs) -> ExitCode {
     let kafka = cli.connection.kafka();
+    let tls = match (cli.tls_cert, cli.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: cli.tls_client_ca,
+        }),
+        _ => None,
+    };
     let config = Config {
         listen: cli.listen,
         database_url: cli.connection.database_url,
@@ -40,6 +177,11 @@ async fn main() -> ExitCode {
         signals_topic: cli.connection.signals_topic,
         signal_partitions: cli.signal_partitions,
         replication_factor: cli.connection.replication_factor,
+        limits: Limits {
+            max_pipelines_per_tenant: cli.max_pipelines_per_tenant,
+        },
+        max_request_bytes: cli.max_request_bytes as usize,
+        tls,
     };
     let result = run(config, shutdown_signal(), |addr| {
         println!("listening on {addr}");
@@ -51,5 +193,88 @@ async fn main() -> ExitCode {
             tracing::error!(error = %e, "control plane failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn tokens(command: TokensCommand) -> anyhow::Result<()> {
+    let db = match &command {
+        TokensCommand::Create { db, .. }
+        | TokensCommand::List { db }
+        | TokensCommand::Revoke { db, .. } => db,
+    };
+    let pool = sluice_infra::store::connect(&db.database_url, 2, Duration::from_secs(10)).await?;
+    sluice_infra::store::migrate(&pool).await?;
+    match command {
+        TokensCommand::Create {
+            tenant, role, name, ..
+        } => {
+            let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+            let (id, token) = auth::create_token(&pool, &name, &tenant, role).await?;
+            // The token alone on stdout, so scripts can capture it; the rest on stderr.
+            eprintln!("created token {id} ({role} of tenant {tenant}); it is shown only once:");
+            println!("{token}");
+        }
+        TokensCommand::List { .. } => {
+            println!(
+                "{:<36}  {:<16}  {:<16}  {:<8}  {:<20}  REVOKED",
+                "ID", "NAME", "TENANT", "ROLE", "CREATED"
+            );
+            for t in auth::list_tokens(&pool).await? {
+                println!(
+                    "{:<36}  {:<16}  {:<16}  {:<8}  {:<20}  {}",
+                    t.id,
+                    t.name,
+                    t.tenant,
+                    t.role,
+                    t.create_time.format("%Y-%m-%dT%H:%M:%SZ"),
+                    t.revoke_time
+                        .map(|r| r.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        TokensCommand::Revoke { id, .. } => {
+            if !auth::revoke_token(&pool, id).await? {
+                anyhow::bail!("no active token with id {id}");
+            }
+            eprintln!("revoked token {id}");
+        }
+    }
+    pool.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn serve_is_the_default_subcommand() {
+        assert_eq!(
+            with_default_subcommand(args(&["cp", "--listen", "x"])),
+            args(&["cp", "serve", "--listen", "x"])
+        );
+        assert_eq!(
+            with_default_subcommand(args(&["cp"])),
+            args(&["cp", "serve"])
+        );
+        assert_eq!(
+            with_default_subcommand(args(&["cp", "tokens", "list"])),
+            args(&["cp", "tokens", "list"])
+        );
+        assert_eq!(
+            with_default_subcommand(args(&["cp", "--help"])),
+            args(&["cp", "--help"])
+        );
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -11,7 +11,7 @@ use sluice_infra::store::list_events;
 use sluice_protocol::conversions::{
     desired_status_from_pb, patch_from_pb, record_to_pb, spec_from_pb, PipelineRecord,
 };
-use sluice_protocol::ids::{generate_pipeline_id, validate_pipeline_id};
+use sluice_protocol::ids::{generate_pipeline_id, validate_pipeline_id, validate_tenant};
 use sluice_protocol::mask::{apply_patch, parse_mask};
 use sluice_protocol::partition::partition_for;
 use sluice_protocol::pb;
@@ -22,37 +22,84 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{authenticate, Access, Caller, PipelineRef};
 use crate::error::ApiError;
 use crate::store;
 
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
 pub const MAX_PAGE_SIZE: i32 = 1000;
 
+/// Configurable limits (AIP-193: reaching one is RESOURCE_EXHAUSTED naming it).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_pipelines_per_tenant: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pipelines_per_tenant: 1000,
+        }
+    }
+}
+
 pub struct PipelineApi {
     pool: PgPool,
     signal_partitions: u32,
     /// Wakes the outbox relay after a committed change.
     outbox_wakeup: Arc<Notify>,
+    limits: Limits,
 }
 
 impl PipelineApi {
-    pub fn new(pool: PgPool, signal_partitions: u32, outbox_wakeup: Arc<Notify>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        signal_partitions: u32,
+        outbox_wakeup: Arc<Notify>,
+        limits: Limits,
+    ) -> Self {
         Self {
             pool,
             signal_partitions,
             outbox_wakeup,
+            limits,
         }
     }
 
-    async fn create(&self, req: pb::CreatePipelineRequest) -> Result<pb::Pipeline, ApiError> {
+    /// Authenticates the call and checks that the caller's role may do `access`.
+    async fn caller<T>(
+        &self,
+        request: &Request<T>,
+        method: &'static str,
+        access: Access,
+    ) -> Result<Caller, ApiError> {
+        let caller = authenticate(&self.pool, request.metadata(), method).await?;
+        caller.authorize(access, method)?;
+        Ok(caller)
+    }
+
+    async fn create(
+        &self,
+        caller: &Caller,
+        req: pb::CreatePipelineRequest,
+    ) -> Result<pb::Pipeline, ApiError> {
         let pipeline = req
             .pipeline
             .ok_or_else(|| FieldViolation::new("pipeline", "is required"))?;
-        let id = if req.pipeline_id.is_empty() {
-            generate_pipeline_id(&uuid::Uuid::now_v7().to_string())
+        let target = if req.pipeline_id.is_empty() {
+            PipelineRef {
+                tenant: caller.tenant.clone(),
+                name: generate_pipeline_id(&uuid::Uuid::now_v7().to_string()),
+            }
         } else {
-            validate_pipeline_id(&req.pipeline_id, "pipeline_id")?;
-            req.pipeline_id.clone()
+            match caller.resolve(&req.pipeline_id, "pipeline_id") {
+                Err(ApiError::NotFound(_)) => Err(ApiError::PermissionDenied {
+                    method: "CreatePipeline",
+                    role: caller.role,
+                    why: "only admins create pipelines in another tenant",
+                }),
+                other => other,
+            }?
         };
         let spec = spec_from_pb(pipeline.spec.as_ref(), "pipeline.spec")?;
         spec.validate("pipeline.spec")?;
@@ -70,47 +117,73 @@ impl PipelineApi {
             };
         let request_id = parse_request_id(&req.request_id)?;
         let new = store::NewPipeline {
-            id: &id,
+            pipeline: &target,
             spec: &spec,
             desired_status: desired,
-            partition: partition_for(&id, self.signal_partitions),
+            partition: partition_for(&target.key(), self.signal_partitions),
         };
         let mut tx = self.pool.begin().await?;
+        let request_target = format!("{}/{}", caller.tenant, req.pipeline_id);
         if let Some(rid) = request_id {
-            if let Some(replayed) = replay(&mut tx, rid, "CreatePipeline", &req.pipeline_id).await?
-            {
+            if let Some(replayed) = replay(&mut tx, rid, "CreatePipeline", &request_target).await? {
                 return Ok(replayed);
             }
         }
+        let existing = store::lock_tenant_and_count(&mut tx, &target.tenant).await?;
+        if existing >= self.limits.max_pipelines_per_tenant as i64 {
+            return Err(ApiError::LimitExceeded {
+                limit: "max-pipelines-per-tenant",
+                max: self.limits.max_pipelines_per_tenant,
+                what: format!("tenant {:?} has {existing} pipelines", target.tenant),
+            });
+        }
         let record = store::insert_pipeline(&mut tx, &new)
             .await?
-            .ok_or_else(|| ApiError::AlreadyExists(id.clone()))?;
+            .ok_or_else(|| ApiError::AlreadyExists(display_id(caller, &target)))?;
         if let Some(rid) = request_id {
             store::save_response(&mut tx, rid, record_to_pb(&record).encode_to_vec()).await?;
         }
         tx.commit().await?;
         self.outbox_wakeup.notify_one();
-        tracing::info!(pipeline_id = %id, desired_status = %desired, "pipeline created");
+        tracing::info!(
+            tenant = %record.tenant,
+            pipeline = %record.name,
+            token = %caller.token_id,
+            desired_status = %desired,
+            "pipeline created"
+        );
         Ok(record_to_pb(&record))
     }
 
-    async fn update(&self, req: pb::UpdatePipelineRequest) -> Result<PipelineRecord, ApiError> {
+    async fn get(&self, caller: &Caller, raw_id: &str) -> Result<pb::Pipeline, ApiError> {
+        let target = caller.resolve(raw_id, "id")?;
+        let record = store::fetch_pipeline(&self.pool, &target)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(raw_id.to_owned()))?;
+        Ok(record_to_pb(&record))
+    }
+
+    async fn update(
+        &self,
+        caller: &Caller,
+        req: pb::UpdatePipelineRequest,
+    ) -> Result<PipelineRecord, ApiError> {
         let pipeline = req
             .pipeline
             .ok_or_else(|| FieldViolation::new("pipeline", "is required"))?;
-        validate_pipeline_id(&pipeline.id, "pipeline.id")?;
+        let target = caller.resolve(&pipeline.id, "pipeline.id")?;
         let patch = patch_from_pb(&pipeline)?;
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         let mask = parse_mask(&paths, &patch)?;
 
         let mut tx = self.pool.begin().await?;
-        let current = store::lock_pipeline(&mut tx, &pipeline.id)
+        let current = store::lock_pipeline(&mut tx, &target)
             .await?
             .ok_or_else(|| ApiError::NotFound(pipeline.id.clone()))?;
         if current.desired_status == DesiredStatus::Deleted {
             return Err(ApiError::Deleted(pipeline.id));
         }
-        check_etag(&current, &pipeline.etag)?;
+        check_etag(&current, &pipeline.id, &pipeline.etag)?;
         let (desired, spec) = apply_patch(current.desired_status, &current.spec, &patch, &mask)?;
         // Exactly as strict as create: the merged spec must validate as a whole.
         spec.validate("pipeline.spec")?;
@@ -123,11 +196,13 @@ impl PipelineApi {
         if unchanged && !retry_requested {
             return Ok(current);
         }
-        let record = store::write_desired(&mut tx, &pipeline.id, desired, &spec).await?;
+        let record = store::write_desired(&mut tx, &current.id, desired, &spec).await?;
         tx.commit().await?;
         self.outbox_wakeup.notify_one();
         tracing::info!(
-            pipeline_id = %record.id,
+            tenant = %record.tenant,
+            pipeline = %record.name,
+            token = %caller.token_id,
             desired_status = %desired,
             generation = record.generation,
             "pipeline updated"
@@ -135,25 +210,30 @@ impl PipelineApi {
         Ok(record)
     }
 
-    async fn delete(&self, req: pb::DeletePipelineRequest) -> Result<pb::Pipeline, ApiError> {
-        let id = req.id;
-        validate_pipeline_id(&id, "id")?;
+    async fn delete(
+        &self,
+        caller: &Caller,
+        req: pb::DeletePipelineRequest,
+    ) -> Result<pb::Pipeline, ApiError> {
+        let target = caller.resolve(&req.id, "id")?;
         let request_id = parse_request_id(&req.request_id)?;
         let mut tx = self.pool.begin().await?;
         if let Some(rid) = request_id {
-            if let Some(replayed) = replay(&mut tx, rid, "DeletePipeline", &id).await? {
+            let request_target = format!("{}/{}", target.tenant, target.name);
+            if let Some(replayed) = replay(&mut tx, rid, "DeletePipeline", &request_target).await? {
                 return Ok(replayed);
             }
         }
-        let current = store::lock_pipeline(&mut tx, &id)
+        let current = store::lock_pipeline(&mut tx, &target)
             .await?
-            .ok_or_else(|| ApiError::NotFound(id.clone()))?;
-        check_etag(&current, &req.etag)?;
+            .ok_or_else(|| ApiError::NotFound(req.id.clone()))?;
+        check_etag(&current, &req.id, &req.etag)?;
         let record = if current.desired_status == DesiredStatus::Deleted {
             // Deleting twice changes nothing; the teardown is already on its way.
             current
         } else {
-            store::write_desired(&mut tx, &id, DesiredStatus::Deleted, &current.spec).await?
+            store::write_desired(&mut tx, &current.id, DesiredStatus::Deleted, &current.spec)
+                .await?
         };
         let response = record_to_pb(&record);
         if let Some(rid) = request_id {
@@ -161,12 +241,19 @@ impl PipelineApi {
         }
         tx.commit().await?;
         self.outbox_wakeup.notify_one();
-        tracing::info!(pipeline_id = %id, generation = record.generation, "pipeline deletion requested");
+        tracing::info!(
+            tenant = %record.tenant,
+            pipeline = %record.name,
+            token = %caller.token_id,
+            generation = record.generation,
+            "pipeline deletion requested"
+        );
         Ok(response)
     }
 
     async fn list(
         &self,
+        caller: &Caller,
         req: pb::ListPipelinesRequest,
     ) -> Result<pb::ListPipelinesResponse, ApiError> {
         let page_size = match req.page_size {
@@ -182,13 +269,18 @@ impl PipelineApi {
             Some(decode_page_token(&req.page_token)?)
         };
         // One extra row tells whether another page exists.
-        let mut records =
-            store::list_pipelines(&self.pool, after.as_deref(), i64::from(page_size) + 1).await?;
+        let mut records = store::list_pipelines(
+            &self.pool,
+            caller.list_scope(),
+            after.as_ref(),
+            i64::from(page_size) + 1,
+        )
+        .await?;
         let next_page_token = if records.len() > page_size as usize {
             records.truncate(page_size as usize);
             records
                 .last()
-                .map(|r| URL_SAFE_NO_PAD.encode(r.id.as_bytes()))
+                .map(|r| encode_page_token(&r.tenant, &r.name))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -199,17 +291,22 @@ impl PipelineApi {
         })
     }
 
-    async fn events(&self, id: String) -> Result<pb::ListPipelineEventsResponse, ApiError> {
-        validate_pipeline_id(&id, "pipeline_id")?;
-        let events = list_events(&self.pool, &id).await?;
-        if events.is_empty() && !store::pipeline_has_history(&self.pool, &id).await? {
-            return Err(ApiError::NotFound(id));
+    async fn events(
+        &self,
+        caller: &Caller,
+        raw_id: String,
+    ) -> Result<pb::ListPipelineEventsResponse, ApiError> {
+        let target = caller.resolve(&raw_id, "pipeline_id")?;
+        let key = store::key_of(&self.pool, &target).await?;
+        let events = list_events(&self.pool, &key).await?;
+        if events.is_empty() && !store::pipeline_has_history(&self.pool, &key).await? {
+            return Err(ApiError::NotFound(raw_id));
         }
         Ok(pb::ListPipelineEventsResponse {
             events: events
                 .into_iter()
                 .map(|e| pb::PipelineEvent {
-                    pipeline_id: e.pipeline_id,
+                    pipeline_id: target.name.clone(),
                     time: Some(e.time.into()),
                     actor: e.actor,
                     from_status: e.from_status.unwrap_or_default(),
@@ -222,14 +319,24 @@ impl PipelineApi {
     }
 }
 
+/// How a pipeline is named back to the caller: its id, qualified when it lives in
+/// another tenant than the caller's.
+fn display_id(caller: &Caller, target: &PipelineRef) -> String {
+    if target.tenant == caller.tenant {
+        target.name.clone()
+    } else {
+        format!("{}/{}", target.tenant, target.name)
+    }
+}
+
 /// Conditional writes (AIP-154): an empty etag means unconditional.
-fn check_etag(current: &PipelineRecord, sent: &str) -> Result<(), ApiError> {
+fn check_etag(current: &PipelineRecord, raw_id: &str, sent: &str) -> Result<(), ApiError> {
     let current_etag = current.etag();
     if sent.is_empty() || sent == current_etag {
         return Ok(());
     }
     Err(ApiError::EtagMismatch {
-        id: current.id.clone(),
+        id: raw_id.to_owned(),
         sent: sent.to_owned(),
         current: current_etag,
     })
@@ -270,12 +377,21 @@ async fn replay(
     }
 }
 
-fn decode_page_token(token: &str) -> Result<String, FieldViolation> {
+fn encode_page_token(tenant: &str, name: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{tenant}/{name}"))
+}
+
+fn decode_page_token(token: &str) -> Result<PipelineRef, FieldViolation> {
     let invalid = || FieldViolation::new("page_token", "is not a token returned by ListPipelines");
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-    let id = String::from_utf8(bytes).map_err(|_| invalid())?;
-    validate_pipeline_id(&id, "page_token").map_err(|_| invalid())?;
-    Ok(id)
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let (tenant, name) = text.split_once('/').ok_or_else(invalid)?;
+    validate_tenant(tenant, "page_token").map_err(|_| invalid())?;
+    validate_pipeline_id(name, "page_token").map_err(|_| invalid())?;
+    Ok(PipelineRef {
+        tenant: tenant.to_owned(),
+        name: name.to_owned(),
+    })
 }
 
 #[tonic::async_trait]
@@ -284,34 +400,42 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::CreatePipelineRequest>,
     ) -> Result<Response<pb::Pipeline>, Status> {
-        Ok(Response::new(self.create(request.into_inner()).await?))
+        let caller = self
+            .caller(&request, "CreatePipeline", Access::Write)
+            .await?;
+        Ok(Response::new(
+            self.create(&caller, request.into_inner()).await?,
+        ))
     }
 
     async fn get_pipeline(
         &self,
         request: Request<pb::GetPipelineRequest>,
     ) -> Result<Response<pb::Pipeline>, Status> {
-        let id = request.into_inner().id;
-        validate_pipeline_id(&id, "id").map_err(ApiError::from)?;
-        let record = store::fetch_pipeline(&self.pool, &id)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or(ApiError::NotFound(id))?;
-        Ok(Response::new(record_to_pb(&record)))
+        let caller = self.caller(&request, "GetPipeline", Access::Read).await?;
+        Ok(Response::new(
+            self.get(&caller, &request.into_inner().id).await?,
+        ))
     }
 
     async fn list_pipelines(
         &self,
         request: Request<pb::ListPipelinesRequest>,
     ) -> Result<Response<pb::ListPipelinesResponse>, Status> {
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        let caller = self.caller(&request, "ListPipelines", Access::Read).await?;
+        Ok(Response::new(
+            self.list(&caller, request.into_inner()).await?,
+        ))
     }
 
     async fn update_pipeline(
         &self,
         request: Request<pb::UpdatePipelineRequest>,
     ) -> Result<Response<pb::Pipeline>, Status> {
-        let record = self.update(request.into_inner()).await?;
+        let caller = self
+            .caller(&request, "UpdatePipeline", Access::Write)
+            .await?;
+        let record = self.update(&caller, request.into_inner()).await?;
         Ok(Response::new(record_to_pb(&record)))
     }
 
@@ -319,15 +443,24 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::DeletePipelineRequest>,
     ) -> Result<Response<pb::Pipeline>, Status> {
-        Ok(Response::new(self.delete(request.into_inner()).await?))
+        let caller = self
+            .caller(&request, "DeletePipeline", Access::Write)
+            .await?;
+        Ok(Response::new(
+            self.delete(&caller, request.into_inner()).await?,
+        ))
     }
 
     async fn list_pipeline_events(
         &self,
         request: Request<pb::ListPipelineEventsRequest>,
     ) -> Result<Response<pb::ListPipelineEventsResponse>, Status> {
+        let caller = self
+            .caller(&request, "ListPipelineEvents", Access::Read)
+            .await?;
         Ok(Response::new(
-            self.events(request.into_inner().pipeline_id).await?,
+            self.events(&caller, request.into_inner().pipeline_id)
+                .await?,
         ))
     }
 }
@@ -338,9 +471,18 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_reject_garbage() {
-        let token = URL_SAFE_NO_PAD.encode(b"orders-1");
-        assert_eq!(decode_page_token(&token).expect("valid"), "orders-1");
-        for bad in ["!!!", "", &URL_SAFE_NO_PAD.encode(b"Not An Id")] {
+        let token = encode_page_token("acme", "orders-1");
+        let decoded = decode_page_token(&token).expect("valid");
+        assert_eq!(
+            (decoded.tenant.as_str(), decoded.name.as_str()),
+            ("acme", "orders-1")
+        );
+        for bad in [
+            "!!!",
+            "",
+            &URL_SAFE_NO_PAD.encode(b"Not An Id"),
+            &URL_SAFE_NO_PAD.encode(b"orders-1"),
+        ] {
             assert_eq!(decode_page_token(bad).expect_err("bad").field, "page_token");
         }
     }

@@ -2,15 +2,17 @@
 //! transaction together with its outbox row, so a change and its signal are never
 //! separated (no dual write).
 
-use sluice_infra::store::{get_pipeline, record_from_row, StoreError, PIPELINE_COLUMNS};
+use sluice_infra::store::{record_from_row, StoreError, PIPELINE_COLUMNS};
 use sluice_protocol::conversions::PipelineRecord;
 use sluice_protocol::signal::Signal;
 use sluice_protocol::spec::PipelineSpec;
 use sluice_protocol::status::DesiredStatus;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
+use crate::auth::PipelineRef;
+
 pub struct NewPipeline<'a> {
-    pub id: &'a str,
+    pub pipeline: &'a PipelineRef,
     pub spec: &'a PipelineSpec,
     pub desired_status: DesiredStatus,
     pub partition: i32,
@@ -22,11 +24,13 @@ pub async fn insert_pipeline(
     new: &NewPipeline<'_>,
 ) -> Result<Option<PipelineRecord>, StoreError> {
     let sql = format!(
-        "INSERT INTO pipelines (id, spec, desired_status, partition) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (id) DO NOTHING RETURNING {PIPELINE_COLUMNS}"
+        "INSERT INTO pipelines (id, tenant, name, spec, desired_status, partition) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING {PIPELINE_COLUMNS}"
     );
     let row = sqlx::query(&sql)
-        .bind(new.id)
+        .bind(new.pipeline.key())
+        .bind(&new.pipeline.tenant)
+        .bind(&new.pipeline.name)
         .bind(new.spec.to_json())
         .bind(new.desired_status.as_str())
         .bind(new.partition)
@@ -102,13 +106,36 @@ pub async fn purge_request_log(pool: &PgPool) -> Result<u64, StoreError> {
     Ok(done.rows_affected())
 }
 
+/// Serialises creates within a tenant (for the pipelines-per-tenant limit) and returns
+/// how many pipelines the tenant has.
+pub async fn lock_tenant_and_count(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &str,
+) -> Result<i64, StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('sluice.tenant:' || $1, 0))")
+        .bind(tenant)
+        .execute(&mut **tx)
+        .await?;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pipelines WHERE tenant = $1")
+        .bind(tenant)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(count)
+}
+
 /// Locks a pipeline row for a read-modify-write.
 pub async fn lock_pipeline(
     tx: &mut Transaction<'_, Postgres>,
-    id: &str,
+    pipeline: &PipelineRef,
 ) -> Result<Option<PipelineRecord>, StoreError> {
-    let sql = format!("SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE id = $1 FOR UPDATE");
-    let row = sqlx::query(&sql).bind(id).fetch_optional(&mut **tx).await?;
+    let sql = format!(
+        "SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE tenant = $1 AND name = $2 FOR UPDATE"
+    );
+    let row = sqlx::query(&sql)
+        .bind(&pipeline.tenant)
+        .bind(&pipeline.name)
+        .fetch_optional(&mut **tx)
+        .await?;
     row.as_ref().map(record_from_row).transpose()
 }
 
@@ -151,26 +178,53 @@ async fn insert_signal(
     Ok(())
 }
 
-pub async fn fetch_pipeline(pool: &PgPool, id: &str) -> Result<Option<PipelineRecord>, StoreError> {
-    get_pipeline(pool, id).await
+pub async fn fetch_pipeline(
+    pool: &PgPool,
+    pipeline: &PipelineRef,
+) -> Result<Option<PipelineRecord>, StoreError> {
+    let sql = format!("SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE tenant = $1 AND name = $2");
+    let row = sqlx::query(&sql)
+        .bind(&pipeline.tenant)
+        .bind(&pipeline.name)
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(record_from_row).transpose()
 }
 
-/// One page of pipelines ordered by id, starting after `after`.
+/// One page of pipelines ordered by (tenant, id), starting after `after`; `tenant`
+/// None lists every tenant.
 pub async fn list_pipelines(
     pool: &PgPool,
-    after: Option<&str>,
+    tenant: Option<&str>,
+    after: Option<&PipelineRef>,
     limit: i64,
 ) -> Result<Vec<PipelineRecord>, StoreError> {
     let sql = format!(
-        "SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE ($1::text IS NULL OR id > $1) \
-         ORDER BY id LIMIT $2"
+        "SELECT {PIPELINE_COLUMNS} FROM pipelines \
+         WHERE ($1::text IS NULL OR tenant = $1) \
+           AND ($2::text IS NULL OR (tenant, name) > ($2, $3)) \
+         ORDER BY tenant, name LIMIT $4"
     );
     let rows = sqlx::query(&sql)
-        .bind(after)
+        .bind(tenant)
+        .bind(after.map(|a| a.tenant.as_str()))
+        .bind(after.map(|a| a.name.as_str()))
         .bind(limit)
         .fetch_all(pool)
         .await?;
     rows.iter().map(record_from_row).collect()
+}
+
+/// The internal key of a pipeline: the stored one while the row exists (rows created
+/// before tenancy keep their old key), else the key it would have had.
+pub async fn key_of(pool: &PgPool, pipeline: &PipelineRef) -> Result<String, StoreError> {
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT id FROM pipelines WHERE tenant = $1 AND name = $2")
+            .bind(&pipeline.tenant)
+            .bind(&pipeline.name)
+            .fetch_optional(pool)
+            .await?;
+    Ok(stored.unwrap_or_else(|| pipeline.key()))
 }
 
 pub async fn pipeline_has_history(pool: &PgPool, id: &str) -> Result<bool, StoreError> {

@@ -88,8 +88,11 @@ if [[ $stack_status == *"older build"* ]]; then
 fi
 STACK_STARTED=1
 SLUICE_SERVER=http://$(<"$RUN_DIR/control-plane.addr")
-export SLUICE_SERVER
-echo "sluicectl talks to $SLUICE_SERVER  (sluicectl = $SLUICECTL_BIN)"
+# The server address and the operator token stack.sh created for tenant "demo".
+SLUICE_CONFIG=$LOCAL_DIR/sluicectl.yaml
+export SLUICE_SERVER SLUICE_CONFIG
+unset SLUICE_TOKEN
+echo "sluicectl talks to $SLUICE_SERVER as an operator of tenant 'demo' (config $SLUICE_CONFIG)"
 
 section "Clean slate"
 if out=$(sluicectl get "$PIPELINE" 2>&1); then
@@ -162,7 +165,8 @@ section "Done in $((SECONDS - T0))s — still running"
 "$SCRIPT_DIR/stack.sh" status
 cat <<EOF
 
-  gRPC API     ${SLUICE_SERVER#http://}  (try: $SLUICECTL_BIN list)
+  gRPC API     ${SLUICE_SERVER#http://}
+  Try:         SLUICE_CONFIG=$SLUICE_CONFIG $SLUICECTL_BIN list
   PostgreSQL   $DATABASE_URL
   Kafka        $KAFKA_BOOTSTRAP_SERVERS
   Logs         $RUN_DIR/*.log (Sluice), $LOCAL_DIR/kafka/logs/, $LOCAL_DIR/postgres/postgres.log

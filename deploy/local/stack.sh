@@ -11,7 +11,9 @@
 #
 # Pid files and logs live in $SLUICE_LOCAL_DIR/run (default <repo>/.local/run).
 # Endpoints come from $SLUICE_LOCAL_DIR/env (written by up.sh). The control plane
-# listens on $SLUICE_LISTEN (default 127.0.0.1:50051). Other SLUICE_* variables
+# listens on $SLUICE_LISTEN (default 127.0.0.1:50051); start writes sluicectl's config
+# (server + an operator token of tenant "demo") to $SLUICE_LOCAL_DIR/sluicectl.yaml,
+# so `SLUICE_CONFIG=.local/sluicectl.yaml sluicectl list` works. Other SLUICE_* variables
 # (SLUICE_LOG, SLUICE_SESSION_TIMEOUT_MS, ...) are passed through to the binaries.
 set -euo pipefail
 
@@ -47,7 +49,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
 BIN_DIR=$TARGET_DIR/debug
 
 usage() {
-  sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+  sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
   exit 2
 }
 
@@ -250,6 +252,33 @@ stop_pids() {
   done
 }
 
+# sluicectl's config for the local stack ($LOCAL_DIR/sluicectl.yaml): the control
+# plane's address and an operator token of tenant "demo". The token is created once
+# (kept in $LOCAL_DIR/token, mode 600) and replaced when it no longer authenticates,
+# e.g. after 'down.sh --purge'.
+CLIENT_CONFIG=$LOCAL_DIR/sluicectl.yaml
+ensure_client_config() {
+  local addr token="" out
+  addr=$(<"$RUN_DIR/control-plane.addr")
+  if [[ -r $LOCAL_DIR/token ]]; then
+    token=$(<"$LOCAL_DIR/token")
+  fi
+  if [[ -n $token ]]; then
+    out=$(SLUICE_TOKEN=$token "$BIN_DIR/sluicectl" --server "http://$addr" list 2>&1) || true
+    if [[ $out == *UNAUTHENTICATED* ]]; then
+      log "the local token is no longer valid; creating a new one"
+      token=""
+    fi
+  fi
+  if [[ -z $token ]]; then
+    token=$("$(bin_of control-plane)" tokens create --tenant demo --role operator \
+      --name local-stack 2>/dev/null) || die "cannot create an API token for the local stack"
+    (umask 077 && printf '%s\n' "$token" >"$LOCAL_DIR/token")
+    log "created an operator token for tenant 'demo' ($LOCAL_DIR/token)"
+  fi
+  (umask 077 && printf 'server: http://%s\ntoken: %s\n' "$addr" "$token" >"$CLIENT_CONFIG")
+}
+
 cmd_start() {
   local do_build=1 arg
   for arg in "$@"; do
@@ -268,6 +297,7 @@ cmd_start() {
     [[ -x $(bin_of "$name") ]] || die "$(bin_of "$name") missing; run without --no-build"
   done
   start_control_plane
+  ensure_client_config
   start_workers
   for name in "${PROCESSES[@]}"; do
     local pid

@@ -8,7 +8,14 @@ pub const EX_USAGE: u8 = 64;
 
 /// Parses the command line; `--help`/`--version` exit 0, bad flags exit 64.
 pub fn parse_cli<T: clap::Parser>() -> Result<T, ExitCode> {
-    match T::try_parse() {
+    parse_cli_from(std::env::args_os())
+}
+
+/// [`parse_cli`] over the given arguments (the first is the program name).
+pub fn parse_cli_from<T: clap::Parser>(
+    args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+) -> Result<T, ExitCode> {
+    match T::try_parse_from(args) {
         Ok(cli) => Ok(cli),
         Err(e) => {
             let _ = e.print();

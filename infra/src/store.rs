@@ -20,7 +20,7 @@ pub enum StoreError {
 }
 
 /// The columns [`record_from_row`] expects, in a form that can be spliced into queries.
-pub const PIPELINE_COLUMNS: &str = "id, spec, desired_status, status, generation, \
+pub const PIPELINE_COLUMNS: &str = "id, tenant, name, spec, desired_status, status, generation, \
      observed_generation, owner, owner_epoch, last_error, partition, create_time, update_time";
 
 /// Connects, retrying until `deadline` elapses so a process may start before Postgres.
@@ -65,6 +65,8 @@ pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
     let update_time: DateTime<Utc> = row.try_get("update_time")?;
     Ok(PipelineRecord {
         id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        name: row.try_get("name")?,
         spec,
         desired_status: desired.parse().map_err(|e| corrupt("desired_status", &e))?,
         status: status

@@ -15,7 +15,11 @@ use crate::FieldViolation;
 /// A pipeline as stored, the domain shape every API response is built from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineRecord {
+    /// Internal key (see [`crate::ids::pipeline_key`]); never shown to clients.
     pub id: String,
+    pub tenant: String,
+    /// The id clients know the pipeline by, unique within its tenant.
+    pub name: String,
     pub spec: PipelineSpec,
     pub desired_status: DesiredStatus,
     pub status: Option<PipelineStatus>,
@@ -190,8 +194,10 @@ pub fn patch_from_pb(p: &pb::Pipeline) -> Result<PipelinePatch, FieldViolation> 
 
 pub fn record_to_pb(r: &PipelineRecord) -> pb::Pipeline {
     pb::Pipeline {
-        id: r.id.clone(),
-        spec: Some(spec_to_pb(&r.spec)),
+        id: r.name.clone(),
+        tenant: r.tenant.clone(),
+        // Secrets never leave the server.
+        spec: Some(spec_to_pb(&crate::secrets::redact_spec(&r.spec))),
         desired_status: desired_status_to_pb(r.desired_status) as i32,
         status: status_to_pb(r.status) as i32,
         phase: derive_phase(r.desired_status, r.status, r.owner.as_deref()).to_string(),

@@ -25,6 +25,18 @@ pub fn validate_pipeline_id(id: &str, field: &str) -> Result<(), FieldViolation>
     }
 }
 
+/// Tenant names follow the same rules as pipeline ids (they appear in topic names too).
+pub fn validate_tenant(tenant: &str, field: &str) -> Result<(), FieldViolation> {
+    validate_pipeline_id(tenant, field)
+}
+
+/// The internal key of a pipeline: unique across tenants, stable for the pipeline's
+/// life, used by workers, topic names and destinations. Neither part may contain '.', so
+/// the key is unambiguous.
+pub fn pipeline_key(tenant: &str, name: &str) -> String {
+    format!("{tenant}.{name}")
+}
+
 /// A fresh id for a pipeline created without one.
 pub fn generate_pipeline_id(uuid: &str) -> String {
     format!("p-{}", &uuid.replace('-', "")[..20])
@@ -42,6 +54,7 @@ mod tests {
         for bad in ["", "-a", "a-", "A", "a_b", "a.b", "a/b", &"x".repeat(64)] {
             assert!(validate_pipeline_id(bad, "id").is_err(), "{bad}");
         }
+        assert_eq!(pipeline_key("acme", "orders"), "acme.orders");
         let generated = generate_pipeline_id("0192f3a4-1111-7222-8333-444455556666");
         assert!(validate_pipeline_id(&generated, "id").is_ok());
     }

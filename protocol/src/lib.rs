@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod catalog;
 pub mod conversions;
 pub mod ids;
@@ -12,6 +13,7 @@ pub mod mask;
 pub mod message;
 pub mod partition;
 pub mod retry;
+pub mod secrets;
 pub mod signal;
 pub mod spec;
 pub mod status;

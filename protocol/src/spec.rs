@@ -149,6 +149,13 @@ fn validate_destination(
     let parsed = match spec.connector_type.as_str() {
         "postgres" => {
             let url = config.string("url", None)?;
+            if crate::secrets::is_sealed(&url) {
+                return Err(config.violation(
+                    "url",
+                    "is encrypted and this process has no (or another) secrets key; \
+                     start it with --secrets-key-file",
+                ));
+            }
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(config.violation("url", "must be a postgres:// or postgresql:// URL"));
             }

@@ -11,15 +11,25 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use sluice_protocol::auth::BearerToken;
 use sluice_protocol::conversions::json_to_struct;
 use sluice_protocol::pb;
 use sluice_protocol::pb::pipeline_service_client::PipelineServiceClient;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-pub type Client = PipelineServiceClient<Channel>;
+pub type Client = PipelineServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// The tenant of the operator token every deployment's default client uses.
+pub const TEST_TENANT: &str = "t1";
+
+/// The internal key (topics, events, outbox) of a pipeline of [`TEST_TENANT`].
+pub fn key(id: &str) -> String {
+    sluice_protocol::ids::pipeline_key(TEST_TENANT, id)
+}
 
 /// Where the shared infrastructure listens: the environment, else `.local/env`.
 pub struct Infra {
@@ -101,6 +111,10 @@ pub struct Deployment {
     pub pool: PgPool,
     control_plane: Option<Process>,
     pub control_plane_addr: Option<String>,
+    /// Operator token of [`TEST_TENANT`], used by [`Deployment::client`].
+    pub token: Option<String>,
+    /// Extra flags for the control plane (set before starting it).
+    pub control_plane_args: Vec<String>,
     workers: Vec<Process>,
 }
 
@@ -152,6 +166,8 @@ impl Deployment {
             pool,
             control_plane: None,
             control_plane_addr: None,
+            token: None,
+            control_plane_args: Vec::new(),
             workers: Vec::new(),
         })
     }
@@ -159,6 +175,7 @@ impl Deployment {
     pub async fn start_control_plane(&mut self) -> Result<Client> {
         let mut child = Command::new(bin_path("sluice-control-plane")?)
             .args(["--listen", "127.0.0.1:0", "--signal-partitions", "4"])
+            .args(&self.control_plane_args)
             .env("DATABASE_URL", &self.database_url)
             .env(
                 "KAFKA_BOOTSTRAP_SERVERS",
@@ -186,15 +203,47 @@ impl Deployment {
             child,
         });
         self.control_plane_addr = Some(addr.clone());
+        if self.token.is_none() {
+            self.token = Some(self.create_token(TEST_TENANT, "operator").await?);
+        }
         self.client().await
     }
 
+    /// Creates a token through `sluice-control-plane tokens create`, as an admin would.
+    pub async fn create_token(&self, tenant: &str, role: &str) -> Result<String> {
+        let out = Command::new(bin_path("sluice-control-plane")?)
+            .args(["tokens", "create", "--tenant", tenant, "--role", role])
+            .args(["--name", &format!("{role}-{tenant}")])
+            .env("DATABASE_URL", &self.database_url)
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "tokens create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    /// A client with the deployment's operator token.
     pub async fn client(&self) -> Result<Client> {
+        self.client_with(self.token.as_deref()).await
+    }
+
+    /// A client sending `token` (None: no authorization header at all).
+    pub async fn client_with(&self, token: Option<&str>) -> Result<Client> {
         let addr = self
             .control_plane_addr
             .as_ref()
             .context("no control plane")?;
-        Ok(PipelineServiceClient::connect(format!("http://{addr}")).await?)
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        Ok(PipelineServiceClient::with_interceptor(
+            channel,
+            BearerToken::new(token)?,
+        ))
     }
 
     /// Starts a worker with test-friendly timings; returns its index.

@@ -10,6 +10,7 @@ use sluice_e2e::*;
 
 struct Ctl {
     server: String,
+    token: String,
 }
 
 impl Ctl {
@@ -18,6 +19,9 @@ impl Ctl {
             .arg("--server")
             .arg(&self.server)
             .args(args)
+            .env("SLUICE_TOKEN", &self.token)
+            // No config file of the machine's user may leak into the test.
+            .env("XDG_CONFIG_HOME", "/nonexistent")
             .output()
             .await?)
     }
@@ -51,6 +55,7 @@ async fn operator_workflow_through_sluicectl() -> Result<()> {
             "http://{}",
             d.control_plane_addr.clone().unwrap_or_default()
         ),
+        token: d.token.clone().unwrap_or_default(),
     };
 
     let table = unique("cli");

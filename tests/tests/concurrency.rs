@@ -28,7 +28,7 @@ fn set_count(id: &str, count: u64, etag: &str) -> pb::UpdatePipelineRequest {
 async fn signals(d: &Deployment, id: &str) -> Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT count(*) FROM signal_outbox WHERE pipeline_id = $1")
-            .bind(id)
+            .bind(key(id))
             .fetch_one(&d.pool)
             .await?,
     )

@@ -116,7 +116,7 @@ async fn created_paused_never_starts_lanes_until_resumed() -> Result<()> {
     assert!(d.table_exists(&table).await?);
     assert_eq!(d.row_count(&table).await?, 0);
     let checkpoint: serde_json::Value =
-        sqlx::query_scalar("SELECT checkpoint FROM pipelines WHERE id = 'held'")
+        sqlx::query_scalar("SELECT checkpoint FROM pipelines WHERE id = 't1.held'")
             .fetch_one(&d.pool)
             .await?;
     assert_eq!(
@@ -221,7 +221,7 @@ async fn delete_tears_down_before_the_row_disappears() -> Result<()> {
         .await?;
     for id in ["keep-table", "drop-table"] {
         wait_converged(&mut client, id, PipelineStatus::Ready, CONVERGE).await?;
-        let topic = sluice_protocol::topics::records_topic(id);
+        let topic = sluice_protocol::topics::records_topic(&key(id));
         assert!(
             admin.partition_count(&topic).await?.is_some(),
             "{topic} exists while READY"
@@ -241,7 +241,7 @@ async fn delete_tears_down_before_the_row_disappears() -> Result<()> {
     }
     for id in ["keep-table", "drop-table"] {
         wait_removed(&client, id, CONVERGE).await?;
-        let topic = sluice_protocol::topics::records_topic(id);
+        let topic = sluice_protocol::topics::records_topic(&key(id));
         assert_eq!(
             admin.partition_count(&topic).await?,
             None,

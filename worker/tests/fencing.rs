@@ -16,7 +16,8 @@ async fn insert_pipeline(pool: &PgPool, id: &str, desired: &str) {
     let spec = json!({"source": {"type": "generator", "config": {"count": 1}},
                       "destination": {"type": "postgres", "config": {"url": "postgres://x/y", "table": "t"}}});
     sqlx::query(
-        "INSERT INTO pipelines (id, spec, desired_status, partition) VALUES ($1, $2, $3, 0)",
+        "INSERT INTO pipelines (id, tenant, name, spec, desired_status, partition) \
+         VALUES ($1, 't', $1, $2, $3, 0)",
     )
     .bind(id)
     .bind(spec)

@@ -48,7 +48,7 @@ async fn main() -> Result<()> {
     let mut from_request = Vec::with_capacity(args.pauses);
     for i in 0..args.pauses {
         let last_event: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(max(id), 0) FROM pipeline_events WHERE pipeline_id = 'bench'",
+            "SELECT COALESCE(max(id), 0) FROM pipeline_events WHERE pipeline_id = 't1.bench'",
         )
         .fetch_one(&d.pool)
         .await?;
@@ -62,7 +62,7 @@ async fn main() -> Result<()> {
             async move {
                 let t: Option<chrono_free::Ts> = sqlx::query_scalar(
                     "SELECT (extract(epoch FROM time) * 1000000)::BIGINT FROM pipeline_events \
-                     WHERE pipeline_id = 'bench' AND to_status = 'PAUSED' AND id > $1",
+                     WHERE pipeline_id = 't1.bench' AND to_status = 'PAUSED' AND id > $1",
                 )
                 .bind(last_event)
                 .fetch_optional(&pool)

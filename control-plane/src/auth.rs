@@ -1,0 +1,316 @@
+//! Authentication and authorization. Every PipelineService call carries a bearer token;
+//! the token decides the caller's tenant and role. The tenant is never read from the
+//! request: a request names pipelines by their id within the caller's tenant, and only
+//! an admin may reach into another tenant by writing "<tenant>/<id>".
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use sluice_protocol::auth::{bearer_token, AUTHORIZATION};
+use sluice_protocol::ids::{pipeline_key, validate_pipeline_id, validate_tenant};
+use sqlx::{PgPool, Row};
+
+use crate::error::ApiError;
+
+/// Prefix of every token, so a leaked one is recognisable (secret scanners, logs).
+pub const TOKEN_PREFIX: &str = "sluice_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything, on every tenant.
+    Admin,
+    /// Everything, on its own tenant.
+    Operator,
+    /// Reads only, on its own tenant.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "operator" => Ok(Role::Operator),
+            "viewer" => Ok(Role::Viewer),
+            other => Err(format!(
+                "unknown role {other:?} (expected admin, operator or viewer)"
+            )),
+        }
+    }
+}
+
+/// What a call does: reads are open to every role, writes to operators and admins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token_id: uuid::Uuid,
+    pub tenant: String,
+    pub role: Role,
+}
+
+/// A pipeline as addressed by a request, resolved against the caller's tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineRef {
+    pub tenant: String,
+    pub name: String,
+}
+
+impl PipelineRef {
+    pub fn key(&self) -> String {
+        pipeline_key(&self.tenant, &self.name)
+    }
+}
+
+impl Caller {
+    pub fn authorize(&self, access: Access, method: &'static str) -> Result<(), ApiError> {
+        if access == Access::Write && self.role == Role::Viewer {
+            return Err(ApiError::PermissionDenied {
+                method,
+                role: self.role,
+                why: "viewer tokens may only read",
+            });
+        }
+        Ok(())
+    }
+
+    /// Resolves a pipeline id from a request. "<tenant>/<id>" names another tenant's
+    /// pipeline, which only admins reach; for anyone else it does not exist (NOT_FOUND,
+    /// exactly like a missing pipeline, so nothing about other tenants leaks).
+    pub fn resolve(&self, raw: &str, field: &str) -> Result<PipelineRef, ApiError> {
+        match raw.split_once('/') {
+            None => {
+                validate_pipeline_id(raw, field)?;
+                Ok(PipelineRef {
+                    tenant: self.tenant.clone(),
+                    name: raw.to_owned(),
+                })
+            }
+            Some((tenant, name)) => {
+                validate_tenant(tenant, field)?;
+                validate_pipeline_id(name, field)?;
+                if tenant != self.tenant && self.role != Role::Admin {
+                    return Err(ApiError::NotFound(raw.to_owned()));
+                }
+                Ok(PipelineRef {
+                    tenant: tenant.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+        }
+    }
+
+    /// The tenants a list covers: admins see every tenant.
+    pub fn list_scope(&self) -> Option<&str> {
+        (self.role != Role::Admin).then_some(self.tenant.as_str())
+    }
+}
+
+pub fn hash_token(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// Checks the request's bearer token against the stored hashes. Revoked tokens are
+/// refused at once: every call looks its token up.
+pub async fn authenticate(
+    pool: &PgPool,
+    metadata: &tonic::metadata::MetadataMap,
+    method: &'static str,
+) -> Result<Caller, ApiError> {
+    let Some(header) = metadata.get(AUTHORIZATION) else {
+        tracing::info!(method, "request without a token refused");
+        return Err(ApiError::Unauthenticated {
+            reason: "TOKEN_MISSING",
+            why: "this call needs an \"authorization: Bearer <token>\" header",
+        });
+    };
+    let invalid = || ApiError::Unauthenticated {
+        reason: "TOKEN_INVALID",
+        why: "the token is unknown or revoked",
+    };
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(bearer_token)
+        .ok_or(ApiError::Unauthenticated {
+            reason: "TOKEN_INVALID",
+            why: "the authorization header is not a bearer token",
+        })?;
+    let row = sqlx::query(
+        "SELECT id, tenant, role FROM api_tokens WHERE token_hash = $1 AND revoke_time IS NULL",
+    )
+    .bind(hash_token(token))
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else {
+        tracing::info!(method, "request with an unknown or revoked token refused");
+        return Err(invalid());
+    };
+    let role: String = row.try_get("role")?;
+    Ok(Caller {
+        token_id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        role: role
+            .parse()
+            .map_err(|e: String| ApiError::Internal(sluice_infra::store::StoreError::Corrupt(e)))?,
+    })
+}
+
+/// A token as listed (the secret itself is never stored).
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    pub id: uuid::Uuid,
+    pub name: String,
+    pub tenant: String,
+    pub role: Role,
+    pub create_time: chrono::DateTime<chrono::Utc>,
+    pub revoke_time: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Creates a token; returns its id and the token, which exists nowhere else afterwards.
+pub async fn create_token(
+    pool: &PgPool,
+    name: &str,
+    tenant: &str,
+    role: Role,
+) -> Result<(uuid::Uuid, String), sqlx::Error> {
+    let secret: [u8; 32] = rand::random();
+    let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
+    let id = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO api_tokens (id, name, tenant, role, token_hash) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(name)
+    .bind(tenant)
+    .bind(role.as_str())
+    .bind(hash_token(&token))
+    .execute(pool)
+    .await?;
+    Ok((id, token))
+}
+
+pub async fn list_tokens(pool: &PgPool) -> Result<Vec<TokenInfo>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, name, tenant, role, create_time, revoke_time FROM api_tokens \
+         ORDER BY create_time, id",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let role: String = r.try_get("role")?;
+            Ok(TokenInfo {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                tenant: r.try_get("tenant")?,
+                role: role
+                    .parse()
+                    .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
+                create_time: r.try_get("create_time")?,
+                revoke_time: r.try_get("revoke_time")?,
+            })
+        })
+        .collect()
+}
+
+/// Revokes a token; false when no such (unrevoked) token exists.
+pub async fn revoke_token(pool: &PgPool, id: uuid::Uuid) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE api_tokens SET revoke_time = now() WHERE id = $1 AND revoke_time IS NULL",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(tenant: &str, role: Role) -> Caller {
+        Caller {
+            token_id: uuid::Uuid::nil(),
+            tenant: tenant.into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn roles_round_trip() {
+        for role in [Role::Admin, Role::Operator, Role::Viewer] {
+            assert_eq!(role.as_str().parse::<Role>(), Ok(role));
+        }
+        assert!("root".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn viewers_cannot_write() {
+        assert!(caller("a", Role::Viewer)
+            .authorize(Access::Write, "X")
+            .is_err());
+        assert!(caller("a", Role::Viewer)
+            .authorize(Access::Read, "X")
+            .is_ok());
+        assert!(caller("a", Role::Operator)
+            .authorize(Access::Write, "X")
+            .is_ok());
+    }
+
+    #[test]
+    fn ids_resolve_in_the_callers_tenant() {
+        let op = caller("acme", Role::Operator);
+        assert_eq!(op.resolve("orders", "id").expect("ok").key(), "acme.orders");
+        assert_eq!(
+            op.resolve("acme/orders", "id").expect("own tenant").key(),
+            "acme.orders"
+        );
+        assert!(matches!(
+            op.resolve("other/orders", "id"),
+            Err(ApiError::NotFound(_))
+        ));
+        assert!(matches!(
+            op.resolve("Bad/orders", "id"),
+            Err(ApiError::InvalidArgument(_))
+        ));
+        let admin = caller("ops", Role::Admin);
+        assert_eq!(
+            admin.resolve("other/orders", "id").expect("admin").key(),
+            "other.orders"
+        );
+        assert_eq!(admin.list_scope(), None);
+        assert_eq!(op.list_scope(), Some("acme"));
+    }
+
+    #[test]
+    fn tokens_hash_deterministically() {
+        assert_eq!(hash_token("sluice_x"), hash_token("sluice_x"));
+        assert_ne!(hash_token("sluice_x"), hash_token("sluice_y"));
+        assert_eq!(hash_token("x").len(), 32);
+    }
+}

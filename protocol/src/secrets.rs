@@ -1,0 +1,397 @@
+//! Secret connector settings. Each connector type marks which config keys hold secrets
+//! (today: the password of the postgres destination's `url`, in its user info or as a
+//! `password` / `sslpassword` query parameter). Secrets are
+//!
+//! - sealed before a spec is stored: XChaCha20-Poly1305 under the deployment's secrets
+//!   key, bound to the field they belong to, as `sluice-secret:v1:<key id>:<base64>`;
+//! - opened when a spec is loaded by a process that holds the key;
+//! - redacted in every API response (`postgres://app:********@db/x`), and a redacted
+//!   value sent back in an update means "keep the current secret".
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::spec::{ConnectorSpec, PipelineSpec};
+
+/// What a redacted secret reads as.
+pub const REDACTED: &str = "********";
+const SEALED_PREFIX: &str = "sluice-secret:v1:";
+
+/// Whether a connector config value was sealed (and not opened).
+pub fn is_sealed(value: &str) -> bool {
+    value.starts_with(SEALED_PREFIX)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SecretKind {
+    /// A connection URL whose password (user info or query parameter) is secret.
+    UrlPassword,
+}
+
+/// The secret config keys of a connector type.
+fn secret_keys(connector_type: &str) -> &'static [(&'static str, SecretKind)] {
+    match connector_type {
+        "postgres" => &[("url", SecretKind::UrlPassword)],
+        _ => &[],
+    }
+}
+
+/// The deployment's secrets key.
+#[derive(Clone)]
+pub struct SecretBox {
+    cipher: XChaCha20Poly1305,
+    key_id: String,
+}
+
+impl std::fmt::Debug for SecretBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBox(key id {})", self.key_id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("a secrets key must be 32 random bytes, base64-encoded (e.g. `head -c 32 /dev/urandom | base64`)")]
+    BadKey,
+    #[error("{field} is encrypted with secrets key {key_id}, not with this process's key")]
+    WrongKey { field: String, key_id: String },
+    #[error("{field} holds a corrupt encrypted value")]
+    Corrupt { field: String },
+}
+
+impl SecretBox {
+    /// Reads a key in its file form: 32 bytes, base64.
+    pub fn from_base64(text: &str) -> Result<Self, SecretError> {
+        let bytes = STANDARD
+            .decode(text.trim())
+            .map_err(|_| SecretError::BadKey)?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| SecretError::BadKey)?;
+        let key_id = Sha256::digest(key)[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Self {
+            cipher: XChaCha20Poly1305::new(&key.into()),
+            key_id,
+        })
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    fn seal(&self, field: &str, plaintext: &str) -> String {
+        let nonce_bytes: [u8; 24] = rand::random();
+        let nonce = XNonce::from(nonce_bytes);
+        let sealed = self
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad: field.as_bytes(),
+                },
+            )
+            .expect("XChaCha20-Poly1305 encrypts any message that fits in memory");
+        let mut blob = nonce_bytes.to_vec();
+        blob.extend_from_slice(&sealed);
+        format!("{SEALED_PREFIX}{}:{}", self.key_id, STANDARD.encode(blob))
+    }
+
+    fn open(&self, field: &str, sealed: &str) -> Result<String, SecretError> {
+        let corrupt = || SecretError::Corrupt {
+            field: field.to_owned(),
+        };
+        let rest = sealed.strip_prefix(SEALED_PREFIX).ok_or_else(corrupt)?;
+        let (key_id, blob) = rest.split_once(':').ok_or_else(corrupt)?;
+        if key_id != self.key_id {
+            return Err(SecretError::WrongKey {
+                field: field.to_owned(),
+                key_id: key_id.to_owned(),
+            });
+        }
+        let blob = STANDARD.decode(blob).map_err(|_| corrupt())?;
+        if blob.len() < 24 {
+            return Err(corrupt());
+        }
+        let (nonce, ciphertext) = blob.split_at(24);
+        let nonce: [u8; 24] = nonce.try_into().map_err(|_| corrupt())?;
+        let plain = self
+            .cipher
+            .decrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: field.as_bytes(),
+                },
+            )
+            .map_err(|_| corrupt())?;
+        String::from_utf8(plain).map_err(|_| corrupt())
+    }
+}
+
+/// Calls `f(field path, value)` for every secret-bearing string of the spec.
+fn for_each_secret(spec: &mut PipelineSpec, mut f: impl FnMut(&str, SecretKind, &mut String)) {
+    for (side, connector) in [
+        ("source", &mut spec.source),
+        ("destination", &mut spec.destination),
+    ] {
+        for (key, kind) in secret_keys(&connector.connector_type) {
+            if let Some(Value::String(value)) = connector.config.get_mut(*key) {
+                f(&format!("{side}.config.{key}"), *kind, value);
+            }
+        }
+    }
+}
+
+fn holds_secret(kind: SecretKind, value: &str) -> bool {
+    match kind {
+        SecretKind::UrlPassword => is_sealed(value) || redact_url(value) != value,
+    }
+}
+
+/// Whether storing the spec needs a secrets key.
+pub fn has_plain_secrets(spec: &PipelineSpec) -> Option<String> {
+    let mut found = None;
+    let mut copy = spec.clone();
+    for_each_secret(&mut copy, |field, kind, value| {
+        if found.is_none() && !is_sealed(value) && holds_secret(kind, value) {
+            found = Some(field.to_owned());
+        }
+    });
+    found
+}
+
+/// The spec as stored: every secret sealed.
+pub fn seal_spec(spec: &PipelineSpec, secrets: &SecretBox) -> PipelineSpec {
+    let mut sealed = spec.clone();
+    for_each_secret(&mut sealed, |field, kind, value| {
+        if !is_sealed(value) && holds_secret(kind, value) {
+            *value = secrets.seal(field, value);
+        }
+    });
+    sealed
+}
+
+/// Opens the sealed secrets of a loaded spec. Values that cannot be opened stay sealed
+/// (validation then reports them); the first such failure is returned.
+pub fn open_spec(spec: &mut PipelineSpec, secrets: Option<&SecretBox>) -> Option<SecretError> {
+    let mut failure = None;
+    for_each_secret(spec, |field, _, value| {
+        if !is_sealed(value) {
+            return;
+        }
+        let Some(secrets) = secrets else {
+            return;
+        };
+        match secrets.open(field, value) {
+            Ok(plain) => *value = plain,
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    });
+    failure
+}
+
+/// The spec as shown to clients.
+pub fn redact_spec(spec: &PipelineSpec) -> PipelineSpec {
+    let mut shown = spec.clone();
+    for_each_secret(&mut shown, |_, kind, value| {
+        *value = redact(kind, value);
+    });
+    shown
+}
+
+fn redact(kind: SecretKind, value: &str) -> String {
+    if is_sealed(value) {
+        return REDACTED.to_owned();
+    }
+    match kind {
+        SecretKind::UrlPassword => redact_url(value),
+    }
+}
+
+/// A redacted secret sent back (e.g. a spec read with Get and written with Update)
+/// keeps the current secret.
+pub fn restore_redacted(new: &mut PipelineSpec, current: &PipelineSpec) {
+    let current_values = |c: &ConnectorSpec, key: &str| c.config.get(key).cloned();
+    let mut restores = Vec::new();
+    for (side, (n, c)) in [
+        ("source", (&new.source, &current.source)),
+        ("destination", (&new.destination, &current.destination)),
+    ] {
+        if n.connector_type != c.connector_type {
+            continue;
+        }
+        for (key, kind) in secret_keys(&n.connector_type) {
+            if let (Some(Value::String(sent)), Some(Value::String(kept))) =
+                (n.config.get(*key), current_values(c, key))
+            {
+                if sent != &kept && *sent == redact(*kind, &kept) {
+                    restores.push((side, *key, kept));
+                }
+            }
+        }
+    }
+    for (side, key, kept) in restores {
+        let connector = if side == "source" {
+            &mut new.source
+        } else {
+            &mut new.destination
+        };
+        connector.config.insert(key.to_owned(), Value::String(kept));
+    }
+}
+
+/// `scheme://user:secret@host/db?password=x` → `scheme://user:********@host/db?password=********`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:{REDACTED}@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let (query, fragment) = query
+                .split_once('#')
+                .map_or((query, None), |(q, f)| (q, Some(f)));
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k == "password" || k == "sslpassword" => {
+                        format!("{k}={REDACTED}")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
+            format!("{path}?{}{fragment}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}{authority}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key() -> SecretBox {
+        SecretBox::from_base64(&STANDARD.encode([7u8; 32])).expect("valid key")
+    }
+
+    fn spec(url: &str) -> PipelineSpec {
+        PipelineSpec::from_json(json!({
+            "source": {"type": "generator", "config": {"count": 1}},
+            "destination": {"type": "postgres", "config": {"url": url, "table": "t"}}
+        }))
+        .expect("valid spec")
+    }
+
+    fn url_of(spec: &PipelineSpec) -> &str {
+        spec.destination.config["url"].as_str().expect("string")
+    }
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        for (url, shown) in [
+            (
+                "postgres://app:pw@db:5432/x",
+                "postgres://app:********@db:5432/x",
+            ),
+            ("postgres://app:p@ss@db/x", "postgres://app:********@db/x"),
+            ("postgres://app@db/x", "postgres://app@db/x"),
+            (
+                "postgres://db/x?sslmode=require&password=pw",
+                "postgres://db/x?sslmode=require&password=********",
+            ),
+            ("postgres://a:b@db", "postgres://a:********@db"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_sealed_opened_and_redacted() {
+        let plain = spec("postgres://app:hunter2@db/x");
+        assert_eq!(
+            has_plain_secrets(&plain).as_deref(),
+            Some("destination.config.url")
+        );
+        let sealed = seal_spec(&plain, &key());
+        assert!(is_sealed(url_of(&sealed)));
+        assert!(!sealed.to_json().to_string().contains("hunter2"));
+        assert_eq!(has_plain_secrets(&sealed), None);
+        // Sealing twice gives different ciphertexts of the same secret.
+        assert_ne!(url_of(&sealed), url_of(&seal_spec(&plain, &key())));
+
+        let mut opened = sealed.clone();
+        assert_eq!(open_spec(&mut opened, Some(&key())), None);
+        assert_eq!(opened, plain);
+        assert_eq!(url_of(&redact_spec(&plain)), "postgres://app:********@db/x");
+        assert_eq!(url_of(&redact_spec(&sealed)), REDACTED);
+
+        // Without the key, or with another key, the value stays sealed.
+        let mut without = sealed.clone();
+        assert_eq!(open_spec(&mut without, None), None);
+        assert_eq!(without, sealed);
+        let other = SecretBox::from_base64(&STANDARD.encode([8u8; 32])).expect("valid");
+        let mut wrong = sealed.clone();
+        assert!(matches!(
+            open_spec(&mut wrong, Some(&other)),
+            Some(SecretError::WrongKey { .. })
+        ));
+        assert_eq!(wrong, sealed);
+    }
+
+    #[test]
+    fn passwordless_specs_need_no_key() {
+        let plain = spec("postgres://app@db/x");
+        assert_eq!(has_plain_secrets(&plain), None);
+        assert_eq!(seal_spec(&plain, &key()), plain);
+    }
+
+    #[test]
+    fn a_redacted_secret_sent_back_keeps_the_current_one() {
+        let current = spec("postgres://app:hunter2@db/x");
+        let mut sent = redact_spec(&current);
+        restore_redacted(&mut sent, &current);
+        assert_eq!(sent, current);
+        // A new secret replaces it.
+        let mut changed = spec("postgres://app:new@db/x");
+        restore_redacted(&mut changed, &current);
+        assert_eq!(url_of(&changed), "postgres://app:new@db/x");
+        // A redacted URL pointing elsewhere is not a round trip.
+        let mut elsewhere = spec("postgres://app:********@other/x");
+        restore_redacted(&mut elsewhere, &current);
+        assert_eq!(url_of(&elsewhere), "postgres://app:********@other/x");
+    }
+
+    #[test]
+    fn keys_must_be_32_bytes() {
+        assert_eq!(
+            SecretBox::from_base64("c2hvcnQ=").err(),
+            Some(SecretError::BadKey)
+        );
+        assert_eq!(
+            SecretBox::from_base64("not base64!").err(),
+            Some(SecretError::BadKey)
+        );
+        assert_eq!(key().key_id().len(), 8);
+    }
+}
