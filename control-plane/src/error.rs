@@ -42,6 +42,8 @@ pub enum ApiError {
         max: u64,
         what: String,
     },
+    #[error("{0}")]
+    NoSecretsKey(#[from] sluice_infra::secrets::NoSecretsKey),
     #[error("internal error")]
     Internal(#[from] StoreError),
 }
@@ -119,6 +121,11 @@ impl From<ApiError> for Status {
                 details.add_quota_failure_violation(*limit, message.clone());
                 return Status::with_error_details(Code::ResourceExhausted, message, details);
             }
+            ApiError::NoSecretsKey(e) => (
+                Code::FailedPrecondition,
+                "SECRETS_KEY_MISSING",
+                vec![("field".into(), format!("pipeline.spec.{}", e.field))],
+            ),
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "request failed");
                 (Code::Internal, "INTERNAL", Vec::new())

@@ -161,6 +161,9 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(cli: ServeArgs) -> ExitCode {
+    if let Err(code) = cli.connection.install_secrets_key() {
+        return code;
+    }
     let kafka = cli.connection.kafka();
     let tls = match (cli.tls_cert, cli.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles {

@@ -22,6 +22,9 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
+use sluice_infra::secrets::stored_spec_json;
+use sluice_protocol::secrets::restore_redacted;
+
 use crate::auth::{authenticate, Access, Caller, PipelineRef};
 use crate::error::ApiError;
 use crate::store;
@@ -116,9 +119,10 @@ impl PipelineApi {
                 Some(d) => d,
             };
         let request_id = parse_request_id(&req.request_id)?;
+        let stored_spec = stored_spec_json(&spec)?;
         let new = store::NewPipeline {
             pipeline: &target,
-            spec: &spec,
+            spec: &stored_spec,
             desired_status: desired,
             partition: partition_for(&target.key(), self.signal_partitions),
         };
@@ -184,7 +188,9 @@ impl PipelineApi {
             return Err(ApiError::Deleted(pipeline.id));
         }
         check_etag(&current, &pipeline.id, &pipeline.etag)?;
-        let (desired, spec) = apply_patch(current.desired_status, &current.spec, &patch, &mask)?;
+        let (desired, mut spec) =
+            apply_patch(current.desired_status, &current.spec, &patch, &mask)?;
+        restore_redacted(&mut spec, &current.spec);
         // Exactly as strict as create: the merged spec must validate as a whole.
         spec.validate("pipeline.spec")?;
 
@@ -196,7 +202,8 @@ impl PipelineApi {
         if unchanged && !retry_requested {
             return Ok(current);
         }
-        let record = store::write_desired(&mut tx, &current.id, desired, &spec).await?;
+        let record =
+            store::write_desired(&mut tx, &current.id, desired, &stored_spec_json(&spec)?).await?;
         tx.commit().await?;
         self.outbox_wakeup.notify_one();
         tracing::info!(
@@ -232,8 +239,8 @@ impl PipelineApi {
             // Deleting twice changes nothing; the teardown is already on its way.
             current
         } else {
-            store::write_desired(&mut tx, &current.id, DesiredStatus::Deleted, &current.spec)
-                .await?
+            let stored = stored_spec_json(&current.spec)?;
+            store::write_desired(&mut tx, &current.id, DesiredStatus::Deleted, &stored).await?
         };
         let response = record_to_pb(&record);
         if let Some(rid) = request_id {

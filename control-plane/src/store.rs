@@ -5,7 +5,6 @@
 use sluice_infra::store::{record_from_row, StoreError, PIPELINE_COLUMNS};
 use sluice_protocol::conversions::PipelineRecord;
 use sluice_protocol::signal::Signal;
-use sluice_protocol::spec::PipelineSpec;
 use sluice_protocol::status::DesiredStatus;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
@@ -13,7 +12,8 @@ use crate::auth::PipelineRef;
 
 pub struct NewPipeline<'a> {
     pub pipeline: &'a PipelineRef,
-    pub spec: &'a PipelineSpec,
+    /// The spec as stored (secrets sealed).
+    pub spec: &'a serde_json::Value,
     pub desired_status: DesiredStatus,
     pub partition: i32,
 }
@@ -31,7 +31,7 @@ pub async fn insert_pipeline(
         .bind(new.pipeline.key())
         .bind(&new.pipeline.tenant)
         .bind(&new.pipeline.name)
-        .bind(new.spec.to_json())
+        .bind(new.spec)
         .bind(new.desired_status.as_str())
         .bind(new.partition)
         .fetch_optional(&mut **tx)
@@ -144,7 +144,7 @@ pub async fn write_desired(
     tx: &mut Transaction<'_, Postgres>,
     id: &str,
     desired: DesiredStatus,
-    spec: &PipelineSpec,
+    spec: &serde_json::Value,
 ) -> Result<PipelineRecord, StoreError> {
     let sql = format!(
         "UPDATE pipelines SET desired_status = $2, spec = $3, generation = generation + 1, \
@@ -153,7 +153,7 @@ pub async fn write_desired(
     let row = sqlx::query(&sql)
         .bind(id)
         .bind(desired.as_str())
-        .bind(spec.to_json())
+        .bind(spec)
         .fetch_one(&mut **tx)
         .await?;
     let record = record_from_row(&row)?;

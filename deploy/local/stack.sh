@@ -115,7 +115,7 @@ load_env() {
   [[ -r $ENV_FILE ]] || die "$ENV_FILE not found: run deploy/local/up.sh first"
   # shellcheck source=/dev/null
   source "$ENV_FILE"
-  export DATABASE_URL KAFKA_BOOTSTRAP_SERVERS
+  export DATABASE_URL KAFKA_BOOTSTRAP_SERVERS SLUICE_SECRETS_KEY_FILE
 }
 
 take_stack_lock() {

@@ -20,6 +20,10 @@ export DATABASE_URL KAFKA_BOOTSTRAP_SERVERS
 echo "[sluice-test] building binaries"
 cargo build --workspace --bins --locked
 echo "[sluice-test] running tests"
+# The end-to-end tests keep each process's log under target/e2e-logs; a fresh run
+# starts empty so the secret check below sees this run's logs only.
+e2e_logs=${SLUICE_E2E_LOG_DIR:-$root/target/e2e-logs}
+rm -rf "$e2e_logs"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
@@ -28,6 +32,15 @@ if [ "$#" -gt 0 ]; then
   cargo test --locked "$@" 2>&1 | tee "$log" || status=$?
 else
   cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+fi
+# Connector secrets the tests use all start with "e2e-secret-"; none may appear in
+# any log line of any process of the run.
+if [ -d "$e2e_logs" ] && leaks=$(grep -rl -- "e2e-secret-" "$e2e_logs"); then
+  echo "[sluice-test] secret values found in process logs:" >&2
+  echo "$leaks" >&2
+  status=1
+else
+  echo "[sluice-test] no secret value in $(find "$e2e_logs" -name '*.log' 2>/dev/null | wc -l) process logs"
 fi
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

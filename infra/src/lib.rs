@@ -5,4 +5,5 @@
 
 pub mod kafka;
 pub mod process;
+pub mod secrets;
 pub mod store;

@@ -44,6 +44,10 @@ pub struct ConnectionArgs {
     /// Topic that carries change signals from the control plane to the workers.
     #[arg(long, env = "SLUICE_SIGNALS_TOPIC", default_value = sluice_protocol::topics::DEFAULT_SIGNALS_TOPIC)]
     pub signals_topic: String,
+    /// File holding the deployment's secrets key (32 random bytes, base64): connector
+    /// secrets are stored encrypted with it. Control plane and workers need the same.
+    #[arg(long, env = "SLUICE_SECRETS_KEY_FILE", value_name = "FILE")]
+    pub secrets_key_file: Option<std::path::PathBuf>,
     /// Replication factor of the topics this process creates.
     #[arg(long, env = "SLUICE_REPLICATION_FACTOR", default_value_t = 1,
           value_parser = clap::value_parser!(i32).range(1..=16))]
@@ -51,6 +55,21 @@ pub struct ConnectionArgs {
 }
 
 impl ConnectionArgs {
+    /// Loads the secrets key, if one is configured; a bad key file is a usage error.
+    pub fn install_secrets_key(&self) -> Result<(), ExitCode> {
+        match self
+            .secrets_key_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            None => Ok(()),
+            Some(path) => crate::secrets::install_key_file(path).map_err(|e| {
+                eprintln!("error: {e}");
+                ExitCode::from(EX_USAGE)
+            }),
+        }
+    }
+
     pub fn kafka(&self) -> crate::kafka::KafkaSettings {
         let mut kafka = crate::kafka::KafkaSettings::new(&self.kafka_bootstrap_servers);
         kafka.properties = self.kafka_properties.clone();

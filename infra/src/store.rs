@@ -58,7 +58,11 @@ pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
     let corrupt =
         |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("{what}: {e}"));
     let spec_json: serde_json::Value = row.try_get("spec")?;
-    let spec = PipelineSpec::from_json(spec_json).map_err(|e| corrupt("spec", &e))?;
+    let mut spec = PipelineSpec::from_json(spec_json).map_err(|e| corrupt("spec", &e))?;
+    if let Some(e) = sluice_protocol::secrets::open_spec(&mut spec, crate::secrets::installed()) {
+        // The value stays sealed; validation reports it where the spec is used.
+        tracing::warn!(error = %e, "cannot open a secret of a stored spec");
+    }
     let desired: String = row.try_get("desired_status")?;
     let status: Option<String> = row.try_get("status")?;
     let create_time: DateTime<Utc> = row.try_get("create_time")?;

@@ -106,6 +106,12 @@ pub struct Deployment {
     pub infra: Infra,
     pub db_name: String,
     pub database_url: String,
+    /// Where the processes' logs go (one file each), kept after the test so a run's
+    /// logs can be searched (deploy/local/test.sh greps them for secrets).
+    pub log_dir: PathBuf,
+    /// The deployment's secrets key file, given to the control plane and workers
+    /// (None: they run without a secrets key).
+    pub secrets_key_file: Option<PathBuf>,
     pub signals_topic: String,
     pub group: String,
     pub pool: PgPool,
@@ -157,7 +163,18 @@ impl Deployment {
             .max_connections(4)
             .connect(&database_url)
             .await?;
+        let log_dir = std::env::var_os("SLUICE_E2E_LOG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target/e2e-logs"))
+            .join(&db_name);
+        std::fs::create_dir_all(&log_dir)?;
+        eprintln!("process logs: {}", log_dir.display());
+        let secrets_key_file = log_dir.join("secrets.key");
+        let key: [u8; 32] = rand::random();
+        std::fs::write(&secrets_key_file, base64_key(&key))?;
         Ok(Self {
+            log_dir,
+            secrets_key_file: Some(secrets_key_file),
             signals_topic: unique("sluice.signals.t").replace('_', "."),
             group: unique("sluice-workers-t"),
             infra,
@@ -173,7 +190,15 @@ impl Deployment {
     }
 
     pub async fn start_control_plane(&mut self) -> Result<Client> {
-        let mut child = Command::new(bin_path("sluice-control-plane")?)
+        self.start_control_plane_process().await?;
+        self.client().await
+    }
+
+    /// Starts the control plane and creates the operator token, without connecting
+    /// (for a control plane that serves TLS); returns its address.
+    pub async fn start_control_plane_process(&mut self) -> Result<String> {
+        let mut child = self
+            .with_secrets_key(&mut Command::new(bin_path("sluice-control-plane")?))
             .args(["--listen", "127.0.0.1:0", "--signal-partitions", "4"])
             .args(&self.control_plane_args)
             .env("DATABASE_URL", &self.database_url)
@@ -183,7 +208,7 @@ impl Deployment {
             )
             .env("SLUICE_SIGNALS_TOPIC", &self.signals_topic)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(self.log_file("control-plane")?)
             .kill_on_drop(true)
             .spawn()?;
         let stdout = child.stdout.take().context("stdout is piped")?;
@@ -206,7 +231,36 @@ impl Deployment {
         if self.token.is_none() {
             self.token = Some(self.create_token(TEST_TENANT, "operator").await?);
         }
-        self.client().await
+        Ok(addr)
+    }
+
+    /// Sets SLUICE_SECRETS_KEY_FILE for a process, or removes an inherited one.
+    fn with_secrets_key<'c>(&self, command: &'c mut Command) -> &'c mut Command {
+        match &self.secrets_key_file {
+            Some(path) => command.env("SLUICE_SECRETS_KEY_FILE", path),
+            None => command.env_remove("SLUICE_SECRETS_KEY_FILE"),
+        }
+    }
+
+    /// An append-mode log file for process `name`.
+    pub fn log_file(&self, name: &str) -> Result<Stdio> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_dir.join(format!("{name}.log")))?;
+        Ok(Stdio::from(file))
+    }
+
+    /// Everything the deployment's processes logged so far.
+    pub fn logs(&self) -> Result<String> {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(&self.log_dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                all.push_str(&std::fs::read_to_string(&path)?);
+            }
+        }
+        Ok(all)
     }
 
     /// Creates a token through `sluice-control-plane tokens create`, as an admin would.
@@ -248,7 +302,8 @@ impl Deployment {
 
     /// Starts a worker with test-friendly timings; returns its index.
     pub async fn start_worker(&mut self, worker_id: &str) -> Result<usize> {
-        let child = Command::new(bin_path("sluice-worker")?)
+        let child = self
+            .with_secrets_key(&mut Command::new(bin_path("sluice-worker")?))
             .env("DATABASE_URL", &self.database_url)
             .env(
                 "KAFKA_BOOTSTRAP_SERVERS",
@@ -261,7 +316,7 @@ impl Deployment {
             .env("SLUICE_RESYNC_INTERVAL_MS", "2000")
             .env("SLUICE_RETRY_INITIAL_MS", "200")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(self.log_file(worker_id)?)
             .kill_on_drop(true)
             .spawn()?;
         self.workers.push(Process {
@@ -315,6 +370,11 @@ impl Deployment {
         admin.delete_topic(&self.signals_topic).await?;
         Ok(())
     }
+}
+
+fn base64_key(key: &[u8; 32]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(key)
 }
 
 fn replace_db(url: &str, db: &str) -> String {

@@ -1,0 +1,190 @@
+//! gRPC over TLS and mutual TLS: the control plane serves the certificate it is given,
+//! refuses plaintext, and with a client CA refuses clients without a certificate;
+//! sluicectl connects with --ca-file (and --client-cert/--client-key).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use sluice_e2e::*;
+use sluice_protocol::auth::BearerToken;
+use sluice_protocol::pb;
+use sluice_protocol::pb::pipeline_service_client::PipelineServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate.
+fn make_pki(dir: &Path) -> Result<Pki> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "sluice test CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let leaf = |names: Vec<String>, cn: &str| -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names)?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    let (server_pem, server_key) = leaf(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        "control plane",
+    )?;
+    let (client_pem, client_key) = leaf(vec!["sluicectl".into()], "operator")?;
+    let write = |name: &str, text: &str| -> Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    };
+    Ok(Pki {
+        ca: write("ca.pem", &ca.pem())?,
+        server_cert: write("server.pem", &server_pem)?,
+        server_key: write("server.key", &server_key)?,
+        client_cert: write("client.pem", &client_pem)?,
+        client_key: write("client.key", &client_key)?,
+    })
+}
+
+async fn list_over(channel: Channel, token: &str) -> Result<usize, tonic::Status> {
+    let mut client = PipelineServiceClient::with_interceptor(
+        channel,
+        BearerToken::new(Some(token)).expect("ascii"),
+    );
+    Ok(client
+        .list_pipelines(pb::ListPipelinesRequest::default())
+        .await?
+        .into_inner()
+        .pipelines
+        .len())
+}
+
+async fn sluicectl(args: &[&str], token: &str) -> Result<std::process::Output> {
+    Ok(tokio::process::Command::new(bin_path("sluicectl")?)
+        .args(args)
+        .env("SLUICE_TOKEN", token)
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_the_given_certificate_and_refuses_plaintext() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let pki = make_pki(&d.log_dir)?;
+    d.control_plane_args = vec![
+        "--tls-cert".into(),
+        pki.server_cert.display().to_string(),
+        "--tls-key".into(),
+        pki.server_key.display().to_string(),
+    ];
+    let addr = d.start_control_plane_process().await?;
+    let token = d.token.clone().unwrap_or_default();
+    let ca = Certificate::from_pem(std::fs::read(&pki.ca)?);
+
+    let tls = Channel::from_shared(format!("https://{addr}"))?
+        .tls_config(ClientTlsConfig::new().ca_certificate(ca))?
+        .connect()
+        .await?;
+    assert_eq!(list_over(tls, &token).await?, 0);
+
+    // Plaintext gRPC gets nowhere.
+    let plain = Channel::from_shared(format!("http://{addr}"))?;
+    let refused = match plain.connect().await {
+        Err(_) => true,
+        Ok(channel) => list_over(channel, &token).await.is_err(),
+    };
+    assert!(refused, "plaintext must not reach a TLS listener");
+
+    // sluicectl: with the CA it works; without it the server's certificate is untrusted.
+    let server = format!("https://{addr}");
+    let ca_path = pki.ca.display().to_string();
+    let ok = sluicectl(
+        &["--server", &server, "--ca-file", &ca_path, "list"],
+        &token,
+    )
+    .await?;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let untrusted = sluicectl(&["--server", &server, "list"], &token).await?;
+    assert_eq!(untrusted.status.code(), Some(1));
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_needs_a_client_certificate() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let pki = make_pki(&d.log_dir)?;
+    d.control_plane_args = vec![
+        "--tls-cert".into(),
+        pki.server_cert.display().to_string(),
+        "--tls-key".into(),
+        pki.server_key.display().to_string(),
+        "--tls-client-ca".into(),
+        pki.ca.display().to_string(),
+    ];
+    let addr = d.start_control_plane_process().await?;
+    let token = d.token.clone().unwrap_or_default();
+    let ca_pem = std::fs::read(&pki.ca)?;
+
+    let with_cert = Channel::from_shared(format!("https://{addr}"))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&ca_pem))
+                .identity(Identity::from_pem(
+                    std::fs::read(&pki.client_cert)?,
+                    std::fs::read(&pki.client_key)?,
+                )),
+        )?
+        .connect()
+        .await?;
+    assert_eq!(list_over(with_cert, &token).await?, 0);
+
+    let without_cert = Channel::from_shared(format!("https://{addr}"))?
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem)))?;
+    let refused = match without_cert.connect().await {
+        Err(_) => true,
+        Ok(channel) => list_over(channel, &token).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate must be refused");
+
+    let server = format!("https://{addr}");
+    let ca = pki.ca.display().to_string();
+    let cert = pki.client_cert.display().to_string();
+    let key = pki.client_key.display().to_string();
+    let ok = sluicectl(
+        &[
+            "--server",
+            &server,
+            "--ca-file",
+            &ca,
+            "--client-cert",
+            &cert,
+            "--client-key",
+            &key,
+            "list",
+        ],
+        &token,
+    )
+    .await?;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let no_cert = sluicectl(&["--server", &server, "--ca-file", &ca, "list"], &token).await?;
+    assert_eq!(no_cert.status.code(), Some(1));
+    d.shutdown().await
+}
