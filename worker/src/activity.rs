@@ -5,8 +5,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
 use sluice_protocol::message::FailureType;
 use sluice_protocol::retry::RetryPolicy;
 use tokio_util::sync::CancellationToken;
@@ -94,16 +92,11 @@ impl From<rdkafka::error::KafkaError> for ActivityError {
     }
 }
 
-pub fn backoff_for(policy: &RetryPolicy) -> ExponentialBackoff {
-    ExponentialBackoff {
-        current_interval: policy.initial_interval,
-        initial_interval: policy.initial_interval,
-        randomization_factor: policy.jitter,
-        multiplier: policy.multiplier,
-        max_interval: policy.max_interval,
-        max_elapsed_time: policy.max_elapsed,
-        ..ExponentialBackoff::default()
-    }
+/// The wait before retry number `attempt` (1-based): the policy's exponential interval
+/// with ± `jitter` of randomness, so retries of many pipelines do not move in step.
+pub fn retry_delay(policy: &RetryPolicy, attempt: u32) -> Duration {
+    let spread = policy.jitter.clamp(0.0, 1.0) * (rand::random::<f64>() * 2.0 - 1.0);
+    policy.interval(attempt).mul_f64(1.0 + spread)
 }
 
 /// Runs `attempt` until it succeeds, fails permanently or `cancel` fires.
@@ -119,7 +112,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ActivityError>>,
 {
-    let mut backoff = backoff_for(policy);
+    let started = tokio::time::Instant::now();
     let mut attempt_no: u32 = 0;
     loop {
         attempt_no += 1;
@@ -137,9 +130,13 @@ where
         if !err.is_retryable() {
             return Err(err);
         }
-        let Some(delay) = backoff.next_backoff() else {
+        let delay = retry_delay(policy, attempt_no);
+        if policy
+            .max_elapsed
+            .is_some_and(|max| started.elapsed() + delay > max)
+        {
             return Err(err);
-        };
+        }
         tracing::warn!(activity = name, pipeline_id, attempt = attempt_no, error = %err, ?delay, "activity failed, retrying");
         tokio::select! {
             _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
@@ -152,6 +149,21 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn delays_grow_with_bounded_jitter() {
+        let policy = RetryPolicy::default();
+        for attempt in 1..=10 {
+            let base = policy.interval(attempt).as_secs_f64();
+            for _ in 0..50 {
+                let d = retry_delay(&policy, attempt).as_secs_f64();
+                assert!(
+                    d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9,
+                    "{d} vs {base}"
+                );
+            }
+        }
+    }
 
     fn fast() -> RetryPolicy {
         RetryPolicy {

@@ -47,6 +47,9 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     init_tracing();
+    if let Err(code) = cli.connection.install_secrets_key() {
+        return code;
+    }
 
     let worker_id = cli
         .worker_id
