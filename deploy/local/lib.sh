@@ -31,6 +31,7 @@ LOCAL_DATABASE_URL="postgres://$PG_SUPERUSER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG
 # ---- Kafka ------------------------------------------------------------------
 KAFKA_PORT=${SLUICE_KAFKA_PORT:-59092}
 KAFKA_CONTROLLER_PORT=${SLUICE_KAFKA_CONTROLLER_PORT:-59093}
+KAFKA_SSL_PORT=${SLUICE_KAFKA_SSL_PORT:-59094}   # TLS listener (same broker)
 KAFKA_HOME=$LOCAL_DIR/kafka
 KAFKA_LIBS=$KAFKA_HOME/libs
 KAFKA_DATA=$KAFKA_HOME/data
@@ -41,6 +42,11 @@ KAFKA_POM=$SCRIPT_DIR/kafka/pom.xml
 KAFKA_LOG4J=$SCRIPT_DIR/kafka/log4j2.properties
 KAFKA_TOOLS_LOG4J=$SCRIPT_DIR/kafka/log4j2-tools.properties
 LOCAL_KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+
+# ---- TLS --------------------------------------------------------------------
+# A local CA; PostgreSQL and Kafka get certificates for 127.0.0.1/localhost signed by it.
+TLS_DIR=$LOCAL_DIR/tls
+LOCAL_CA=$TLS_DIR/ca.pem
 
 # ---- helpers ----------------------------------------------------------------
 log() { printf '[sluice-local] %s\n' "$*" >&2; }

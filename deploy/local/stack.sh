@@ -130,6 +130,7 @@ build() {
   for b in "${BINARIES[@]}"; do
     args+=(--bin "$b")
   done
+  "$REPO_ROOT/deploy/local/build-deps.sh"
   log "building binaries (cargo build ${args[*]})"
   (cd "$REPO_ROOT" && cargo build "${args[@]}" 8>&- 9>&-)
 }

@@ -18,6 +18,7 @@ source "$local_dir/env"
 export DATABASE_URL KAFKA_BOOTSTRAP_SERVERS
 
 echo "[sluice-test] building binaries"
+"$script_dir/build-deps.sh"
 cargo build --workspace --bins --locked
 echo "[sluice-test] running tests"
 # The end-to-end tests keep each process's log under target/e2e-logs; a fresh run

@@ -125,6 +125,64 @@ include_if_exists = 'sluice.conf'
 EOF
 }
 
+# The local CA ($LOCAL_CA) and certificates signed by it, so that clients can ask
+# for TLS (PostgreSQL: sslmode=verify-full&sslrootcert=$LOCAL_CA; Kafka: the SSL
+# listener). Plain connections keep working. Skipped, with a note, without openssl.
+ensure_local_ca() {
+  [[ -s $LOCAL_CA && -s $TLS_DIR/ca.key ]] && return 0
+  if ! command -v openssl >/dev/null 2>&1; then
+    log "openssl not found; PostgreSQL and Kafka run without TLS"
+    return 1
+  fi
+  mkdir -p "$TLS_DIR"
+  chmod 755 "$TLS_DIR"
+  log "creating the local CA $LOCAL_CA"
+  (umask 077 && openssl req -x509 -newkey rsa:2048 -nodes -days 3650 \
+    -subj "/CN=sluice local CA" -keyout "$TLS_DIR/ca.key" -out "$LOCAL_CA.tmp") >/dev/null 2>&1 ||
+    { log "could not create the local CA; running without TLS"; return 1; }
+  chmod 644 "$LOCAL_CA.tmp"
+  mv "$LOCAL_CA.tmp" "$LOCAL_CA"
+}
+
+# issue_cert NAME: $TLS_DIR/NAME.crt and NAME.key for 127.0.0.1 and localhost.
+issue_cert() {
+  local name=$1 dir=$TLS_DIR
+  [[ -s $dir/$name.crt && -s $dir/$name.key ]] && return 0
+  ensure_local_ca || return 1
+  printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=CA:FALSE" \
+    "keyUsage=digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >"$dir/$name.ext"
+  if ! (umask 077 &&
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+      -keyout "$dir/$name.key" -out "$dir/$name.csr" &&
+    openssl x509 -req -in "$dir/$name.csr" -CA "$LOCAL_CA" -CAkey "$dir/ca.key" \
+      -CAcreateserial -days 3650 -extfile "$dir/$name.ext" -out "$dir/$name.crt") >/dev/null 2>&1; then
+    log "could not create a certificate for $name; it runs without TLS"
+    rm -f "$dir/$name.key" "$dir/$name.crt"
+    return 1
+  fi
+  rm -f "$dir/$name.csr" "$dir/$name.ext"
+  log "issued a TLS certificate for $name ($dir/$name.crt)"
+}
+
+pg_ensure_tls_files() {
+  issue_cert postgres || return 1
+  install -m 600 "$TLS_DIR/postgres.key" "$PG_DATA/server.key"
+  install -m 644 "$TLS_DIR/postgres.crt" "$PG_DATA/server.crt"
+  is_root && chown postgres:postgres "$PG_DATA/server.key" "$PG_DATA/server.crt"
+  return 0
+}
+
+# The broker's keystore (PKCS12, random password kept beside it).
+kafka_ensure_keystore() {
+  issue_cert kafka || return 1
+  local p12=$TLS_DIR/kafka.p12 pass=$TLS_DIR/kafka.p12.pass
+  [[ -s $p12 && -s $pass ]] && return 0
+  (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$pass")
+  (umask 077 && openssl pkcs12 -export -in "$TLS_DIR/kafka.crt" -inkey "$TLS_DIR/kafka.key" \
+    -name kafka -out "$p12" -passout "file:$pass") >/dev/null 2>&1 ||
+    { log "could not create the Kafka keystore; Kafka runs without TLS"; rm -f "$p12"; return 1; }
+}
+
 pg_write_runtime_conf() {
   local conf=$PG_DATA/sluice.conf
   cat >"$conf" <<EOF
@@ -133,6 +191,9 @@ listen_addresses = '127.0.0.1'
 port = $PG_PORT
 unix_socket_directories = '$(pg_socket_dir)'
 EOF
+  if pg_ensure_tls_files; then
+    printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n" >>"$conf"
+  fi
   is_root && chown postgres:postgres "$conf"
   return 0
 }
@@ -267,17 +328,27 @@ kafka_ensure_libs() {
 }
 
 kafka_write_config() {
+  local ssl_listener="" ssl_advertised="" ssl_settings="# no TLS listener (no keystore)"
+  if kafka_ensure_keystore; then
+    ssl_listener=",SSL://127.0.0.1:$KAFKA_SSL_PORT"
+    ssl_advertised=",SSL://127.0.0.1:$KAFKA_SSL_PORT"
+    ssl_settings="ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS_DIR/kafka.p12
+ssl.keystore.password=$(<"$TLS_DIR/kafka.p12.pass")
+ssl.key.password=$(<"$TLS_DIR/kafka.p12.pass")"
+  fi
   cat >"$KAFKA_CONF.tmp" <<EOF
 # Written by deploy/local/up.sh on every start; edits will be overwritten.
 # Single-node KRaft: this process is both broker and controller.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT$ssl_listener
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT$ssl_advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL
+$ssl_settings
 log.dirs=$KAFKA_DATA
 
 num.partitions=1
@@ -389,7 +460,7 @@ kafka_up() {
   fi
   rm -f "$KAFKA_PID_FILE"
   local p
-  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SSL_PORT"; do
     if port_open 127.0.0.1 "$p"; then
       die "port $p is already in use by another process; set SLUICE_KAFKA_PORT/SLUICE_KAFKA_CONTROLLER_PORT or KAFKA_BOOTSTRAP_SERVERS"
     fi
@@ -442,6 +513,14 @@ main() {
     printf 'export DATABASE_URL=%q\n' "$db_url"
     printf 'export KAFKA_BOOTSTRAP_SERVERS=%q\n' "$kafka_bootstrap"
     printf 'export SLUICE_SECRETS_KEY_FILE=%q\n' "$secrets_key"
+    # The CA of the local PostgreSQL's and Kafka's TLS certificates, and Kafka's
+    # TLS listener, when this script runs them with TLS.
+    if [[ -s $LOCAL_CA ]]; then
+      printf 'export SLUICE_LOCAL_CA=%q\n' "$LOCAL_CA"
+    fi
+    if [[ $kafka_bootstrap == "$LOCAL_KAFKA_BOOTSTRAP" && -s $TLS_DIR/kafka.p12 ]]; then
+      printf 'export SLUICE_LOCAL_KAFKA_SSL=%q\n' "127.0.0.1:$KAFKA_SSL_PORT"
+    fi
   } >"$ENV_FILE.tmp"
   mv "$ENV_FILE.tmp" "$ENV_FILE"
 

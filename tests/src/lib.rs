@@ -35,12 +35,18 @@ pub fn key(id: &str) -> String {
 pub struct Infra {
     pub database_url: String,
     pub kafka_bootstrap_servers: String,
+    /// The CA of the local PostgreSQL's and Kafka's certificates (set by up.sh).
+    pub local_ca: Option<String>,
+    /// The local Kafka's TLS listener (set by up.sh).
+    pub kafka_ssl: Option<String>,
 }
 
 impl Infra {
     pub fn from_env() -> Result<Self> {
         let mut database_url = std::env::var("DATABASE_URL").ok();
         let mut kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok();
+        let mut local_ca = std::env::var("SLUICE_LOCAL_CA").ok();
+        let mut kafka_ssl = std::env::var("SLUICE_LOCAL_KAFKA_SSL").ok();
         if database_url.is_none() || kafka.is_none() {
             let env_file = workspace_root().join(".local/env");
             let text = std::fs::read_to_string(&env_file).with_context(|| {
@@ -58,6 +64,8 @@ impl Infra {
                     match k {
                         "DATABASE_URL" => database_url = database_url.or(Some(v)),
                         "KAFKA_BOOTSTRAP_SERVERS" => kafka = kafka.or(Some(v)),
+                        "SLUICE_LOCAL_CA" => local_ca = local_ca.or(Some(v)),
+                        "SLUICE_LOCAL_KAFKA_SSL" => kafka_ssl = kafka_ssl.or(Some(v)),
                         _ => {}
                     }
                 }
@@ -66,6 +74,8 @@ impl Infra {
         Ok(Self {
             database_url: database_url.context("DATABASE_URL not found")?,
             kafka_bootstrap_servers: kafka.context("KAFKA_BOOTSTRAP_SERVERS not found")?,
+            local_ca,
+            kafka_ssl,
         })
     }
 }
@@ -119,6 +129,12 @@ pub struct Deployment {
     pub control_plane_addr: Option<String>,
     /// Operator token of [`TEST_TENANT`], used by [`Deployment::client`].
     pub token: Option<String>,
+    /// The database URL the control plane and workers get, when not `database_url`
+    /// (e.g. the same database with TLS parameters).
+    pub process_database_url: Option<String>,
+    /// Kafka as the control plane and workers see it, when not the plaintext listener:
+    /// bootstrap servers plus librdkafka properties (e.g. the TLS listener).
+    pub process_kafka: Option<(String, Vec<(String, String)>)>,
     /// Extra flags for the control plane (set before starting it).
     pub control_plane_args: Vec<String>,
     workers: Vec<Process>,
@@ -184,6 +200,8 @@ impl Deployment {
             control_plane: None,
             control_plane_addr: None,
             token: None,
+            process_database_url: None,
+            process_kafka: None,
             control_plane_args: Vec::new(),
             workers: Vec::new(),
         })
@@ -197,15 +215,13 @@ impl Deployment {
     /// Starts the control plane and creates the operator token, without connecting
     /// (for a control plane that serves TLS); returns its address.
     pub async fn start_control_plane_process(&mut self) -> Result<String> {
-        let mut child = self
-            .with_secrets_key(&mut Command::new(bin_path("sluice-control-plane")?))
-            .args(["--listen", "127.0.0.1:0", "--signal-partitions", "4"])
+        let mut command = Command::new(bin_path("sluice-control-plane")?);
+        command.args(["--listen", "127.0.0.1:0", "--signal-partitions", "4"]);
+        self.with_secrets_key(&mut command);
+        self.with_kafka(&mut command);
+        let mut child = command
             .args(&self.control_plane_args)
-            .env("DATABASE_URL", &self.database_url)
-            .env(
-                "KAFKA_BOOTSTRAP_SERVERS",
-                &self.infra.kafka_bootstrap_servers,
-            )
+            .env("DATABASE_URL", self.process_database_url())
             .env("SLUICE_SIGNALS_TOPIC", &self.signals_topic)
             .stdout(Stdio::piped())
             .stderr(self.log_file("control-plane")?)
@@ -232,6 +248,29 @@ impl Deployment {
             self.token = Some(self.create_token(TEST_TENANT, "operator").await?);
         }
         Ok(addr)
+    }
+
+    /// KAFKA_BOOTSTRAP_SERVERS and `--kafka-property` flags for a process.
+    fn with_kafka<'c>(&self, command: &'c mut Command) -> &'c mut Command {
+        match &self.process_kafka {
+            None => command.env(
+                "KAFKA_BOOTSTRAP_SERVERS",
+                &self.infra.kafka_bootstrap_servers,
+            ),
+            Some((bootstrap, properties)) => {
+                command.env("KAFKA_BOOTSTRAP_SERVERS", bootstrap);
+                for (k, v) in properties {
+                    command.arg("--kafka-property").arg(format!("{k}={v}"));
+                }
+                command
+            }
+        }
+    }
+
+    fn process_database_url(&self) -> &str {
+        self.process_database_url
+            .as_deref()
+            .unwrap_or(&self.database_url)
     }
 
     /// Sets SLUICE_SECRETS_KEY_FILE for a process, or removes an inherited one.
@@ -302,13 +341,11 @@ impl Deployment {
 
     /// Starts a worker with test-friendly timings; returns its index.
     pub async fn start_worker(&mut self, worker_id: &str) -> Result<usize> {
-        let child = self
-            .with_secrets_key(&mut Command::new(bin_path("sluice-worker")?))
-            .env("DATABASE_URL", &self.database_url)
-            .env(
-                "KAFKA_BOOTSTRAP_SERVERS",
-                &self.infra.kafka_bootstrap_servers,
-            )
+        let mut command = Command::new(bin_path("sluice-worker")?);
+        self.with_secrets_key(&mut command);
+        self.with_kafka(&mut command);
+        let child = command
+            .env("DATABASE_URL", self.process_database_url())
             .env("SLUICE_SIGNALS_TOPIC", &self.signals_topic)
             .env("SLUICE_WORKER_GROUP", &self.group)
             .env("SLUICE_WORKER_ID", worker_id)

@@ -42,8 +42,8 @@ impl SecretRole {
         format!("{scheme}://{}:{}@{host}", self.name, self.password)
     }
 
-    async fn drop(self, infra: &Infra) -> Result<()> {
-        let mut admin = sqlx::PgConnection::connect(&infra.database_url).await?;
+    async fn drop(self, admin_url: &str) -> Result<()> {
+        let mut admin = sqlx::PgConnection::connect(admin_url).await?;
         sqlx::query(&format!("DROP ROLE IF EXISTS {}", self.name))
             .execute(&mut admin)
             .await?;
@@ -143,11 +143,7 @@ async fn secrets_are_encrypted_redacted_and_never_logged() -> Result<()> {
 
     let infra_url = d.infra.database_url.clone();
     d.shutdown().await?;
-    role.drop(&Infra {
-        database_url: infra_url,
-        kafka_bootstrap_servers: String::new(),
-    })
-    .await
+    role.drop(&infra_url).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

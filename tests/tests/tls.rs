@@ -188,3 +188,135 @@ async fn mutual_tls_needs_a_client_certificate() -> Result<()> {
     assert_eq!(no_cert.status.code(), Some(1));
     d.shutdown().await
 }
+
+/// `url` with extra query parameters.
+fn with_params(url: &str, params: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{params}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_verify_the_servers_certificate() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let Some(ca) = d.infra.local_ca.clone() else {
+        // Only deploy/local/up.sh's PostgreSQL has a certificate this test knows.
+        eprintln!("SKIPPED: PostgreSQL is not the local one (no SLUICE_LOCAL_CA)");
+        return d.shutdown().await;
+    };
+    let verified = with_params(
+        &d.database_url,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    // Control plane and worker reach their database over verified TLS...
+    d.process_database_url = Some(verified.clone());
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    // ... and so does the destination.
+    let destination = serde_json::json!({"url": verified, "table": "tls_t"});
+    client
+        .create_pipeline(generator_pipeline(
+            "over-tls",
+            50,
+            1,
+            destination,
+            pb::DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(
+        &mut client,
+        "over-tls",
+        pb::PipelineStatus::Ready,
+        std::time::Duration::from_secs(90),
+    )
+    .await?;
+    assert_eq!(d.row_count("tls_t").await?, 50);
+    let plain: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND NOT s.ssl \
+           AND a.backend_type = 'client backend'",
+    )
+    .fetch_one(&d.pool)
+    .await?;
+    assert_eq!(plain, 0, "every Sluice connection uses TLS");
+
+    // A certificate that does not chain to the given CA is refused.
+    let other_dir = d.log_dir.join("other-pki");
+    std::fs::create_dir_all(&other_dir)?;
+    let other_ca = make_pki(&other_dir)?.ca;
+    let untrusted = with_params(
+        &d.database_url,
+        &format!("sslmode=verify-full&sslrootcert={}", other_ca.display()),
+    );
+    client
+        .create_pipeline(generator_pipeline(
+            "untrusted",
+            5,
+            1,
+            serde_json::json!({"url": untrusted, "table": "tls_untrusted"}),
+            pb::DesiredStatus::Active,
+        ))
+        .await?;
+    let failed = wait_for(
+        "untrusted goes to ERROR",
+        std::time::Duration::from_secs(90),
+        || {
+            let mut client = client.clone();
+            async move {
+                let p = get(&mut client, "untrusted").await?;
+                Ok((p.status == pb::PipelineStatus::Error as i32).then_some(p))
+            }
+        },
+    )
+    .await?;
+    assert!(!failed.last_error.is_empty());
+    assert!(!d.table_exists("tls_untrusted").await?);
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_clients_use_tls_through_kafka_properties() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let (Some(ca), Some(ssl_listener)) = (d.infra.local_ca.clone(), d.infra.kafka_ssl.clone())
+    else {
+        eprintln!("SKIPPED: Kafka is not the local one (no SLUICE_LOCAL_KAFKA_SSL)");
+        return d.shutdown().await;
+    };
+    // Control plane and worker reach Kafka only through its TLS listener, verifying the
+    // broker's certificate against the local CA.
+    d.process_kafka = Some((
+        ssl_listener,
+        vec![
+            ("security.protocol".into(), "SSL".into()),
+            ("ssl.ca.location".into(), ca),
+            (
+                "ssl.endpoint.identification.algorithm".into(),
+                "https".into(),
+            ),
+        ],
+    ));
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let destination = d.destination("kafka_tls_t", false);
+    client
+        .create_pipeline(generator_pipeline(
+            "kafka-tls",
+            200,
+            4,
+            destination,
+            pb::DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(
+        &mut client,
+        "kafka-tls",
+        pb::PipelineStatus::Ready,
+        std::time::Duration::from_secs(90),
+    )
+    .await?;
+    assert_eq!(d.row_count("kafka_tls_t").await?, 200);
+    assert_eq!(
+        amount_sum(&d.pool, "kafka_tls_t").await?,
+        expected_amount_sum(4, 200)
+    );
+    d.shutdown().await
+}

@@ -59,6 +59,12 @@ impl From<sqlx::Error> for ActivityError {
                 _ => FailureType::TransientError,
             },
             sqlx::Error::Configuration(_) => FailureType::ConfigError,
+            // A TLS handshake that fails (untrusted or mismatched certificate, server
+            // without TLS under sslmode=require) fails the same way on every retry.
+            sqlx::Error::Tls(_) => FailureType::ConfigError,
+            sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+                FailureType::ConfigError
+            }
             _ => FailureType::TransientError,
         };
         Self::Failed {
@@ -149,6 +155,16 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn tls_failures_are_config_errors_and_refusals_transient() {
+        let io = |kind, msg| sqlx::Error::Io(std::io::Error::new(kind, msg));
+        let tls: ActivityError =
+            io(std::io::ErrorKind::InvalidData, "invalid peer certificate").into();
+        assert!(!tls.is_retryable());
+        let refused: ActivityError = io(std::io::ErrorKind::ConnectionRefused, "refused").into();
+        assert!(refused.is_retryable());
+    }
 
     #[test]
     fn delays_grow_with_bounded_jitter() {
