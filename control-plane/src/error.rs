@@ -24,12 +24,12 @@ pub enum ApiError {
         sent: String,
         current: String,
     },
-    #[error("unauthenticated: {why}")]
+    #[error("{why}")]
     Unauthenticated {
         reason: &'static str,
         why: &'static str,
     },
-    #[error("permission denied: {method} is not allowed for role {role}: {why}")]
+    #[error("{method} is not allowed for role {role}: {why}")]
     PermissionDenied {
         method: &'static str,
         role: crate::auth::Role,
