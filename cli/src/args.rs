@@ -90,6 +90,11 @@ pub struct Cli {
     )]
     pub client_key: Option<PathBuf>,
 
+    /// Send the token over plaintext http:// to a server that is not on this machine
+    /// (refused otherwise: anyone on the path could read the token).
+    #[arg(long, global = true, help_heading = "Global options")]
+    pub insecure: bool,
+
     /// Output format.
     #[arg(short, long, global = true, help_heading = "Global options", value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,

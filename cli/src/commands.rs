@@ -42,6 +42,7 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         client_cert: cli.client_cert.clone(),
         client_key: cli.client_key.clone(),
     })?;
+    refuse_plaintext_token(&connection, cli.insecure)?;
     let mut client = connect(&connection, cli.rpc_timeout()).await?;
     match cli.command {
         Command::Create(args) => {
@@ -75,6 +76,31 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             Ok(output::render_events(&events, format))
         }
     }
+}
+
+/// A bearer token sent over plaintext is readable by anyone on the path; that is fine
+/// only on this machine (loopback).
+fn refuse_plaintext_token(connection: &Connection, insecure: bool) -> Result<(), CliError> {
+    let url = normalise_server(&connection.server);
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Ok(());
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback || insecure || connection.token.is_none() {
+        return Ok(());
+    }
+    Err(CliError::Tls(format!(
+        "refusing to send the token over plaintext {url}: use https:// (with --ca-file), \
+         or pass --insecure"
+    )))
 }
 
 /// "<tenant>/<id>": names the pipeline the server returned whatever the caller's tenant.
@@ -303,6 +329,42 @@ fn next_page_size(page_size: Option<u32>, limit: Option<u64>, fetched: usize) ->
     };
     // Both inputs are bounded by MAX_PAGE_SIZE, far below i32::MAX.
     i32::try_from(size).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod plaintext_tests {
+    use super::*;
+
+    fn conn(server: &str, token: Option<&str>) -> Connection {
+        Connection {
+            server: server.into(),
+            token: token.map(Into::into),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+        }
+    }
+
+    #[test]
+    fn tokens_go_over_plaintext_only_to_loopback() {
+        for ok in [
+            "127.0.0.1:50051",
+            "http://localhost:1",
+            "http://[::1]:5",
+            "https://cp:1",
+        ] {
+            assert!(
+                refuse_plaintext_token(&conn(ok, Some("t")), false).is_ok(),
+                "{ok}"
+            );
+        }
+        assert!(
+            refuse_plaintext_token(&conn("http://cp.internal:50051", Some("t")), false).is_err()
+        );
+        assert!(refuse_plaintext_token(&conn("10.0.0.5:50051", Some("t")), false).is_err());
+        assert!(refuse_plaintext_token(&conn("10.0.0.5:50051", Some("t")), true).is_ok());
+        assert!(refuse_plaintext_token(&conn("10.0.0.5:50051", None), false).is_ok());
+    }
 }
 
 #[cfg(test)]

@@ -69,10 +69,30 @@ fn read_file(path: &Path) -> Result<ConfigFile, CliError> {
     if text.trim().is_empty() {
         return Ok(ConfigFile::default());
     }
-    serde_yaml::from_str(&text).map_err(|e| CliError::ReadConfig {
-        origin,
+    let file: ConfigFile = serde_yaml::from_str(&text).map_err(|e| CliError::ReadConfig {
+        origin: origin.clone(),
         message: e.to_string(),
-    })
+    })?;
+    warn_if_readable_by_others(path, &file);
+    Ok(file)
+}
+
+/// A token in a file others can read is a leaked token (as ssh says of its keys).
+fn warn_if_readable_by_others(path: &Path, file: &ConfigFile) {
+    use std::os::unix::fs::PermissionsExt;
+    if file.token.is_none() {
+        return;
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "warning: {} holds a token and is readable by others (mode {:o}); chmod 600 it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+    }
 }
 
 pub fn resolve(overrides: Overrides) -> Result<Connection, CliError> {

@@ -119,7 +119,7 @@ impl PipelineApi {
                 Some(d) => d,
             };
         let request_id = parse_request_id(&req.request_id)?;
-        let stored_spec = stored_spec_json(&spec)?;
+        let stored_spec = stored_spec_json(&spec, &target.key())?;
         let new = store::NewPipeline {
             pipeline: &target,
             spec: &stored_spec,
@@ -202,8 +202,13 @@ impl PipelineApi {
         if unchanged && !retry_requested {
             return Ok(current);
         }
-        let record =
-            store::write_desired(&mut tx, &current.id, desired, &stored_spec_json(&spec)?).await?;
+        let record = store::write_desired(
+            &mut tx,
+            &current.id,
+            desired,
+            &stored_spec_json(&spec, &current.id)?,
+        )
+        .await?;
         tx.commit().await?;
         self.outbox_wakeup.notify_one();
         tracing::info!(
@@ -239,7 +244,7 @@ impl PipelineApi {
             // Deleting twice changes nothing; the teardown is already on its way.
             current
         } else {
-            let stored = stored_spec_json(&current.spec)?;
+            let stored = stored_spec_json(&current.spec, &current.id)?;
             store::write_desired(&mut tx, &current.id, DesiredStatus::Deleted, &stored).await?
         };
         let response = record_to_pb(&record);

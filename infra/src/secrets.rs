@@ -33,11 +33,12 @@ pub struct NoSecretsKey {
     pub field: String,
 }
 
-/// The JSON to store for a spec: secrets sealed with the process's key.
-pub fn stored_spec_json(spec: &PipelineSpec) -> Result<Value, NoSecretsKey> {
+/// The JSON to store for the spec of pipeline `pipeline_key`: secrets sealed with the
+/// process's key.
+pub fn stored_spec_json(spec: &PipelineSpec, pipeline_key: &str) -> Result<Value, NoSecretsKey> {
     match (installed(), has_plain_secrets(spec)) {
         (_, None) => Ok(spec.to_json()),
-        (Some(secrets), Some(_)) => Ok(seal_spec(spec, secrets).to_json()),
+        (Some(secrets), Some(_)) => Ok(seal_spec(spec, secrets, pipeline_key).to_json()),
         (None, Some(field)) => Err(NoSecretsKey { field }),
     }
 }

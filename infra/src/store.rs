@@ -59,7 +59,10 @@ pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
         |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("{what}: {e}"));
     let spec_json: serde_json::Value = row.try_get("spec")?;
     let mut spec = PipelineSpec::from_json(spec_json).map_err(|e| corrupt("spec", &e))?;
-    if let Some(e) = sluice_protocol::secrets::open_spec(&mut spec, crate::secrets::installed()) {
+    let key: String = row.try_get("id")?;
+    if let Some(e) =
+        sluice_protocol::secrets::open_spec(&mut spec, crate::secrets::installed(), &key)
+    {
         // The value stays sealed; validation reports it where the spec is used.
         tracing::warn!(error = %e, "cannot open a secret of a stored spec");
     }

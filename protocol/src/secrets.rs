@@ -84,7 +84,9 @@ impl SecretBox {
         &self.key_id
     }
 
-    fn seal(&self, field: &str, plaintext: &str) -> String {
+    /// `context` binds the sealed value to its pipeline and field (AEAD associated
+    /// data): copied into another pipeline's row or another field, it does not open.
+    fn seal(&self, context: &str, plaintext: &str) -> String {
         let nonce_bytes: [u8; 24] = rand::random();
         let nonce = XNonce::from(nonce_bytes);
         let sealed = self
@@ -93,7 +95,7 @@ impl SecretBox {
                 &nonce,
                 Payload {
                     msg: plaintext.as_bytes(),
-                    aad: field.as_bytes(),
+                    aad: context.as_bytes(),
                 },
             )
             .expect("XChaCha20-Poly1305 encrypts any message that fits in memory");
@@ -102,7 +104,7 @@ impl SecretBox {
         format!("{SEALED_PREFIX}{}:{}", self.key_id, STANDARD.encode(blob))
     }
 
-    fn open(&self, field: &str, sealed: &str) -> Result<String, SecretError> {
+    fn open(&self, context: &str, field: &str, sealed: &str) -> Result<String, SecretError> {
         let corrupt = || SecretError::Corrupt {
             field: field.to_owned(),
         };
@@ -126,7 +128,7 @@ impl SecretBox {
                 &XNonce::from(nonce),
                 Payload {
                     msg: ciphertext,
-                    aad: field.as_bytes(),
+                    aad: context.as_bytes(),
                 },
             )
             .map_err(|_| corrupt())?;
@@ -150,7 +152,10 @@ fn for_each_secret(spec: &mut PipelineSpec, mut f: impl FnMut(&str, SecretKind, 
 
 fn holds_secret(kind: SecretKind, value: &str) -> bool {
     match kind {
-        SecretKind::UrlPassword => is_sealed(value) || redact_url(value) != value,
+        // A URL that does not parse is treated as secret as a whole.
+        SecretKind::UrlPassword => {
+            is_sealed(value) || url::Url::parse(value).is_err() || redact_url(value) != value
+        }
     }
 }
 
@@ -166,12 +171,16 @@ pub fn has_plain_secrets(spec: &PipelineSpec) -> Option<String> {
     found
 }
 
-/// The spec as stored: every secret sealed.
-pub fn seal_spec(spec: &PipelineSpec, secrets: &SecretBox) -> PipelineSpec {
+fn context(pipeline_key: &str, field: &str) -> String {
+    format!("sluice-secret/v1|{pipeline_key}|{field}")
+}
+
+/// The spec of pipeline `pipeline_key` as stored: every secret sealed.
+pub fn seal_spec(spec: &PipelineSpec, secrets: &SecretBox, pipeline_key: &str) -> PipelineSpec {
     let mut sealed = spec.clone();
     for_each_secret(&mut sealed, |field, kind, value| {
         if !is_sealed(value) && holds_secret(kind, value) {
-            *value = secrets.seal(field, value);
+            *value = secrets.seal(&context(pipeline_key, field), value);
         }
     });
     sealed
@@ -179,7 +188,11 @@ pub fn seal_spec(spec: &PipelineSpec, secrets: &SecretBox) -> PipelineSpec {
 
 /// Opens the sealed secrets of a loaded spec. Values that cannot be opened stay sealed
 /// (validation then reports them); the first such failure is returned.
-pub fn open_spec(spec: &mut PipelineSpec, secrets: Option<&SecretBox>) -> Option<SecretError> {
+pub fn open_spec(
+    spec: &mut PipelineSpec,
+    secrets: Option<&SecretBox>,
+    pipeline_key: &str,
+) -> Option<SecretError> {
     let mut failure = None;
     for_each_secret(spec, |field, _, value| {
         if !is_sealed(value) {
@@ -188,7 +201,7 @@ pub fn open_spec(spec: &mut PipelineSpec, secrets: Option<&SecretBox>) -> Option
         let Some(secrets) = secrets else {
             return;
         };
-        match secrets.open(field, value) {
+        match secrets.open(&context(pipeline_key, field), field, value) {
             Ok(plain) => *value = plain,
             Err(e) => {
                 failure.get_or_insert(e);
@@ -208,7 +221,7 @@ pub fn redact_spec(spec: &PipelineSpec) -> PipelineSpec {
 }
 
 fn redact(kind: SecretKind, value: &str) -> String {
-    if is_sealed(value) {
+    if is_sealed(value) || url::Url::parse(value).is_err() {
         return REDACTED.to_owned();
     }
     match kind {
@@ -270,11 +283,18 @@ pub fn redact_url(url: &str) -> String {
                 .map_or((query, None), |(q, f)| (q, Some(f)));
             let query: Vec<String> = query
                 .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((k, _)) if k == "password" || k == "sslpassword" => {
-                        format!("{k}={REDACTED}")
+                .map(|pair| {
+                    // Keys compare decoded, as the driver reads them (pass%77ord).
+                    let key = url::form_urlencoded::parse(pair.as_bytes())
+                        .next()
+                        .map(|(k, _)| k.into_owned())
+                        .unwrap_or_default();
+                    match pair.split_once('=') {
+                        Some((k, _)) if key == "password" || key == "sslpassword" => {
+                            format!("{k}={REDACTED}")
+                        }
+                        _ => pair.to_owned(),
                     }
-                    _ => pair.to_owned(),
                 })
                 .collect();
             let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
@@ -320,6 +340,10 @@ mod tests {
                 "postgres://db/x?sslmode=require&password=********",
             ),
             ("postgres://a:b@db", "postgres://a:********@db"),
+            (
+                "postgres://db/x?pass%77ord=pw",
+                "postgres://db/x?pass%77ord=********",
+            ),
             ("not a url", "not a url"),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
@@ -333,27 +357,35 @@ mod tests {
             has_plain_secrets(&plain).as_deref(),
             Some("destination.config.url")
         );
-        let sealed = seal_spec(&plain, &key());
+        let sealed = seal_spec(&plain, &key(), "t.p");
         assert!(is_sealed(url_of(&sealed)));
         assert!(!sealed.to_json().to_string().contains("hunter2"));
         assert_eq!(has_plain_secrets(&sealed), None);
         // Sealing twice gives different ciphertexts of the same secret.
-        assert_ne!(url_of(&sealed), url_of(&seal_spec(&plain, &key())));
+        assert_ne!(url_of(&sealed), url_of(&seal_spec(&plain, &key(), "t.p")));
 
         let mut opened = sealed.clone();
-        assert_eq!(open_spec(&mut opened, Some(&key())), None);
+        assert_eq!(open_spec(&mut opened, Some(&key()), "t.p"), None);
         assert_eq!(opened, plain);
         assert_eq!(url_of(&redact_spec(&plain)), "postgres://app:********@db/x");
         assert_eq!(url_of(&redact_spec(&sealed)), REDACTED);
 
         // Without the key, or with another key, the value stays sealed.
+        // Copied into another pipeline's row, it does not open.
+        let mut moved = sealed.clone();
+        assert!(matches!(
+            open_spec(&mut moved, Some(&key()), "other.p"),
+            Some(SecretError::Corrupt { .. })
+        ));
+        assert_eq!(moved, sealed);
+
         let mut without = sealed.clone();
-        assert_eq!(open_spec(&mut without, None), None);
+        assert_eq!(open_spec(&mut without, None, "t.p"), None);
         assert_eq!(without, sealed);
         let other = SecretBox::from_base64(&STANDARD.encode([8u8; 32])).expect("valid");
         let mut wrong = sealed.clone();
         assert!(matches!(
-            open_spec(&mut wrong, Some(&other)),
+            open_spec(&mut wrong, Some(&other), "t.p"),
             Some(SecretError::WrongKey { .. })
         ));
         assert_eq!(wrong, sealed);
@@ -363,7 +395,7 @@ mod tests {
     fn passwordless_specs_need_no_key() {
         let plain = spec("postgres://app@db/x");
         assert_eq!(has_plain_secrets(&plain), None);
-        assert_eq!(seal_spec(&plain, &key()), plain);
+        assert_eq!(seal_spec(&plain, &key(), "t.p"), plain);
     }
 
     #[test]

@@ -156,13 +156,14 @@ fn validate_destination(
                      start it with --secrets-key-file",
                 ));
             }
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return Err(config.violation("url", "must be a postgres:// or postgresql:// URL"));
-            }
+            check_postgres_url(&url).map_err(|d| config.violation("url", &d))?;
             let schema = config.string("schema", Some("public"))?;
             check_identifier(&schema).map_err(|d| config.violation("schema", d))?;
             let table = config.string("table", None)?;
             check_identifier(&table).map_err(|d| config.violation("table", d))?;
+            if schema == "public" && RESERVED_TABLES.contains(&table.as_str()) {
+                return Err(config.violation("table", "is the name of one of Sluice's own tables"));
+            }
             let drop_table_on_delete = config.bool("drop_table_on_delete", Some(false))?;
             let batch_size = config.u64("batch_size", Some(500))?;
             if !(1..=10_000).contains(&batch_size) {
@@ -189,6 +190,50 @@ fn validate_destination(
     };
     config.reject_unknown()?;
     Ok(parsed)
+}
+
+/// Tables of Sluice's own database (and the destination offsets table): a destination
+/// in the same database must not write into (or drop) them.
+const RESERVED_TABLES: &[&str] = &[
+    "pipelines",
+    "pipeline_events",
+    "signal_outbox",
+    "request_log",
+    "api_tokens",
+    "_sqlx_migrations",
+    "_sluice_offsets",
+];
+
+/// URL query parameters a destination may use. Everything else is refused: parameters
+/// that name files or sockets on the worker (sslcert, sslkey, host=/path, passfile)
+/// would let a spec use the worker's own credentials, and unknown ones are logged by
+/// the driver with their values.
+const POSTGRES_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "sslrootcert",
+    "application_name",
+    "user",
+    "password",
+    "statement-cache-capacity",
+];
+
+fn check_postgres_url(url: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|_| "is not a valid URL".to_owned())?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err("must be a postgres:// or postgresql:// URL".into());
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("must name a host (postgres://user:password@host:port/database)".into());
+    }
+    for (key, _) in parsed.query_pairs() {
+        if !POSTGRES_URL_PARAMETERS.contains(&key.as_ref()) {
+            return Err(format!(
+                "parameter {key:?} is not allowed; allowed: {}",
+                POSTGRES_URL_PARAMETERS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// SQL identifiers are restricted to lowercase names so they never need quoting
@@ -383,12 +428,50 @@ mod tests {
                 "pipeline.spec.destination.config.url",
             ),
         ];
+        let mut cases = cases.to_vec();
+        for (url, table) in [
+            ("postgres://x/y?sslcert=/etc/worker.pem", "t"),
+            ("postgres://x/y?sslkey=/etc/worker.key", "t"),
+            ("postgres://x/y?ssl%6Bey=/etc/worker.key", "t"),
+            ("postgres://x/y?host=/var/run/postgresql", "t"),
+            ("postgres://x/y?sslpassword=p", "t"),
+            ("postgres:///y", "t"),
+            ("not a url", "t"),
+        ] {
+            cases.push((
+                json!({"type": "generator", "config": {"count": 5}}),
+                json!({"type": "postgres", "config": {"url": url, "table": table}}),
+                "pipeline.spec.destination.config.url",
+            ));
+        }
+        cases.push((
+            json!({"type": "generator", "config": {"count": 5}}),
+            json!({"type": "postgres", "config": {"url": "postgres://x/y", "table": "api_tokens"}}),
+            "pipeline.spec.destination.config.table",
+        ));
         for (source, destination, field) in cases {
             let err = spec(source.clone(), destination)
                 .validate("pipeline.spec")
                 .expect_err("must be rejected");
             assert_eq!(err.field, field, "{source}: {err}");
         }
+    }
+
+    #[test]
+    fn allowed_url_parameters_pass() {
+        let ok = spec(
+            json!({"type": "generator", "config": {"count": 5}}),
+            json!({"type": "postgres", "config": {
+                "url": "postgresql://app:pw@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem&application_name=sluice",
+                "table": "t", "schema": "analytics"}}),
+        );
+        assert!(ok.validate("pipeline.spec").is_ok());
+        // Sluice's table names are fine outside the public schema.
+        let other_schema = spec(
+            json!({"type": "generator", "config": {"count": 5}}),
+            json!({"type": "postgres", "config": {"url": "postgres://db/x", "table": "pipelines", "schema": "analytics"}}),
+        );
+        assert!(other_schema.validate("pipeline.spec").is_ok());
     }
 
     #[test]

@@ -344,3 +344,53 @@ async fn a_pipeline_created_again_over_its_kept_table_replaces_the_rows() -> Res
     }
     d.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_existed_before_the_pipeline_is_never_dropped() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    sqlx::query("CREATE TABLE public.precious (id BIGINT PRIMARY KEY, note TEXT)")
+        .execute(&d.pool)
+        .await?;
+    sqlx::query("INSERT INTO public.precious VALUES (1, 'keep me')")
+        .execute(&d.pool)
+        .await?;
+    // Aimed at someone else's table and asked to drop it on delete.
+    client
+        .create_pipeline(generator_pipeline(
+            "intruder",
+            10,
+            1,
+            d.destination("precious", true),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    // Whatever becomes of it (the table lacks Sluice's columns), deleting it must
+    // leave the table and its row alone.
+    wait_for("intruder acted on", CONVERGE, || {
+        let mut client = client.clone();
+        async move {
+            let p = get(&mut client, "intruder").await?;
+            let settled = [PipelineStatus::Error as i32, PipelineStatus::Ready as i32];
+            Ok(settled.contains(&p.status).then_some(()))
+        }
+    })
+    .await?;
+    client
+        .delete_pipeline(pb::DeletePipelineRequest {
+            id: "intruder".into(),
+            ..Default::default()
+        })
+        .await?;
+    wait_removed(&client, "intruder", CONVERGE).await?;
+    assert!(
+        d.table_exists("precious").await?,
+        "a pre-existing table was dropped"
+    );
+    let note: String = sqlx::query_scalar("SELECT note FROM public.precious WHERE id = 1")
+        .fetch_one(&d.pool)
+        .await?;
+    assert_eq!(note, "keep me");
+    d.shutdown().await
+}

@@ -55,7 +55,9 @@ impl From<sqlx::Error> for ActivityError {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some(code) if code.starts_with("28") => FailureType::AuthError,
                 Some("3D000" | "3F000" | "42501") => FailureType::ConfigError,
-                Some(code) if code.starts_with("42") && code != "42P07" => FailureType::ConfigError,
+                // duplicate_table/_object/_schema: a concurrent CREATE ... IF NOT EXISTS.
+                Some("42P07" | "42710" | "42P06") => FailureType::TransientError,
+                Some(code) if code.starts_with("42") => FailureType::ConfigError,
                 _ => FailureType::TransientError,
             },
             sqlx::Error::Configuration(_) => FailureType::ConfigError,

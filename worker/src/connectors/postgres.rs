@@ -6,6 +6,7 @@
 //! offsets row carries the owner epoch so a fenced worker cannot commit.
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,10 +14,21 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Map, Value};
 use sluice_protocol::catalog::{FieldType, StreamSchema};
 use sluice_protocol::spec::PostgresDestinationConfig;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, QueryBuilder, Row};
 
 use crate::activity::ActivityError;
+
+async fn table_exists(
+    pool: &PgPool,
+    config: &PostgresDestinationConfig,
+) -> Result<bool, ActivityError> {
+    Ok(sqlx::query("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{}.{}", config.schema, config.table))
+        .fetch_one(pool)
+        .await?
+        .get(0))
+}
 
 /// Connection pools per destination URL, shared by all pipelines of a worker so that
 /// thousands of pipelines writing to one database do not open thousands of pools.
@@ -34,11 +46,27 @@ impl DestinationPools {
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy(url)
-            .map_err(|e| ActivityError::config(format!("destination url: {e}")))?;
+            .connect_lazy_with(destination_options(url)?);
         pools.insert(url.to_owned(), pool.clone());
         Ok(pool)
     }
+}
+
+/// Connection options from the destination URL alone. The driver would fill a missing
+/// password from the worker's PGPASSWORD or ~/.pgpass; a destination must never use the
+/// worker's own credentials, so a URL without a password gets an empty one.
+fn destination_options(url: &str) -> Result<PgConnectOptions, ActivityError> {
+    let parsed =
+        url::Url::parse(url).map_err(|_| ActivityError::config("destination url is not a URL"))?;
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| ActivityError::config(format!("destination url: {e}")))?;
+    let has_password =
+        parsed.password().is_some() || parsed.query_pairs().any(|(k, _)| k == "password");
+    Ok(if has_password {
+        options
+    } else {
+        options.password("")
+    })
 }
 
 /// A record read from the records topic, ready to be written.
@@ -49,6 +77,8 @@ pub struct PendingRecord {
 }
 
 const OFFSETS_TABLE: &str = "_sluice_offsets";
+/// The comment of destination tables Sluice created (and so may drop).
+const CREATED_BY_SLUICE: &str = "created by Sluice";
 
 /// A time as PostgreSQL stores it (microseconds), so values read back compare equal.
 fn db_time(t: std::time::SystemTime) -> DateTime<Utc> {
@@ -101,25 +131,51 @@ pub async fn setup(
     columns.push("_sluice_synced_at TIMESTAMPTZ NOT NULL DEFAULT now()".into());
     columns.push(format!("PRIMARY KEY ({})", ident(&stream.primary_key)));
 
-    let statements = [
-        format!("CREATE SCHEMA IF NOT EXISTS {}", ident(&config.schema)),
-        format!(
+    // The table and its "created by Sluice" mark are made in one transaction, so a
+    // failed attempt leaves neither and the retry still knows the table is Sluice's.
+    let mut tx = pool.begin().await?;
+    // Concurrent CREATE ... IF NOT EXISTS of the same objects (pipelines sharing a
+    // database set up at once) can fail on PostgreSQL's catalog; one at a time.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('sluice.destination.ddl', 0))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        ident(&config.schema)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let existed: bool = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{}.{}", config.schema, config.table))
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+    if !existed {
+        sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {table} ({})",
             columns.join(", ")
-        ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {} (pipeline_id TEXT NOT NULL, table_name TEXT NOT NULL, \
-             topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL, \
-             owner_epoch BIGINT NOT NULL, \
-             incarnation TIMESTAMPTZ NOT NULL DEFAULT '-infinity', \
-             update_time TIMESTAMPTZ NOT NULL DEFAULT now(), \
-             PRIMARY KEY (pipeline_id, table_name, topic, partition))",
-            offsets_table(config)
-        ),
-    ];
-    for statement in statements {
-        sqlx::query(&statement).execute(pool).await?;
+        ))
+        .execute(&mut *tx)
+        .await?;
+        // Marks the table as Sluice's: only such tables are ever dropped.
+        sqlx::query(&format!(
+            "COMMENT ON TABLE {table} IS '{CREATED_BY_SLUICE}'"
+        ))
+        .execute(&mut *tx)
+        .await?;
     }
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (pipeline_id TEXT NOT NULL, table_name TEXT NOT NULL, \
+         topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset BIGINT NOT NULL, \
+         owner_epoch BIGINT NOT NULL, \
+         incarnation TIMESTAMPTZ NOT NULL DEFAULT '-infinity', \
+         update_time TIMESTAMPTZ NOT NULL DEFAULT now(), \
+         PRIMARY KEY (pipeline_id, table_name, topic, partition))",
+        offsets_table(config)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     for statement in [
         format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS _sluice_incarnation TIMESTAMPTZ NOT NULL DEFAULT '-infinity'"),
         format!(
@@ -348,9 +404,23 @@ pub async fn teardown(
         .await?;
     }
     if config.drop_table_on_delete {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {}", table_name(config)))
-            .execute(pool)
-            .await?;
+        let comment: Option<String> =
+            sqlx::query_scalar("SELECT obj_description(to_regclass($1), 'pg_class')")
+                .bind(format!("{}.{}", config.schema, config.table))
+                .fetch_one(pool)
+                .await?;
+        if comment.as_deref() == Some(CREATED_BY_SLUICE) {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {}", table_name(config)))
+                .execute(pool)
+                .await?;
+        } else if comment.is_some() || table_exists(pool, config).await? {
+            // A table that existed before the pipeline is never dropped by it.
+            tracing::warn!(
+                pipeline_id,
+                table = %format!("{}.{}", config.schema, config.table),
+                "not dropping a destination table that Sluice did not create"
+            );
+        }
     }
     Ok(())
 }
