@@ -130,6 +130,26 @@ impl Caller {
     }
 }
 
+fn missing_token() -> ApiError {
+    ApiError::Unauthenticated {
+        reason: "TOKEN_MISSING",
+        why: "this call needs an \"authorization: Bearer <token>\" header",
+    }
+}
+
+/// Runs before a request's message is decoded: a call without any authorization header
+/// is refused without reading its body. The token itself is checked by [`authenticate`].
+pub fn require_authorization_header(
+    request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    if request.metadata().get(AUTHORIZATION).is_some() {
+        Ok(request)
+    } else {
+        tracing::info!("request without a token refused");
+        Err(missing_token().into())
+    }
+}
+
 pub fn hash_token(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
@@ -143,10 +163,7 @@ pub async fn authenticate(
 ) -> Result<Caller, ApiError> {
     let Some(header) = metadata.get(AUTHORIZATION) else {
         tracing::info!(method, "request without a token refused");
-        return Err(ApiError::Unauthenticated {
-            reason: "TOKEN_MISSING",
-            why: "this call needs an \"authorization: Bearer <token>\" header",
-        });
+        return Err(missing_token());
     };
     let invalid = || ApiError::Unauthenticated {
         reason: "TOKEN_INVALID",

@@ -22,6 +22,7 @@ use sluice_infra::kafka::KafkaSettings;
 use sluice_protocol::pb::pipeline_service_server::PipelineServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::outbox::OutboxRelay;
@@ -171,9 +172,10 @@ pub async fn run(
         }))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
+        .add_service(InterceptedService::new(
             PipelineServiceServer::new(api).max_decoding_message_size(config.max_request_bytes),
-        )
+            auth::require_authorization_header,
+        ))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small responses wait on delayed ACKs (~40 ms each).
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

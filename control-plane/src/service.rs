@@ -129,7 +129,15 @@ impl PipelineApi {
         let mut tx = self.pool.begin().await?;
         let request_target = format!("{}/{}", caller.tenant, req.pipeline_id);
         if let Some(rid) = request_id {
-            if let Some(replayed) = replay(&mut tx, rid, "CreatePipeline", &request_target).await? {
+            if let Some(replayed) = replay(
+                &mut tx,
+                &caller.tenant,
+                rid,
+                "CreatePipeline",
+                &request_target,
+            )
+            .await?
+            {
                 return Ok(replayed);
             }
         }
@@ -145,7 +153,13 @@ impl PipelineApi {
             .await?
             .ok_or_else(|| ApiError::AlreadyExists(display_id(caller, &target)))?;
         if let Some(rid) = request_id {
-            store::save_response(&mut tx, rid, record_to_pb(&record).encode_to_vec()).await?;
+            store::save_response(
+                &mut tx,
+                &caller.tenant,
+                rid,
+                record_to_pb(&record).encode_to_vec(),
+            )
+            .await?;
         }
         tx.commit().await?;
         self.outbox_wakeup.notify_one();
@@ -232,7 +246,15 @@ impl PipelineApi {
         let mut tx = self.pool.begin().await?;
         if let Some(rid) = request_id {
             let request_target = format!("{}/{}", target.tenant, target.name);
-            if let Some(replayed) = replay(&mut tx, rid, "DeletePipeline", &request_target).await? {
+            if let Some(replayed) = replay(
+                &mut tx,
+                &caller.tenant,
+                rid,
+                "DeletePipeline",
+                &request_target,
+            )
+            .await?
+            {
                 return Ok(replayed);
             }
         }
@@ -249,7 +271,7 @@ impl PipelineApi {
         };
         let response = record_to_pb(&record);
         if let Some(rid) = request_id {
-            store::save_response(&mut tx, rid, response.encode_to_vec()).await?;
+            store::save_response(&mut tx, &caller.tenant, rid, response.encode_to_vec()).await?;
         }
         tx.commit().await?;
         self.outbox_wakeup.notify_one();
@@ -367,11 +389,12 @@ fn parse_request_id(raw: &str) -> Result<Option<uuid::Uuid>, FieldViolation> {
 /// that already completed.
 async fn replay(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tenant: &str,
     request_id: uuid::Uuid,
     method: &str,
     target: &str,
 ) -> Result<Option<pb::Pipeline>, ApiError> {
-    match store::claim_request(tx, request_id, method, target).await? {
+    match store::claim_request(tx, tenant, request_id, method, target).await? {
         store::RequestClaim::New => Ok(None),
         store::RequestClaim::Replay(bytes) => {
             let response = pb::Pipeline::decode(bytes.as_slice()).map_err(|e| {

@@ -58,14 +58,16 @@ pub enum RequestClaim {
 /// waits on the unique key until the first commits, then sees its response.
 pub async fn claim_request(
     tx: &mut Transaction<'_, Postgres>,
+    tenant: &str,
     request_id: uuid::Uuid,
     method: &str,
     target: &str,
 ) -> Result<RequestClaim, StoreError> {
     let inserted = sqlx::query(
-        "INSERT INTO request_log (request_id, method, target) VALUES ($1, $2, $3) \
-         ON CONFLICT (request_id) DO NOTHING",
+        "INSERT INTO request_log (tenant, request_id, method, target) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (tenant, request_id) DO NOTHING",
     )
+    .bind(tenant)
     .bind(request_id)
     .bind(method)
     .bind(target)
@@ -74,10 +76,13 @@ pub async fn claim_request(
     if inserted.rows_affected() == 1 {
         return Ok(RequestClaim::New);
     }
-    let row = sqlx::query("SELECT method, target, response FROM request_log WHERE request_id = $1")
-        .bind(request_id)
-        .fetch_one(&mut **tx)
-        .await?;
+    let row = sqlx::query(
+        "SELECT method, target, response FROM request_log WHERE tenant = $1 AND request_id = $2",
+    )
+    .bind(tenant)
+    .bind(request_id)
+    .fetch_one(&mut **tx)
+    .await?;
     let (m, t, response): (String, String, Option<Vec<u8>>) =
         (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
     match response {
@@ -88,10 +93,12 @@ pub async fn claim_request(
 
 pub async fn save_response(
     tx: &mut Transaction<'_, Postgres>,
+    tenant: &str,
     request_id: uuid::Uuid,
     response: Vec<u8>,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE request_log SET response = $2 WHERE request_id = $1")
+    sqlx::query("UPDATE request_log SET response = $3 WHERE tenant = $1 AND request_id = $2")
+        .bind(tenant)
         .bind(request_id)
         .bind(response)
         .execute(&mut **tx)
