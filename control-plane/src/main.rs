@@ -164,7 +164,10 @@ async fn serve(cli: ServeArgs) -> ExitCode {
     if let Err(code) = cli.connection.install_secrets_key() {
         return code;
     }
-    let kafka = cli.connection.kafka();
+    let kafka = match cli.connection.kafka() {
+        Ok(kafka) => kafka,
+        Err(code) => return code,
+    };
     let tls = match (cli.tls_cert, cli.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles {
             cert,

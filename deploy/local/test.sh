@@ -36,7 +36,7 @@ else
 fi
 # Connector secrets the tests use all start with "e2e-secret-"; none may appear in
 # any log line of any process of the run.
-if [ -d "$e2e_logs" ] && leaks=$(grep -rl -- "e2e-secret-" "$e2e_logs"); then
+if [ -d "$e2e_logs" ] && leaks=$(grep -rl --include="*.log" -- "e2e-secret-" "$e2e_logs"); then
   echo "[sluice-test] secret values found in process logs:" >&2
   echo "$leaks" >&2
   status=1

@@ -330,12 +330,19 @@ kafka_ensure_libs() {
 kafka_write_config() {
   local ssl_listener="" ssl_advertised="" ssl_settings="# no TLS listener (no keystore)"
   if kafka_ensure_keystore; then
-    ssl_listener=",SSL://127.0.0.1:$KAFKA_SSL_PORT"
-    ssl_advertised=",SSL://127.0.0.1:$KAFKA_SSL_PORT"
+    # A TLS listener, and a SASL_SSL one with the PLAIN user "sluice" (password in
+    # $KAFKA_SASL_PASSWORD_FILE), both next to the plaintext listener.
+    if [[ ! -s $KAFKA_SASL_PASSWORD_FILE ]]; then
+      (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$KAFKA_SASL_PASSWORD_FILE")
+    fi
+    ssl_listener=",SSL://127.0.0.1:$KAFKA_SSL_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT"
+    ssl_advertised=",SSL://127.0.0.1:$KAFKA_SSL_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT"
     ssl_settings="ssl.keystore.type=PKCS12
 ssl.keystore.location=$TLS_DIR/kafka.p12
 ssl.keystore.password=$(<"$TLS_DIR/kafka.p12.pass")
-ssl.key.password=$(<"$TLS_DIR/kafka.p12.pass")"
+ssl.key.password=$(<"$TLS_DIR/kafka.p12.pass")
+listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_sluice=\"$(<"$KAFKA_SASL_PASSWORD_FILE")\";"
   fi
   cat >"$KAFKA_CONF.tmp" <<EOF
 # Written by deploy/local/up.sh on every start; edits will be overwritten.
@@ -347,7 +354,7 @@ listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTRO
 advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT$ssl_advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL
 $ssl_settings
 log.dirs=$KAFKA_DATA
 
@@ -460,7 +467,7 @@ kafka_up() {
   fi
   rm -f "$KAFKA_PID_FILE"
   local p
-  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SSL_PORT"; do
+  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SSL_PORT" "$KAFKA_SASL_PORT"; do
     if port_open 127.0.0.1 "$p"; then
       die "port $p is already in use by another process; set SLUICE_KAFKA_PORT/SLUICE_KAFKA_CONTROLLER_PORT or KAFKA_BOOTSTRAP_SERVERS"
     fi
@@ -520,6 +527,8 @@ main() {
     fi
     if [[ $kafka_bootstrap == "$LOCAL_KAFKA_BOOTSTRAP" && -s $TLS_DIR/kafka.p12 ]]; then
       printf 'export SLUICE_LOCAL_KAFKA_SSL=%q\n' "127.0.0.1:$KAFKA_SSL_PORT"
+      printf 'export SLUICE_LOCAL_KAFKA_SASL=%q\n' "127.0.0.1:$KAFKA_SASL_PORT"
+      printf 'export SLUICE_LOCAL_KAFKA_SASL_PASSWORD_FILE=%q\n' "$KAFKA_SASL_PASSWORD_FILE"
     fi
   } >"$ENV_FILE.tmp"
   mv "$ENV_FILE.tmp" "$ENV_FILE"

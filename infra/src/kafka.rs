@@ -23,12 +23,31 @@ pub enum KafkaAdminError {
 }
 
 /// Connection settings for every Kafka client a process makes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     /// Extra librdkafka properties passed through as they are (security.protocol,
     /// sasl.*, ssl.* ...).
     pub properties: Vec<(String, String)>,
+}
+
+/// Values of properties that hold credentials (sasl.password, ssl.key.password, ...)
+/// are never printed.
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<(&str, &str)> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let secret = ["password", "secret", "jaas"].iter().any(|w| k.contains(w));
+                (k.as_str(), if secret { "********" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("properties", &shown)
+            .finish()
+    }
 }
 
 impl KafkaSettings {

@@ -41,6 +41,11 @@ pub struct ConnectionArgs {
     /// security.protocol=SASL_SSL.
     #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
     pub kafka_properties: Vec<(String, String)>,
+    /// File of librdkafka properties, one KEY=VALUE per line ('#' starts a comment): the
+    /// place for credentials such as sasl.password, which a flag would show in `ps`.
+    /// --kafka-property flags override it.
+    #[arg(long, env = "SLUICE_KAFKA_PROPERTIES_FILE", value_name = "FILE")]
+    pub kafka_properties_file: Option<std::path::PathBuf>,
     /// Topic that carries change signals from the control plane to the workers.
     #[arg(long, env = "SLUICE_SIGNALS_TOPIC", default_value = sluice_protocol::topics::DEFAULT_SIGNALS_TOPIC)]
     pub signals_topic: String,
@@ -70,10 +75,30 @@ impl ConnectionArgs {
         }
     }
 
-    pub fn kafka(&self) -> crate::kafka::KafkaSettings {
+    /// The Kafka settings: the properties file first, then the flags. An unreadable or
+    /// malformed file is a usage error.
+    pub fn kafka(&self) -> Result<crate::kafka::KafkaSettings, ExitCode> {
         let mut kafka = crate::kafka::KafkaSettings::new(&self.kafka_bootstrap_servers);
-        kafka.properties = self.kafka_properties.clone();
+        if let Some(path) = self
+            .kafka_properties_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            let parsed = std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| parse_properties_file(&text));
+            match parsed {
+                Ok(properties) => kafka.properties = properties,
+                Err(e) => {
+                    eprintln!("error: kafka properties file {}: {e}", path.display());
+                    return Err(ExitCode::from(EX_USAGE));
+                }
+            }
+        }
         kafka
+            .properties
+            .extend(self.kafka_properties.iter().cloned());
+        Ok(kafka)
     }
 }
 
@@ -86,6 +111,21 @@ pub fn init_tracing() {
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Parses a properties file: `KEY=VALUE` lines; blank lines and `#` comments skipped.
+/// Errors name the line but never echo it (it may hold a password).
+pub fn parse_properties_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|(n, l)| {
+            l.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| format!("line {} is not KEY=VALUE", n + 1))
+        })
+        .collect()
 }
 
 /// Parses a `KEY=VALUE` flag value (librdkafka pass-through properties).
@@ -128,5 +168,36 @@ mod tests {
         assert_eq!(parse_property("a=b=c"), Ok(("a".into(), "b=c".into())));
         assert!(parse_property("novalue").is_err());
         assert!(parse_property("=x").is_err());
+    }
+
+    #[test]
+    fn properties_files() {
+        let parsed = parse_properties_file(
+            "# credentials\nsecurity.protocol = SASL_SSL\n\nsasl.password=a=b\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            parsed,
+            vec![
+                ("security.protocol".into(), "SASL_SSL".into()),
+                ("sasl.password".into(), "a=b".into())
+            ]
+        );
+        let err = parse_properties_file("ok=1\nhunter2\n").expect_err("bad line");
+        assert!(err.contains("line 2") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn kafka_settings_never_print_credentials() {
+        let mut kafka = crate::kafka::KafkaSettings::new("b:1");
+        kafka.properties = vec![
+            ("sasl.password".into(), "hunter2".into()),
+            ("security.protocol".into(), "SSL".into()),
+        ];
+        let shown = format!("{kafka:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("SSL"),
+            "{shown}"
+        );
     }
 }

@@ -39,6 +39,8 @@ pub struct Infra {
     pub local_ca: Option<String>,
     /// The local Kafka's TLS listener (set by up.sh).
     pub kafka_ssl: Option<String>,
+    /// The local Kafka's SASL_SSL listener and the file with user "sluice"'s password.
+    pub kafka_sasl: Option<(String, String)>,
 }
 
 impl Infra {
@@ -47,6 +49,8 @@ impl Infra {
         let mut kafka = std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok();
         let mut local_ca = std::env::var("SLUICE_LOCAL_CA").ok();
         let mut kafka_ssl = std::env::var("SLUICE_LOCAL_KAFKA_SSL").ok();
+        let mut kafka_sasl = std::env::var("SLUICE_LOCAL_KAFKA_SASL").ok();
+        let mut sasl_password_file = std::env::var("SLUICE_LOCAL_KAFKA_SASL_PASSWORD_FILE").ok();
         if database_url.is_none() || kafka.is_none() {
             let env_file = workspace_root().join(".local/env");
             let text = std::fs::read_to_string(&env_file).with_context(|| {
@@ -66,6 +70,10 @@ impl Infra {
                         "KAFKA_BOOTSTRAP_SERVERS" => kafka = kafka.or(Some(v)),
                         "SLUICE_LOCAL_CA" => local_ca = local_ca.or(Some(v)),
                         "SLUICE_LOCAL_KAFKA_SSL" => kafka_ssl = kafka_ssl.or(Some(v)),
+                        "SLUICE_LOCAL_KAFKA_SASL" => kafka_sasl = kafka_sasl.or(Some(v)),
+                        "SLUICE_LOCAL_KAFKA_SASL_PASSWORD_FILE" => {
+                            sasl_password_file = sasl_password_file.or(Some(v))
+                        }
                         _ => {}
                     }
                 }
@@ -76,6 +84,7 @@ impl Infra {
             kafka_bootstrap_servers: kafka.context("KAFKA_BOOTSTRAP_SERVERS not found")?,
             local_ca,
             kafka_ssl,
+            kafka_sasl: kafka_sasl.zip(sasl_password_file),
         })
     }
 }
@@ -135,6 +144,9 @@ pub struct Deployment {
     /// Kafka as the control plane and workers see it, when not the plaintext listener:
     /// bootstrap servers plus librdkafka properties (e.g. the TLS listener).
     pub process_kafka: Option<(String, Vec<(String, String)>)>,
+    /// A librdkafka properties file for the control plane and workers
+    /// (SLUICE_KAFKA_PROPERTIES_FILE).
+    pub kafka_properties_file: Option<PathBuf>,
     /// Extra flags for the control plane (set before starting it).
     pub control_plane_args: Vec<String>,
     workers: Vec<Process>,
@@ -202,6 +214,7 @@ impl Deployment {
             token: None,
             process_database_url: None,
             process_kafka: None,
+            kafka_properties_file: None,
             control_plane_args: Vec::new(),
             workers: Vec::new(),
         })
@@ -252,6 +265,10 @@ impl Deployment {
 
     /// KAFKA_BOOTSTRAP_SERVERS and `--kafka-property` flags for a process.
     fn with_kafka<'c>(&self, command: &'c mut Command) -> &'c mut Command {
+        match &self.kafka_properties_file {
+            Some(path) => command.env("SLUICE_KAFKA_PROPERTIES_FILE", path),
+            None => command.env_remove("SLUICE_KAFKA_PROPERTIES_FILE"),
+        };
         match &self.process_kafka {
             None => command.env(
                 "KAFKA_BOOTSTRAP_SERVERS",

@@ -320,3 +320,73 @@ async fn kafka_clients_use_tls_through_kafka_properties() -> Result<()> {
     );
     d.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sasl_credentials_come_from_a_properties_file_and_stay_out_of_logs() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let (Some(ca), Some((sasl_listener, password_file))) =
+        (d.infra.local_ca.clone(), d.infra.kafka_sasl.clone())
+    else {
+        eprintln!("SKIPPED: Kafka is not the local one (no SLUICE_LOCAL_KAFKA_SASL)");
+        return d.shutdown().await;
+    };
+    let password = std::fs::read_to_string(&password_file)?.trim().to_owned();
+    let properties = d.log_dir.join("kafka.properties");
+    std::fs::write(
+        &properties,
+        format!(
+            "# SASL/PLAIN over TLS\nsecurity.protocol=SASL_SSL\nsasl.mechanism=PLAIN\n\
+             sasl.username=sluice\nsasl.password={password}\nssl.ca.location={ca}\n"
+        ),
+    )?;
+    d.kafka_properties_file = Some(properties);
+    d.process_kafka = Some((sasl_listener.clone(), Vec::new()));
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    client
+        .create_pipeline(generator_pipeline(
+            "kafka-sasl",
+            100,
+            5,
+            d.destination("kafka_sasl_t", false),
+            pb::DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(
+        &mut client,
+        "kafka-sasl",
+        pb::PipelineStatus::Ready,
+        std::time::Duration::from_secs(90),
+    )
+    .await?;
+    assert_eq!(d.row_count("kafka_sasl_t").await?, 100);
+    assert!(
+        !d.logs()?.contains(&password),
+        "the SASL password was logged"
+    );
+
+    // A wrong password is refused by the broker: the control plane cannot start.
+    let mut wrong = Deployment::new().await?;
+    let bad = wrong.log_dir.join("kafka.properties");
+    std::fs::write(
+        &bad,
+        format!(
+            "security.protocol=SASL_SSL\nsasl.mechanism=PLAIN\nsasl.username=sluice\n\
+             sasl.password=e2e-secret-wrong\nssl.ca.location={}\n",
+            d.infra.local_ca.clone().unwrap_or_default()
+        ),
+    )?;
+    wrong.kafka_properties_file = Some(bad);
+    wrong.process_kafka = Some((sasl_listener, Vec::new()));
+    let started = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        wrong.start_control_plane_process(),
+    )
+    .await;
+    assert!(
+        !matches!(started, Ok(Ok(_))),
+        "a control plane with a wrong SASL password must not come up"
+    );
+    d.shutdown().await?;
+    wrong.shutdown().await
+}

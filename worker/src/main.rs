@@ -54,7 +54,10 @@ async fn main() -> ExitCode {
     let worker_id = cli
         .worker_id
         .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
-    let kafka = cli.connection.kafka();
+    let kafka = match cli.connection.kafka() {
+        Ok(kafka) => kafka,
+        Err(code) => return code,
+    };
     let config = Config {
         worker_id,
         database_url: cli.connection.database_url,
