@@ -77,18 +77,29 @@ async fn sluicectl(args: &[&str], token: &str) -> Result<std::process::Output> {
         .await?)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_serves_the_given_certificate_and_refuses_plaintext() -> Result<()> {
+/// A deployment whose control plane serves TLS (mutual: clients need a certificate);
+/// returns it with its PKI, address and operator token.
+async fn tls_control_plane(mutual: bool) -> Result<(Deployment, Pki, String, String)> {
     let mut d = Deployment::new().await?;
     let pki = make_pki(&d.log_dir)?;
-    d.control_plane_args = vec![
-        "--tls-cert".into(),
+    let mut args = vec![
+        "--tls-cert".to_owned(),
         pki.server_cert.display().to_string(),
-        "--tls-key".into(),
+        "--tls-key".to_owned(),
         pki.server_key.display().to_string(),
     ];
+    if mutual {
+        args.extend(["--tls-client-ca".to_owned(), pki.ca.display().to_string()]);
+    }
+    d.control_plane_args = args;
     let addr = d.start_control_plane_process().await?;
     let token = d.token.clone().unwrap_or_default();
+    Ok((d, pki, addr, token))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_the_given_certificate_and_refuses_plaintext() -> Result<()> {
+    let (d, pki, addr, token) = tls_control_plane(false).await?;
     let ca = Certificate::from_pem(std::fs::read(&pki.ca)?);
 
     let tls = Channel::from_shared(format!("https://{addr}"))?
@@ -125,18 +136,7 @@ async fn tls_serves_the_given_certificate_and_refuses_plaintext() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_needs_a_client_certificate() -> Result<()> {
-    let mut d = Deployment::new().await?;
-    let pki = make_pki(&d.log_dir)?;
-    d.control_plane_args = vec![
-        "--tls-cert".into(),
-        pki.server_cert.display().to_string(),
-        "--tls-key".into(),
-        pki.server_key.display().to_string(),
-        "--tls-client-ca".into(),
-        pki.ca.display().to_string(),
-    ];
-    let addr = d.start_control_plane_process().await?;
-    let token = d.token.clone().unwrap_or_default();
+    let (d, pki, addr, token) = tls_control_plane(true).await?;
     let ca_pem = std::fs::read(&pki.ca)?;
 
     let with_cert = Channel::from_shared(format!("https://{addr}"))?
