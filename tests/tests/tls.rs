@@ -273,6 +273,52 @@ async fn postgres_connections_verify_the_servers_certificate() -> Result<()> {
     d.shutdown().await
 }
 
+/// Creates a generator pipeline into `table`, waits for READY and checks every row
+/// arrived exactly (count and checksum).
+async fn assert_pipeline_lands(
+    d: &Deployment,
+    client: &mut Client,
+    id: &str,
+    count: u64,
+    seed: u64,
+    table: &str,
+) -> Result<()> {
+    client
+        .create_pipeline(generator_pipeline(
+            id,
+            count,
+            seed,
+            d.destination(table, false),
+            pb::DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(
+        client,
+        id,
+        pb::PipelineStatus::Ready,
+        std::time::Duration::from_secs(90),
+    )
+    .await?;
+    assert_eq!(d.row_count(table).await?, count as i64);
+    assert_eq!(
+        amount_sum(&d.pool, table).await?,
+        expected_amount_sum(seed, count)
+    );
+    Ok(())
+}
+
+/// A librdkafka properties file for SASL/PLAIN over TLS as user "sluice".
+fn sasl_properties(path: &Path, password: &str, ca: &str) -> Result<PathBuf> {
+    std::fs::write(
+        path,
+        format!(
+            "# SASL/PLAIN over TLS\nsecurity.protocol=SASL_SSL\nsasl.mechanism=PLAIN\n\
+             sasl.username=sluice\nsasl.password={password}\nssl.ca.location={ca}\n"
+        ),
+    )?;
+    Ok(path.to_owned())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_clients_use_tls_through_kafka_properties() -> Result<()> {
     let mut d = Deployment::new().await?;
@@ -296,28 +342,7 @@ async fn kafka_clients_use_tls_through_kafka_properties() -> Result<()> {
     ));
     let mut client = d.start_control_plane().await?;
     d.start_worker("w1").await?;
-    let destination = d.destination("kafka_tls_t", false);
-    client
-        .create_pipeline(generator_pipeline(
-            "kafka-tls",
-            200,
-            4,
-            destination,
-            pb::DesiredStatus::Active,
-        ))
-        .await?;
-    wait_converged(
-        &mut client,
-        "kafka-tls",
-        pb::PipelineStatus::Ready,
-        std::time::Duration::from_secs(90),
-    )
-    .await?;
-    assert_eq!(d.row_count("kafka_tls_t").await?, 200);
-    assert_eq!(
-        amount_sum(&d.pool, "kafka_tls_t").await?,
-        expected_amount_sum(4, 200)
-    );
+    assert_pipeline_lands(&d, &mut client, "kafka-tls", 200, 4, "kafka_tls_t").await?;
     d.shutdown().await
 }
 
@@ -331,35 +356,15 @@ async fn kafka_sasl_credentials_come_from_a_properties_file_and_stay_out_of_logs
         return d.shutdown().await;
     };
     let password = std::fs::read_to_string(&password_file)?.trim().to_owned();
-    let properties = d.log_dir.join("kafka.properties");
-    std::fs::write(
-        &properties,
-        format!(
-            "# SASL/PLAIN over TLS\nsecurity.protocol=SASL_SSL\nsasl.mechanism=PLAIN\n\
-             sasl.username=sluice\nsasl.password={password}\nssl.ca.location={ca}\n"
-        ),
-    )?;
-    d.kafka_properties_file = Some(properties);
+    d.kafka_properties_file = Some(sasl_properties(
+        &d.log_dir.join("kafka.properties"),
+        &password,
+        &ca,
+    )?);
     d.process_kafka = Some((sasl_listener.clone(), Vec::new()));
     let mut client = d.start_control_plane().await?;
     d.start_worker("w1").await?;
-    client
-        .create_pipeline(generator_pipeline(
-            "kafka-sasl",
-            100,
-            5,
-            d.destination("kafka_sasl_t", false),
-            pb::DesiredStatus::Active,
-        ))
-        .await?;
-    wait_converged(
-        &mut client,
-        "kafka-sasl",
-        pb::PipelineStatus::Ready,
-        std::time::Duration::from_secs(90),
-    )
-    .await?;
-    assert_eq!(d.row_count("kafka_sasl_t").await?, 100);
+    assert_pipeline_lands(&d, &mut client, "kafka-sasl", 100, 5, "kafka_sasl_t").await?;
     assert!(
         !d.logs()?.contains(&password),
         "the SASL password was logged"
@@ -367,16 +372,11 @@ async fn kafka_sasl_credentials_come_from_a_properties_file_and_stay_out_of_logs
 
     // A wrong password is refused by the broker: the control plane cannot start.
     let mut wrong = Deployment::new().await?;
-    let bad = wrong.log_dir.join("kafka.properties");
-    std::fs::write(
-        &bad,
-        format!(
-            "security.protocol=SASL_SSL\nsasl.mechanism=PLAIN\nsasl.username=sluice\n\
-             sasl.password=e2e-secret-wrong\nssl.ca.location={}\n",
-            d.infra.local_ca.clone().unwrap_or_default()
-        ),
-    )?;
-    wrong.kafka_properties_file = Some(bad);
+    wrong.kafka_properties_file = Some(sasl_properties(
+        &wrong.log_dir.join("kafka.properties"),
+        "e2e-secret-wrong",
+        &ca,
+    )?);
     wrong.process_kafka = Some((sasl_listener, Vec::new()));
     let started = tokio::time::timeout(
         std::time::Duration::from_secs(30),

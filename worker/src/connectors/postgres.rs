@@ -19,15 +19,16 @@ use sqlx::{PgPool, QueryBuilder, Row};
 
 use crate::activity::ActivityError;
 
-async fn table_exists(
-    pool: &PgPool,
-    config: &PostgresDestinationConfig,
+/// Whether `schema.table` exists.
+async fn table_exists<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    schema: &str,
+    table: &str,
 ) -> Result<bool, ActivityError> {
-    Ok(sqlx::query("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{}.{}", config.schema, config.table))
-        .fetch_one(pool)
-        .await?
-        .get(0))
+    Ok(sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{schema}.{table}"))
+        .fetch_one(executor)
+        .await?)
 }
 
 /// Connection pools per destination URL, shared by all pipelines of a worker so that
@@ -145,11 +146,7 @@ pub async fn setup(
     ))
     .execute(&mut *tx)
     .await?;
-    let existed: bool = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{}.{}", config.schema, config.table))
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
+    let existed = table_exists(&mut *tx, &config.schema, &config.table).await?;
     if !existed {
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {table} ({})",
@@ -389,12 +386,7 @@ pub async fn teardown(
     config: &PostgresDestinationConfig,
     pipeline_id: &str,
 ) -> Result<(), ActivityError> {
-    let exists: bool = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{}.{}", config.schema, OFFSETS_TABLE))
-        .fetch_one(pool)
-        .await?
-        .get(0);
-    if exists {
+    if table_exists(pool, &config.schema, OFFSETS_TABLE).await? {
         sqlx::query(&format!(
             "DELETE FROM {} WHERE pipeline_id = $1",
             offsets_table(config)
@@ -413,7 +405,7 @@ pub async fn teardown(
             sqlx::query(&format!("DROP TABLE IF EXISTS {}", table_name(config)))
                 .execute(pool)
                 .await?;
-        } else if comment.is_some() || table_exists(pool, config).await? {
+        } else if comment.is_some() || table_exists(pool, &config.schema, &config.table).await? {
             // A table that existed before the pipeline is never dropped by it.
             tracing::warn!(
                 pipeline_id,
