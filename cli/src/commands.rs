@@ -82,18 +82,20 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
 /// only on this machine (loopback).
 fn refuse_plaintext_token(connection: &Connection, insecure: bool) -> Result<(), CliError> {
     let url = normalise_server(&connection.server);
-    let Some(rest) = url.strip_prefix("http://") else {
+    if !url.starts_with("http://") {
         return Ok(());
+    }
+    // The host as a URL parser reads it: `http://localhost:1@evil.example` has user
+    // info "localhost:1" and the host evil.example.
+    let host = url::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.host().map(|h| h.to_owned()));
+    let loopback = match host {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
     };
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
-    let loopback = host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
     if loopback || insecure || connection.token.is_none() {
         return Ok(());
     }
@@ -361,6 +363,18 @@ mod plaintext_tests {
         assert!(
             refuse_plaintext_token(&conn("http://cp.internal:50051", Some("t")), false).is_err()
         );
+        // User info that looks like a loopback host does not make the host one.
+        for sneaky in [
+            "http://localhost:1@evil.example",
+            "http://127.0.0.1@evil.example:50051",
+            "http://[::1]@evil.example/",
+            "http://localhost.evil.example:1",
+        ] {
+            assert!(
+                refuse_plaintext_token(&conn(sneaky, Some("t")), false).is_err(),
+                "{sneaky}"
+            );
+        }
         assert!(refuse_plaintext_token(&conn("10.0.0.5:50051", Some("t")), false).is_err());
         assert!(refuse_plaintext_token(&conn("10.0.0.5:50051", Some("t")), true).is_ok());
         assert!(refuse_plaintext_token(&conn("10.0.0.5:50051", None), false).is_ok());

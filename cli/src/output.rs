@@ -22,10 +22,37 @@ pub struct PipelineView {
     pub observed_generation: i64,
     pub owner: String,
     pub last_error: String,
+    /// The activity the worker is retrying, if one keeps failing.
+    pub pending_activity: Option<PendingActivityView>,
     pub etag: String,
     pub spec: Option<SpecView>,
     pub create_time: Option<String>,
     pub update_time: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PendingActivityView {
+    pub name: String,
+    pub attempt: i32,
+    pub last_failure: String,
+    pub failure_type: String,
+    pub first_failure_time: Option<String>,
+    pub last_failure_time: Option<String>,
+    pub next_attempt_time: Option<String>,
+}
+
+impl PendingActivityView {
+    /// "setup, attempt 4 (transient_error), next at ...: connection refused".
+    fn summary(&self) -> String {
+        format!(
+            "{}, attempt {} ({}), next at {}: {}",
+            self.name,
+            self.attempt,
+            self.failure_type,
+            self.next_attempt_time.as_deref().unwrap_or("?"),
+            self.last_failure
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -103,6 +130,15 @@ impl From<&pb::Pipeline> for PipelineView {
             observed_generation: p.observed_generation,
             owner: p.owner.clone(),
             last_error: p.last_error.clone(),
+            pending_activity: p.pending_activity.as_ref().map(|a| PendingActivityView {
+                name: a.name.clone(),
+                attempt: a.attempt,
+                last_failure: a.last_failure.clone(),
+                failure_type: a.failure_type.clone(),
+                first_failure_time: timestamp(a.first_failure_time.as_ref()),
+                last_failure_time: timestamp(a.last_failure_time.as_ref()),
+                next_attempt_time: timestamp(a.next_attempt_time.as_ref()),
+            }),
             etag: p.etag.clone(),
             spec: p.spec.as_ref().map(|s| SpecView {
                 source: s.source.as_ref().map(connector_view),
@@ -177,7 +213,12 @@ pub fn render_pipeline(p: &pb::Pipeline, format: OutputFormat) -> String {
                 "{} (observed {})",
                 view.generation, view.observed_generation
             );
-            let rows: [(&str, &str); 12] = [
+            let retrying = view
+                .pending_activity
+                .as_ref()
+                .map(PendingActivityView::summary)
+                .unwrap_or_default();
+            let rows: [(&str, &str); 13] = [
                 ("ID", &view.id),
                 ("TENANT", &view.tenant),
                 ("PHASE", &view.phase),
@@ -186,6 +227,7 @@ pub fn render_pipeline(p: &pb::Pipeline, format: OutputFormat) -> String {
                 ("GENERATION", &gen),
                 ("OWNER", &view.owner),
                 ("LAST ERROR", &view.last_error),
+                ("RETRYING", &retrying),
                 ("SOURCE", view.source_type()),
                 ("DESTINATION", view.destination_type()),
                 ("CREATED", view.create_time.as_deref().unwrap_or("")),
@@ -298,6 +340,21 @@ mod tests {
             observed_generation: 2,
             owner: "worker-1".into(),
             last_error: String::new(),
+            pending_activity: Some(pb::PendingActivity {
+                name: "write-batch".into(),
+                attempt: 3,
+                last_failure: "TransientError: connection refused".into(),
+                failure_type: "transient_error".into(),
+                first_failure_time: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 0,
+                }),
+                last_failure_time: None,
+                next_attempt_time: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_004,
+                    nanos: 0,
+                }),
+            }),
             etag: "W/\"3\"".into(),
             create_time: Some(prost_types::Timestamp {
                 seconds: 1_700_000_000,
@@ -334,6 +391,15 @@ mod tests {
                 "observed_generation": 2,
                 "owner": "worker-1",
                 "last_error": "",
+                "pending_activity": {
+                    "name": "write-batch",
+                    "attempt": 3,
+                    "last_failure": "TransientError: connection refused",
+                    "failure_type": "transient_error",
+                    "first_failure_time": "2023-11-14T22:13:20Z",
+                    "last_failure_time": null,
+                    "next_attempt_time": "2023-11-14T22:13:24Z"
+                },
                 "etag": "W/\"3\"",
                 "spec": {
                     "source": {"type": "generator", "config": {"count": 10, "nested": {"a": [1, "b"]}}},
@@ -357,6 +423,8 @@ mod tests {
             "3 (observed 2)",
             "worker-1",
             "LAST ERROR",
+            "RETRYING",
+            "write-batch, attempt 3 (transient_error), next at 2023-11-14T22:13:24Z: TransientError: connection refused",
             "generator",
             "postgres",
             "2023-11-14T22:13:20Z",

@@ -44,8 +44,47 @@ pub enum ApiError {
     },
     #[error("{0}")]
     NoSecretsKey(#[from] sluice_infra::secrets::NoSecretsKey),
+    /// The database did not serve the call in time (a row locked by another
+    /// transaction, a statement timeout, a lost connection): retrying later may work.
+    #[error("{why}; retry later")]
+    Unavailable {
+        reason: &'static str,
+        why: &'static str,
+    },
     #[error("internal error")]
-    Internal(#[from] StoreError),
+    Internal(StoreError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let StoreError::Database(db) = &e else {
+            return Self::Internal(e);
+        };
+        let busy = match db {
+            sqlx::Error::Database(d) => match d.code().as_deref() {
+                Some("55P03") => Some((
+                    "PIPELINE_BUSY",
+                    "the pipeline is locked by another transaction",
+                )),
+                Some("57014") => Some(("DATABASE_TIMEOUT", "the database did not answer in time")),
+                Some(c) if c.starts_with("08") || c.starts_with("57P") => {
+                    Some(("DATABASE_UNAVAILABLE", "the database is unavailable"))
+                }
+                _ => None,
+            },
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                Some(("DATABASE_UNAVAILABLE", "the database is unavailable"))
+            }
+            _ => None,
+        };
+        match busy {
+            Some((reason, why)) => {
+                tracing::warn!(error = %e, "request could not be served by the database");
+                Self::Unavailable { reason, why }
+            }
+            None => Self::Internal(e),
+        }
+    }
 }
 
 impl From<FieldViolation> for ApiError {
@@ -56,7 +95,7 @@ impl From<FieldViolation> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        Self::Internal(StoreError::Database(e))
+        StoreError::Database(e).into()
     }
 }
 
@@ -126,6 +165,7 @@ impl From<ApiError> for Status {
                 "SECRETS_KEY_MISSING",
                 vec![("field".into(), format!("pipeline.spec.{}", e.field))],
             ),
+            ApiError::Unavailable { reason, .. } => (Code::Unavailable, *reason, Vec::new()),
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "request failed");
                 (Code::Internal, "INTERNAL", Vec::new())

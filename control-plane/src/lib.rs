@@ -44,6 +44,8 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Serve TLS instead of plaintext gRPC.
     pub tls: Option<TlsFiles>,
+    /// Destination hosts the deployment allows; specs naming others are refused.
+    pub destination_hosts: sluice_protocol::hosts::HostPolicy,
 }
 
 /// PEM files of the gRPC listener's TLS identity; with `client_ca`, clients must
@@ -101,9 +103,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), RunError> {
+    sluice_infra::store::migrate_url(&config.database_url, Duration::from_secs(60)).await?;
     let pool =
         sluice_infra::store::connect(&config.database_url, 16, Duration::from_secs(60)).await?;
-    sluice_infra::store::migrate(&pool).await?;
 
     let admin = config.kafka.admin()?;
     let partitions = admin
@@ -159,7 +161,13 @@ pub async fn run(
     tracing::info!(addr = %local, "control plane listening");
     on_listening(local);
 
-    let api = PipelineApi::new(pool.clone(), partitions as u32, wakeup, config.limits);
+    let api = PipelineApi::new(
+        pool.clone(),
+        partitions as u32,
+        wakeup,
+        config.limits,
+        config.destination_hosts.clone(),
+    );
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         server = server.tls_config(tls.server_config()?)?;

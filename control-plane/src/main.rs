@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use sluice_control_plane::auth::{self, Role};
 use sluice_control_plane::{run, Config, Limits, TlsFiles};
-use sluice_infra::process::{init_tracing, parse_cli_from, shutdown_signal, ConnectionArgs};
+use sluice_infra::process::{
+    init_tracing, parse_cli_from, shutdown_signal, ConnectionArgs, DestinationHostArgs,
+};
 use sluice_protocol::ids::validate_tenant;
 
 const AFTER_HELP: &str = "\
@@ -43,6 +45,10 @@ enum Command {
 struct ServeArgs {
     #[command(flatten)]
     connection: ConnectionArgs,
+    /// Specs whose destination host these refuse are INVALID_ARGUMENT at once; workers
+    /// enforce the same lists (with DNS) when they connect, so give both the same.
+    #[command(flatten)]
+    destination_hosts: DestinationHostArgs,
     /// Address the gRPC server listens on (port 0 picks a free port; the chosen address
     /// is printed as "listening on ADDR" on stdout).
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:50051")]
@@ -176,6 +182,10 @@ async fn serve(cli: ServeArgs) -> ExitCode {
         }),
         _ => None,
     };
+    let destination_hosts = match cli.destination_hosts.policy() {
+        Ok(policy) => policy,
+        Err(code) => return code,
+    };
     let config = Config {
         listen: cli.listen,
         database_url: cli.connection.database_url,
@@ -188,6 +198,7 @@ async fn serve(cli: ServeArgs) -> ExitCode {
         },
         max_request_bytes: cli.max_request_bytes as usize,
         tls,
+        destination_hosts,
     };
     let result = run(config, shutdown_signal(), |addr| {
         println!("listening on {addr}");
@@ -208,8 +219,8 @@ async fn tokens(command: TokensCommand) -> anyhow::Result<()> {
         | TokensCommand::List { db }
         | TokensCommand::Revoke { db, .. } => db,
     };
+    sluice_infra::store::migrate_url(&db.database_url, Duration::from_secs(10)).await?;
     let pool = sluice_infra::store::connect(&db.database_url, 2, Duration::from_secs(10)).await?;
-    sluice_infra::store::migrate(&pool).await?;
     match command {
         TokensCommand::Create {
             tenant, role, name, ..

@@ -28,8 +28,13 @@ impl OutboxRelay {
         loop {
             loop {
                 match self.relay_batch().await {
-                    Ok(0) => break,
-                    Ok(n) => tracing::debug!(signals = n, "signals relayed"),
+                    Ok(Relayed {
+                        sent: 0,
+                        deferred: 0,
+                    }) => break,
+                    Ok(Relayed { sent, deferred }) => {
+                        tracing::debug!(sent, deferred, "signals relayed")
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "relaying signals failed, will retry");
                         break;
@@ -38,18 +43,7 @@ impl OutboxRelay {
             }
             if last_cleanup.elapsed() > Duration::from_secs(60) {
                 last_cleanup = tokio::time::Instant::now();
-                let cleaned = sqlx::query(
-                    "DELETE FROM signal_outbox WHERE sent_at < now() - interval '1 hour'",
-                )
-                .execute(&self.pool)
-                .await;
-                if let Err(e) = cleaned {
-                    tracing::warn!(error = %e, "outbox cleanup failed");
-                }
-                // Idempotency keys are honoured for a day.
-                if let Err(e) = crate::store::purge_request_log(&self.pool).await {
-                    tracing::warn!(error = %e, "request log cleanup failed");
-                }
+                self.clean_up().await;
             }
             tokio::select! {
                 _ = self.wakeup.notified() => {}
@@ -59,19 +53,50 @@ impl OutboxRelay {
         }
     }
 
-    /// Relays up to one batch; returns how many signals were sent.
-    async fn relay_batch(&self) -> Result<usize, RelayError> {
+    async fn clean_up(&self) {
+        let cleaned =
+            sqlx::query("DELETE FROM signal_outbox WHERE sent_at < now() - interval '1 hour'")
+                .execute(&self.pool)
+                .await;
+        if let Err(e) = cleaned {
+            tracing::warn!(error = %e, "outbox cleanup failed");
+        }
+        // A signal that could not be sent for a day is given up: signals only wake
+        // workflows, which re-read their rows on every resync anyway.
+        match sqlx::query(
+            "DELETE FROM signal_outbox WHERE sent_at IS NULL AND created_at < now() - interval '1 day'",
+        )
+        .execute(&self.pool)
+        .await
+        {
+            Ok(done) if done.rows_affected() > 0 => {
+                tracing::warn!(signals = done.rows_affected(), "gave up signals that failed for a day")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "outbox cleanup failed"),
+        }
+        // Idempotency keys are honoured for a day.
+        if let Err(e) = crate::store::purge_request_log(&self.pool).await {
+            tracing::warn!(error = %e, "request log cleanup failed");
+        }
+    }
+
+    /// Relays up to one batch of due signals. Each signal Kafka did not acknowledge is
+    /// deferred with its own backoff, so a signal that keeps failing (a partition the
+    /// topic lacks, say) never holds back the ones queued behind it.
+    async fn relay_batch(&self) -> Result<Relayed, RelayError> {
         let mut tx = self.pool.begin().await?;
         // SKIP LOCKED lets several control-plane instances relay side by side.
         let rows = sqlx::query(
             "SELECT id, pipeline_id, partition, payload FROM signal_outbox \
-             WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             WHERE sent_at IS NULL AND next_attempt_at <= now() \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(BATCH)
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Relayed::default());
         }
         let mut signals = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -90,37 +115,61 @@ impl OutboxRelay {
                     .key(pipeline_id)
                     .partition(*partition)
                     .payload(payload);
-                self.producer
+                let sent = self
+                    .producer
                     .send(record, Timeout::After(Duration::from_secs(5)))
-                    .await
-                    .map(|_| *id)
-                    .map_err(|(e, _)| e)
+                    .await;
+                (*id, sent.map(|_| ()).map_err(|(e, _)| e))
             });
         let mut sent = Vec::with_capacity(signals.len());
-        let mut failure = None;
-        for result in futures::future::join_all(sends).await {
+        let mut failed = Vec::new();
+        for (id, result) in futures::future::join_all(sends).await {
             match result {
-                Ok(id) => sent.push(id),
-                Err(e) => failure = Some(e),
+                Ok(()) => sent.push(id),
+                Err(e) => failed.push((id, e.to_string())),
             }
         }
         sqlx::query("UPDATE signal_outbox SET sent_at = clock_timestamp() WHERE id = ANY($1)")
             .bind(&sent)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        match failure {
-            // Unacknowledged signals stay queued for the next attempt.
-            Some(e) => Err(RelayError::Kafka(e)),
-            None => Ok(sent.len()),
+        if let Some((_, example)) = failed.first() {
+            tracing::warn!(signals = failed.len(), error = %example, "signals not acknowledged by Kafka; retrying them later");
+            let (ids, errors): (Vec<i64>, Vec<String>) = failed.into_iter().unzip();
+            // 1 s, 2 s, 4 s ... capped at a minute.
+            sqlx::query(
+                "UPDATE signal_outbox o SET attempts = o.attempts + 1, last_error = f.error, \
+                 next_attempt_at = clock_timestamp() \
+                   + LEAST(interval '1 second' * power(2, o.attempts), interval '60 seconds') \
+                 FROM UNNEST($1::bigint[], $2::text[]) AS f(id, error) WHERE o.id = f.id",
+            )
+            .bind(&ids)
+            .bind(&errors)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Relayed {
+                sent: sent.len(),
+                deferred: ids.len(),
+            });
         }
+        tx.commit().await?;
+        Ok(Relayed {
+            sent: sent.len(),
+            deferred: 0,
+        })
     }
+}
+
+/// What one relay batch did.
+#[derive(Debug, Default)]
+struct Relayed {
+    sent: usize,
+    deferred: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum RelayError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("kafka: {0}")]
-    Kafka(rdkafka::error::KafkaError),
 }

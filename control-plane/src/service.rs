@@ -11,11 +11,13 @@ use sluice_infra::store::list_events;
 use sluice_protocol::conversions::{
     desired_status_from_pb, patch_from_pb, record_to_pb, spec_from_pb, PipelineRecord,
 };
+use sluice_protocol::hosts::HostPolicy;
 use sluice_protocol::ids::{generate_pipeline_id, validate_pipeline_id, validate_tenant};
 use sluice_protocol::mask::{apply_patch, parse_mask};
 use sluice_protocol::partition::partition_for;
 use sluice_protocol::pb;
 use sluice_protocol::pb::pipeline_service_server::PipelineService;
+use sluice_protocol::spec::{DestinationConfig, PipelineSpec};
 use sluice_protocol::status::{DesiredStatus, PipelineStatus};
 use sluice_protocol::FieldViolation;
 use sqlx::PgPool;
@@ -52,6 +54,7 @@ pub struct PipelineApi {
     /// Wakes the outbox relay after a committed change.
     outbox_wakeup: Arc<Notify>,
     limits: Limits,
+    destination_hosts: HostPolicy,
 }
 
 impl PipelineApi {
@@ -60,13 +63,30 @@ impl PipelineApi {
         signal_partitions: u32,
         outbox_wakeup: Arc<Notify>,
         limits: Limits,
+        destination_hosts: HostPolicy,
     ) -> Self {
         Self {
             pool,
             signal_partitions,
             outbox_wakeup,
             limits,
+            destination_hosts,
         }
+    }
+
+    /// Validates a whole spec as stored: the connector rules, then the deployment's
+    /// destination host lists (by name and IP literal; workers check resolved
+    /// addresses too when they connect).
+    fn validate(&self, spec: &PipelineSpec) -> Result<(), FieldViolation> {
+        let valid = spec.validate("pipeline.spec")?;
+        let DestinationConfig::Postgres(destination) = &valid.destination;
+        let host = url::Url::parse(&destination.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default();
+        self.destination_hosts
+            .check(&host, &[])
+            .map_err(|why| FieldViolation::new("pipeline.spec.destination.config.url", why))
     }
 
     /// Authenticates the call and checks that the caller's role may do `access`.
@@ -86,6 +106,7 @@ impl PipelineApi {
         caller: &Caller,
         req: pb::CreatePipelineRequest,
     ) -> Result<pb::Pipeline, ApiError> {
+        let request_hash = request_digest(&req);
         let pipeline = req
             .pipeline
             .ok_or_else(|| FieldViolation::new("pipeline", "is required"))?;
@@ -105,7 +126,7 @@ impl PipelineApi {
             }?
         };
         let spec = spec_from_pb(pipeline.spec.as_ref(), "pipeline.spec")?;
-        spec.validate("pipeline.spec")?;
+        self.validate(&spec)?;
         let desired =
             match desired_status_from_pb(pipeline.desired_status, "pipeline.desired_status")? {
                 None => DesiredStatus::Active,
@@ -133,8 +154,7 @@ impl PipelineApi {
                 &mut tx,
                 &caller.tenant,
                 rid,
-                "CreatePipeline",
-                &request_target,
+                ("CreatePipeline", &request_target, &request_hash),
             )
             .await?
             {
@@ -206,7 +226,7 @@ impl PipelineApi {
             apply_patch(current.desired_status, &current.spec, &patch, &mask)?;
         restore_redacted(&mut spec, &current.spec);
         // Exactly as strict as create: the merged spec must validate as a whole.
-        spec.validate("pipeline.spec")?;
+        self.validate(&spec)?;
 
         // Setting what is already there bumps nothing — except for a pipeline in ERROR,
         // where re-stating the desired status is how an operator asks for a retry.
@@ -243,6 +263,7 @@ impl PipelineApi {
     ) -> Result<pb::Pipeline, ApiError> {
         let target = caller.resolve(&req.id, "id")?;
         let request_id = parse_request_id(&req.request_id)?;
+        let request_hash = request_digest(&req);
         let mut tx = self.pool.begin().await?;
         if let Some(rid) = request_id {
             let request_target = format!("{}/{}", target.tenant, target.name);
@@ -250,8 +271,7 @@ impl PipelineApi {
                 &mut tx,
                 &caller.tenant,
                 rid,
-                "DeletePipeline",
-                &request_target,
+                ("DeletePipeline", &request_target, &request_hash),
             )
             .await?
             {
@@ -385,16 +405,22 @@ fn parse_request_id(raw: &str) -> Result<Option<uuid::Uuid>, FieldViolation> {
         .map_err(|_| FieldViolation::new("request_id", "must be a UUID"))
 }
 
-/// Registers an idempotency key; Some(response) when this is a retry of a request
-/// that already completed.
+/// SHA-256 of a request as prost encodes it (deterministically: Struct fields are a
+/// sorted map), so a retry of the same request has the same digest.
+fn request_digest(request: &impl Message) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(request.encode_to_vec()).to_vec()
+}
+
+/// Registers an idempotency key for `(method, target, digest)`; Some(response) when
+/// this is a retry of a request that already completed.
 async fn replay(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     tenant: &str,
     request_id: uuid::Uuid,
-    method: &str,
-    target: &str,
+    (method, target, digest): (&str, &str, &[u8]),
 ) -> Result<Option<pb::Pipeline>, ApiError> {
-    match store::claim_request(tx, tenant, request_id, method, target).await? {
+    match store::claim_request(tx, tenant, request_id, method, target, digest).await? {
         store::RequestClaim::New => Ok(None),
         store::RequestClaim::Replay(bytes) => {
             let response = pb::Pipeline::decode(bytes.as_slice()).map_err(|e| {
@@ -406,7 +432,7 @@ async fn replay(
         }
         store::RequestClaim::Mismatch => Err(FieldViolation::new(
             "request_id",
-            "was already used for a different request",
+            "was already used for a different request (another method, pipeline or body)",
         )
         .into()),
     }

@@ -54,39 +54,50 @@ pub enum RequestClaim {
     Mismatch,
 }
 
-/// Registers `request_id` inside the request's transaction. A concurrent duplicate
-/// waits on the unique key until the first commits, then sees its response.
+/// Registers `request_id` inside the request's transaction, with a digest of the whole
+/// request. A concurrent duplicate waits on the unique key until the first commits,
+/// then sees its response; the same id with another method, target or body is a
+/// mismatch.
 pub async fn claim_request(
     tx: &mut Transaction<'_, Postgres>,
     tenant: &str,
     request_id: uuid::Uuid,
     method: &str,
     target: &str,
+    request_hash: &[u8],
 ) -> Result<RequestClaim, StoreError> {
     let inserted = sqlx::query(
-        "INSERT INTO request_log (tenant, request_id, method, target) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (tenant, request_id) DO NOTHING",
+        "INSERT INTO request_log (tenant, request_id, method, target, request_hash) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, request_id) DO NOTHING",
     )
     .bind(tenant)
     .bind(request_id)
     .bind(method)
     .bind(target)
+    .bind(request_hash)
     .execute(&mut **tx)
     .await?;
     if inserted.rows_affected() == 1 {
         return Ok(RequestClaim::New);
     }
     let row = sqlx::query(
-        "SELECT method, target, response FROM request_log WHERE tenant = $1 AND request_id = $2",
+        "SELECT method, target, response, request_hash FROM request_log \
+         WHERE tenant = $1 AND request_id = $2",
     )
     .bind(tenant)
     .bind(request_id)
     .fetch_one(&mut **tx)
     .await?;
-    let (m, t, response): (String, String, Option<Vec<u8>>) =
-        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    let (m, t, response, hash): (String, String, Option<Vec<u8>>, Option<Vec<u8>>) = (
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+    );
+    // Keys stored before digests were kept compare by method and target only.
+    let same_body = hash.is_none_or(|h| h == request_hash);
     match response {
-        Some(bytes) if m == method && t == target => Ok(RequestClaim::Replay(bytes)),
+        Some(bytes) if m == method && t == target && same_body => Ok(RequestClaim::Replay(bytes)),
         _ => Ok(RequestClaim::Mismatch),
     }
 }

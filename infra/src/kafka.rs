@@ -39,7 +39,7 @@ impl std::fmt::Debug for KafkaSettings {
             .properties
             .iter()
             .map(|(k, v)| {
-                let secret = ["password", "secret", "jaas"].iter().any(|w| k.contains(w));
+                let secret = is_secret_property(k);
                 (k.as_str(), if secret { "********" } else { v.as_str() })
             })
             .collect();
@@ -48,6 +48,22 @@ impl std::fmt::Debug for KafkaSettings {
             .field("properties", &shown)
             .finish()
     }
+}
+
+/// Whether a librdkafka property holds a credential: passwords and secrets, JAAS and
+/// OAUTHBEARER configurations (which carry client secrets), and inline PEM keys.
+pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "sasl.oauthbearer.config",
+        "key.pem",
+        "ssl_key",
+    ]
+    .iter()
+    .any(|w| key.contains(w))
 }
 
 impl KafkaSettings {

@@ -102,6 +102,45 @@ impl ConnectionArgs {
     }
 }
 
+/// Where postgres destinations may connect: the operator's allow-list and deny-list.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DestinationHostArgs {
+    /// Destination hosts allowed, comma-separated: host names, *.domain suffixes and
+    /// address ranges (10.0.0.0/8). Empty: every host not denied. Ranges also match
+    /// the addresses a host name resolves to.
+    #[arg(
+        long,
+        env = "SLUICE_DESTINATION_HOSTS_ALLOW",
+        value_name = "PATTERNS",
+        default_value = ""
+    )]
+    pub destination_hosts_allow: String,
+    /// Destination hosts refused, in the same form; a deny match wins over the
+    /// allow-list (e.g. 127.0.0.0/8,::1/128,169.254.0.0/16 keeps tenants off the
+    /// machine itself and the cloud metadata service).
+    #[arg(
+        long,
+        env = "SLUICE_DESTINATION_HOSTS_DENY",
+        value_name = "PATTERNS",
+        default_value = ""
+    )]
+    pub destination_hosts_deny: String,
+}
+
+impl DestinationHostArgs {
+    /// The parsed policy; a malformed pattern is a usage error.
+    pub fn policy(&self) -> Result<sluice_protocol::hosts::HostPolicy, ExitCode> {
+        sluice_protocol::hosts::HostPolicy::parse(
+            &self.destination_hosts_allow,
+            &self.destination_hosts_deny,
+        )
+        .map_err(|e| {
+            eprintln!("error: destination host patterns: {e}");
+            ExitCode::from(EX_USAGE)
+        })
+    }
+}
+
 /// Logs to stderr; the filter comes from `SLUICE_LOG` (tracing-subscriber syntax).
 pub fn init_tracing() {
     tracing_subscriber::fmt()
@@ -193,10 +232,24 @@ mod tests {
         kafka.properties = vec![
             ("sasl.password".into(), "hunter2".into()),
             ("security.protocol".into(), "SSL".into()),
+            (
+                "ssl.key.pem".into(),
+                "-----BEGIN PRIVATE KEY-----hunter3".into(),
+            ),
+            (
+                "sasl.oauthbearer.config".into(),
+                "principal=a clientSecret=hunter4".into(),
+            ),
+            ("sasl.oauthbearer.client.secret".into(), "hunter5".into()),
+            ("ssl.keystore.password".into(), "hunter6".into()),
+            ("ssl.key.location".into(), "/etc/kafka/client.key".into()),
         ];
         let shown = format!("{kafka:?}");
+        for secret in ["hunter2", "hunter3", "hunter4", "hunter5", "hunter6"] {
+            assert!(!shown.contains(secret), "{secret} shown: {shown}");
+        }
         assert!(
-            !shown.contains("hunter2") && shown.contains("SSL"),
+            shown.contains("SSL") && shown.contains("/etc/kafka/client.key"),
             "{shown}"
         );
     }

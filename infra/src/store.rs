@@ -6,7 +6,9 @@ use std::time::{Duration, Instant, SystemTime};
 use chrono::{DateTime, Utc};
 use sluice_protocol::conversions::PipelineRecord;
 use sluice_protocol::spec::PipelineSpec;
-use sqlx::postgres::{PgPoolOptions, PgRow};
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgExecutor, PgPool, Row};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +23,43 @@ pub enum StoreError {
 
 /// The columns [`record_from_row`] expects, in a form that can be spliced into queries.
 pub const PIPELINE_COLUMNS: &str = "id, tenant, name, spec, desired_status, status, generation, \
-     observed_generation, owner, owner_epoch, last_error, partition, create_time, update_time";
+     observed_generation, owner, owner_epoch, last_error, partition, incarnation, \
+     pending_activity, create_time, update_time";
+
+/// Limits on every session of Sluice's own database, so that no session waits for ever
+/// behind another: a process stopped in the middle of a transaction (SIGSTOP, a VM
+/// pause) loses that transaction and its locks after the idle timeout, and a statement
+/// that waits for a lock gives up after the lock timeout (the caller retries, or the
+/// API answers UNAVAILABLE).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub idle_in_transaction_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            lock_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            idle_in_transaction_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Connection options for `url` with the session limits applied.
+pub fn connect_options(url: &str, limits: SessionLimits) -> Result<PgConnectOptions, StoreError> {
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    Ok(PgConnectOptions::from_str(url)?.options([
+        ("lock_timeout", ms(limits.lock_timeout)),
+        ("statement_timeout", ms(limits.statement_timeout)),
+        (
+            "idle_in_transaction_session_timeout",
+            ms(limits.idle_in_transaction_timeout),
+        ),
+    ]))
+}
 
 /// Connects, retrying until `deadline` elapses so a process may start before Postgres.
 pub async fn connect(
@@ -29,12 +67,13 @@ pub async fn connect(
     max_connections: u32,
     deadline: Duration,
 ) -> Result<PgPool, StoreError> {
+    let options = connect_options(url, SessionLimits::default())?;
     let started = Instant::now();
     loop {
         match PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
+            .connect_with(options.clone())
             .await
         {
             Ok(pool) => return Ok(pool),
@@ -51,6 +90,25 @@ pub async fn connect(
 /// migrates, so several processes starting together apply each migration once.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     sqlx::migrate!("../migrations").run(pool).await?;
+    Ok(())
+}
+
+/// Applies the migrations over a connection of its own, without the session limits
+/// (a migration may rewrite a table for longer than a statement may normally take).
+pub async fn migrate_url(url: &str, deadline: Duration) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let pool = loop {
+        match PgPoolOptions::new().max_connections(1).connect(url).await {
+            Ok(pool) => break pool,
+            Err(e) if started.elapsed() < deadline => {
+                tracing::warn!(error = %e, "postgres not reachable yet, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    migrate(&pool).await?;
+    pool.close().await;
     Ok(())
 }
 
@@ -86,6 +144,12 @@ pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
         owner_epoch: row.try_get("owner_epoch")?,
         last_error: row.try_get("last_error")?,
         partition: row.try_get("partition")?,
+        incarnation: row.try_get("incarnation")?,
+        pending_activity: row
+            .try_get::<Option<serde_json::Value>, _>("pending_activity")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| corrupt("pending_activity", &e))?,
         create_time: SystemTime::from(create_time),
         update_time: SystemTime::from(update_time),
     })

@@ -29,8 +29,46 @@ pub struct PipelineRecord {
     pub owner_epoch: i64,
     pub last_error: Option<String>,
     pub partition: i32,
+    /// Which life of this key the row is: a new value every time the pipeline is
+    /// created, so an id deleted and created again is a new incarnation.
+    pub incarnation: i64,
+    /// The activity the owning worker is retrying, if any.
+    pub pending_activity: Option<PendingActivity>,
     pub create_time: SystemTime,
     pub update_time: SystemTime,
+}
+
+/// A failing activity that the owning worker will retry (stored as JSON in
+/// `pipelines.pending_activity`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingActivity {
+    pub name: String,
+    pub attempt: u32,
+    pub last_failure: String,
+    pub failure_type: String,
+    /// Milliseconds since the Unix epoch.
+    pub first_failure_ms: i64,
+    pub last_failure_ms: i64,
+    pub next_attempt_ms: i64,
+}
+
+fn timestamp_ms(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+pub fn pending_activity_to_pb(a: &PendingActivity) -> pb::PendingActivity {
+    pb::PendingActivity {
+        name: a.name.clone(),
+        attempt: i32::try_from(a.attempt).unwrap_or(i32::MAX),
+        last_failure: a.last_failure.clone(),
+        failure_type: a.failure_type.clone(),
+        first_failure_time: Some(timestamp_ms(a.first_failure_ms)),
+        last_failure_time: Some(timestamp_ms(a.last_failure_ms)),
+        next_attempt_time: Some(timestamp_ms(a.next_attempt_ms)),
+    }
 }
 
 impl PipelineRecord {
@@ -208,6 +246,7 @@ pub fn record_to_pb(r: &PipelineRecord) -> pb::Pipeline {
         etag: r.etag(),
         create_time: Some(r.create_time.into()),
         update_time: Some(r.update_time.into()),
+        pending_activity: r.pending_activity.as_ref().map(pending_activity_to_pb),
     }
 }
 

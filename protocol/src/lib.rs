@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod conversions;
+pub mod hosts;
 pub mod ids;
 pub mod mask;
 pub mod message;

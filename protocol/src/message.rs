@@ -41,6 +41,9 @@ pub struct LogMessage {
 pub enum FailureType {
     ConfigError,
     AuthError,
+    /// A record the destination refuses (a constraint, a value out of range): the same
+    /// record fails the same way on every attempt.
+    DataError,
     TransientError,
     SystemError,
 }
@@ -48,6 +51,16 @@ pub enum FailureType {
 impl FailureType {
     pub fn is_retryable(self) -> bool {
         matches!(self, Self::TransientError | Self::SystemError)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConfigError => "config_error",
+            Self::AuthError => "auth_error",
+            Self::DataError => "data_error",
+            Self::TransientError => "transient_error",
+            Self::SystemError => "system_error",
+        }
     }
 }
 
@@ -100,6 +113,7 @@ mod tests {
     fn retryable_failures() {
         assert!(!FailureType::ConfigError.is_retryable());
         assert!(!FailureType::AuthError.is_retryable());
+        assert!(!FailureType::DataError.is_retryable());
         assert!(FailureType::TransientError.is_retryable());
         assert!(FailureType::SystemError.is_retryable());
     }

@@ -211,6 +211,18 @@ pub fn open_spec(
     failure
 }
 
+/// A fingerprint of what the spec says, secrets left out: the SHA-256 of the redacted
+/// spec's JSON. Workers keep it in the checkpoint to tell whether the spec changed
+/// since setup ran, without storing the spec (and its opened secrets) there. A changed
+/// password alone keeps the fingerprint.
+pub fn spec_fingerprint(spec: &PipelineSpec) -> String {
+    let json = redact_spec(spec).to_json().to_string();
+    Sha256::digest(json.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The spec as shown to clients.
 pub fn redact_spec(spec: &PipelineSpec) -> PipelineSpec {
     let mut shown = spec.clone();
@@ -324,6 +336,15 @@ mod tests {
 
     fn url_of(spec: &PipelineSpec) -> &str {
         spec.destination.config["url"].as_str().expect("string")
+    }
+
+    #[test]
+    fn fingerprints_see_changes_but_not_passwords() {
+        let a = spec_fingerprint(&spec("postgres://app:one@db/x"));
+        assert_eq!(a, spec_fingerprint(&spec("postgres://app:two@db/x")));
+        assert_ne!(a, spec_fingerprint(&spec("postgres://app:one@db2/x")));
+        assert_ne!(a, spec_fingerprint(&spec("postgres://other:one@db/x")));
+        assert!(!a.contains("one") && a.len() == 64, "{a}");
     }
 
     #[test]

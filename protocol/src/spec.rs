@@ -55,6 +55,9 @@ pub struct PostgresDestinationConfig {
     /// Drop the table when the pipeline is deleted; kept by default.
     pub drop_table_on_delete: bool,
     pub batch_size: u64,
+    /// CA certificate(s) to verify the server with, inline (PEM). The other way is
+    /// `sslrootcert=<name>` in the URL: a file of the worker's operator-set CA directory.
+    pub ssl_ca_pem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,8 +169,26 @@ fn validate_destination(
             }
             let drop_table_on_delete = config.bool("drop_table_on_delete", Some(false))?;
             let batch_size = config.u64("batch_size", Some(500))?;
-            if !(1..=10_000).contains(&batch_size) {
-                return Err(config.violation("batch_size", "must be between 1 and 10000"));
+            if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
+                return Err(config.violation(
+                    "batch_size",
+                    &format!("must be between 1 and {MAX_BATCH_SIZE}"),
+                ));
+            }
+            let ssl_ca_pem = config.optional_string("ssl_ca_pem")?;
+            if let Some(pem) = &ssl_ca_pem {
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(config.violation(
+                        "ssl_ca_pem",
+                        "must hold PEM certificates (-----BEGIN CERTIFICATE-----)",
+                    ));
+                }
+                if url_parameter(&url, "sslrootcert").is_some() {
+                    return Err(config.violation(
+                        "ssl_ca_pem",
+                        "and sslrootcert in the url both name a CA; give one",
+                    ));
+                }
             }
             DestinationConfig::Postgres(PostgresDestinationConfig {
                 url,
@@ -175,6 +196,7 @@ fn validate_destination(
                 table,
                 drop_table_on_delete,
                 batch_size,
+                ssl_ca_pem,
             })
         }
         "" => return Err(FieldViolation::new(format!("{path}.type"), "is required")),
@@ -204,10 +226,15 @@ const RESERVED_TABLES: &[&str] = &[
     "_sluice_offsets",
 ];
 
+/// Largest destination batch. Rows travel as one array per column, so no bind-parameter
+/// limit applies; the bound keeps a batch's memory and transaction short.
+pub const MAX_BATCH_SIZE: u64 = 10_000;
+
 /// URL query parameters a destination may use. Everything else is refused: parameters
 /// that name files or sockets on the worker (sslcert, sslkey, host=/path, passfile)
 /// would let a spec use the worker's own credentials, and unknown ones are logged by
-/// the driver with their values.
+/// the driver with their values. `sslrootcert` is allowed only as a bare file name,
+/// which the worker looks up in its operator-set CA directory.
 const POSTGRES_URL_PARAMETERS: &[&str] = &[
     "sslmode",
     "sslrootcert",
@@ -217,19 +244,87 @@ const POSTGRES_URL_PARAMETERS: &[&str] = &[
     "statement-cache-capacity",
 ];
 
+const SSL_MODES: &[&str] = &[
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
+/// The (decoded) value of query parameter `key` in `url`, if the URL parses and has it.
+pub fn url_parameter(url: &str, key: &str) -> Option<String> {
+    url::Url::parse(url)
+        .ok()?
+        .query_pairs()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Whether `host` is a DNS name or an IP address, as a destination host must be:
+/// letters, digits, '-' and '.', or a bracketed IPv6 address. Percent-encoding (which
+/// the driver decodes into a Unix socket path), '/', ',' and anything else are refused.
+pub fn is_network_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Whether `name` can only name a file directly inside a directory: no separator, no
+/// leading dot (so neither `..` nor hidden files), printable ASCII.
+pub fn is_bare_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 fn check_postgres_url(url: &str) -> Result<(), String> {
     let parsed = url::Url::parse(url).map_err(|_| "is not a valid URL".to_owned())?;
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {
         return Err("must be a postgres:// or postgresql:// URL".into());
     }
-    if parsed.host_str().is_none_or(str::is_empty) {
-        return Err("must name a host (postgres://user:password@host:port/database)".into());
+    match parsed.host_str() {
+        None | Some("") => {
+            return Err("must name a host (postgres://user:password@host:port/database)".into())
+        }
+        Some(host) if !is_network_host(host) => {
+            return Err(format!(
+                "host {host:?} is not a DNS name or IP address (Unix sockets and \
+                 percent-encoded hosts are not allowed)"
+            ))
+        }
+        Some(_) => {}
     }
-    for (key, _) in parsed.query_pairs() {
+    for (key, value) in parsed.query_pairs() {
         if !POSTGRES_URL_PARAMETERS.contains(&key.as_ref()) {
             return Err(format!(
                 "parameter {key:?} is not allowed; allowed: {}",
                 POSTGRES_URL_PARAMETERS.join(", ")
+            ));
+        }
+        if key == "sslrootcert" && !is_bare_file_name(&value) {
+            return Err(format!(
+                "sslrootcert {value:?} must be the bare name of a CA file in the workers' \
+                 --destination-ca-dir (no path), or give the certificate inline as ssl_ca_pem"
+            ));
+        }
+        if key == "sslmode" && !SSL_MODES.contains(&value.as_ref()) {
+            return Err(format!(
+                "sslmode {value:?} is not one of {}",
+                SSL_MODES.join(", ")
             ));
         }
     }
@@ -306,6 +401,15 @@ impl<'a> ConfigReader<'a> {
         match self.get(key) {
             None => default.map(str::to_owned).ok_or_else(|| self.missing(key)),
             Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            Some(Value::String(_)) => Err(self.violation(key, "must not be empty")),
+            Some(_) => Err(self.violation(key, "must be a string")),
+        }
+    }
+
+    fn optional_string(&mut self, key: &'static str) -> Result<Option<String>, FieldViolation> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
             Some(Value::String(_)) => Err(self.violation(key, "must not be empty")),
             Some(_) => Err(self.violation(key, "must be a string")),
         }
@@ -437,6 +541,18 @@ mod tests {
             ("postgres://x/y?sslpassword=p", "t"),
             ("postgres:///y", "t"),
             ("not a url", "t"),
+            (
+                "postgres://x/y?sslmode=verify-ca&sslrootcert=/dev/zero",
+                "t",
+            ),
+            ("postgres://x/y?sslrootcert=../ca.pem", "t"),
+            ("postgres://x/y?sslrootcert=.hidden", "t"),
+            ("postgres://x/y?sslrootcert=a%2Fb.pem", "t"),
+            ("postgres://x/y?sslmode=sometimes", "t"),
+            ("postgres://u@%2Fvar%2Frun%2Fpostgresql/db", "t"),
+            ("postgres://u@%2fvar%2frun%2fpostgresql:5432/db", "t"),
+            ("postgres://u@db,other/db", "t"),
+            ("postgres://u@[not-v6]/db", "t"),
         ] {
             cases.push((
                 json!({"type": "generator", "config": {"count": 5}}),
@@ -462,7 +578,7 @@ mod tests {
         let ok = spec(
             json!({"type": "generator", "config": {"count": 5}}),
             json!({"type": "postgres", "config": {
-                "url": "postgresql://app:pw@db:5432/x?sslmode=verify-full&sslrootcert=/ca.pem&application_name=sluice",
+                "url": "postgresql://app:pw@db:5432/x?sslmode=verify-full&sslrootcert=ca.pem&application_name=sluice",
                 "table": "t", "schema": "analytics"}}),
         );
         assert!(ok.validate("pipeline.spec").is_ok());
@@ -472,6 +588,39 @@ mod tests {
             json!({"type": "postgres", "config": {"url": "postgres://db/x", "table": "pipelines", "schema": "analytics"}}),
         );
         assert!(other_schema.validate("pipeline.spec").is_ok());
+    }
+
+    #[test]
+    fn hosts_and_ca_files() {
+        for ok in ["db", "db-1.internal", "10.0.0.5", "[::1]", "[fe80::1]"] {
+            assert!(is_network_host(ok), "{ok}");
+        }
+        for bad in ["", "%2Fvar%2Frun", "/tmp", "a,b", "-x", "[x]", "h\u{e9}"] {
+            assert!(!is_network_host(bad), "{bad}");
+        }
+        assert!(is_bare_file_name("pg-ca.pem"));
+        for bad in ["", "..", ".ca", "a/b", "/dev/zero", "c:\\x"] {
+            assert!(!is_bare_file_name(bad), "{bad}");
+        }
+        let inline = |pem: &str, url: &str| {
+            spec(
+                json!({"type": "generator", "config": {"count": 5}}),
+                json!({"type": "postgres", "config": {"url": url, "table": "t", "ssl_ca_pem": pem}}),
+            )
+            .validate("s")
+        };
+        let pem = "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n";
+        let DestinationConfig::Postgres(pg) = inline(pem, "postgres://db/x?sslmode=verify-full")
+            .expect("inline CA")
+            .destination;
+        assert_eq!(pg.ssl_ca_pem.as_deref(), Some(pem));
+        assert_eq!(
+            inline("not pem", "postgres://db/x")
+                .expect_err("not PEM")
+                .field,
+            "s.destination.config.ssl_ca_pem"
+        );
+        assert!(inline(pem, "postgres://db/x?sslrootcert=ca.pem").is_err());
     }
 
     #[test]

@@ -105,8 +105,9 @@ impl FromStr for PipelineStatus {
 /// Whether the worker may move a pipeline from `from` (None: never written) to `to`.
 ///
 /// SETUP → BACKFILL → READY; SETUP|BACKFILL|READY → PAUSED; PAUSED → BACKFILL|READY;
-/// any → ERROR; ERROR → SETUP|BACKFILL|READY; any → TEARDOWN. A changed spec re-runs
-/// setup, so BACKFILL|READY|PAUSED → SETUP is legal too. READY → BACKFILL is not: a
+/// any → ERROR; ERROR → SETUP|BACKFILL|READY|PAUSED; any → TEARDOWN. A changed spec
+/// re-runs setup, so BACKFILL|READY|PAUSED → SETUP is legal too. Pausing always works,
+/// a failed pipeline included (ERROR → PAUSED). READY → BACKFILL is not: a
 /// periodic reconcile of a ready pipeline must not flap its status. Staying in the same
 /// status is not a transition.
 pub fn can_transition(from: Option<PipelineStatus>, to: PipelineStatus) -> bool {
@@ -121,7 +122,7 @@ pub fn can_transition(from: Option<PipelineStatus>, to: PipelineStatus) -> bool 
         (Some(Backfill), Ready) => true,
         (Some(Setup | Backfill | Ready), Paused) => true,
         (Some(Paused), Backfill | Ready) => true,
-        (Some(Error), Setup | Backfill | Ready) => true,
+        (Some(Error), Setup | Backfill | Ready | Paused) => true,
         (Some(Backfill | Ready | Paused), Setup) => true,
         _ => false,
     }
@@ -208,6 +209,7 @@ mod tests {
         (Some(Error), Setup),
         (Some(Error), Backfill),
         (Some(Error), Ready),
+        (Some(Error), Paused),
         (Some(Error), Teardown),
         (Some(Teardown), Error),
     ];

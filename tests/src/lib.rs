@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -133,6 +135,9 @@ pub struct Deployment {
     pub secrets_key_file: Option<PathBuf>,
     pub signals_topic: String,
     pub group: String,
+    /// The workers' topic namespace: records topics of different deployments on the
+    /// shared broker never meet.
+    pub topic_namespace: String,
     pub pool: PgPool,
     control_plane: Option<Process>,
     pub control_plane_addr: Option<String>,
@@ -176,6 +181,33 @@ impl Process {
         self.child.kill().await?;
         Ok(())
     }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. "STOP", "CONT") to the process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.pid().context("process already exited")?;
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP: the process stops in the middle of whatever it was doing, as a worker
+    /// does in a long GC-like stall or when its VM is suspended.
+    pub fn suspend(&self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// SIGCONT after [`Process::suspend`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal("CONT")
+    }
 }
 
 impl Deployment {
@@ -205,6 +237,7 @@ impl Deployment {
             secrets_key_file: Some(secrets_key_file),
             signals_topic: unique("sluice.signals.t").replace('_', "."),
             group: unique("sluice-workers-t"),
+            topic_namespace: unique("sluice-t"),
             infra,
             db_name,
             database_url,
@@ -358,6 +391,15 @@ impl Deployment {
 
     /// Starts a worker with test-friendly timings; returns its index.
     pub async fn start_worker(&mut self, worker_id: &str) -> Result<usize> {
+        self.start_worker_with(worker_id, &[]).await
+    }
+
+    /// Starts a worker with extra (or overriding) environment variables.
+    pub async fn start_worker_with(
+        &mut self,
+        worker_id: &str,
+        env: &[(&str, &str)],
+    ) -> Result<usize> {
         let mut command = Command::new(bin_path("sluice-worker")?);
         self.with_secrets_key(&mut command);
         self.with_kafka(&mut command);
@@ -366,9 +408,11 @@ impl Deployment {
             .env("SLUICE_SIGNALS_TOPIC", &self.signals_topic)
             .env("SLUICE_WORKER_GROUP", &self.group)
             .env("SLUICE_WORKER_ID", worker_id)
+            .env("SLUICE_TOPIC_NAMESPACE", &self.topic_namespace)
             .env("SLUICE_SESSION_TIMEOUT_MS", "6000")
             .env("SLUICE_RESYNC_INTERVAL_MS", "2000")
             .env("SLUICE_RETRY_INITIAL_MS", "200")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(self.log_file(worker_id)?)
             .kill_on_drop(true)
@@ -382,6 +426,24 @@ impl Deployment {
 
     pub fn take_worker(&mut self, index: usize) -> Process {
         self.workers.remove(index)
+    }
+
+    /// The running worker called `worker_id`.
+    pub fn worker(&self, worker_id: &str) -> Result<&Process> {
+        self.workers
+            .iter()
+            .find(|w| w.name == worker_id)
+            .with_context(|| format!("no worker {worker_id}"))
+    }
+
+    /// Removes the worker called `worker_id` from the deployment and returns it.
+    pub fn take_worker_named(&mut self, worker_id: &str) -> Result<Process> {
+        let index = self
+            .workers
+            .iter()
+            .position(|w| w.name == worker_id)
+            .with_context(|| format!("no worker {worker_id}"))?;
+        Ok(self.workers.remove(index))
     }
 
     /// A destination config writing into this deployment's database.
@@ -604,5 +666,130 @@ pub fn set_destination(id: &str, config: Value) -> pb::UpdatePipelineRequest {
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["spec.destination".into()],
         }),
+    }
+}
+
+/// A login role whose password is the secret, so the destination really needs it.
+pub struct SecretRole {
+    pub name: String,
+    pub password: String,
+}
+
+impl SecretRole {
+    pub async fn create(d: &Deployment) -> Result<Self> {
+        let name = unique("secret_role");
+        // Distinctive, so a grep of the logs cannot match anything by accident;
+        // deploy/local/test.sh greps a whole run's logs for "e2e-secret-".
+        let password = format!("e2e-secret-{}", &unique("p")[2..]);
+        sqlx::query(&format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+            .execute(&d.pool)
+            .await?;
+        for grant in [
+            format!("GRANT ALL ON DATABASE {} TO {name}", d.db_name),
+            format!("GRANT ALL ON SCHEMA public TO {name}"),
+        ] {
+            sqlx::query(&grant).execute(&d.pool).await?;
+        }
+        Ok(Self { name, password })
+    }
+
+    pub fn url(&self, d: &Deployment) -> String {
+        let (scheme, rest) = d.database_url.split_once("://").expect("a URL");
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        format!("{scheme}://{}:{}@{host}", self.name, self.password)
+    }
+
+    pub async fn drop(self, admin_url: &str) -> Result<()> {
+        let mut admin = PgConnection::connect(admin_url).await?;
+        sqlx::query(&format!("DROP ROLE IF EXISTS {}", self.name))
+            .execute(&mut admin)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A generator source config: `count` records of `seed`, `slice_size` per slice and at
+/// most `records_per_second` (0: unlimited).
+pub fn generator_config(count: u64, seed: u64, slice_size: u64, records_per_second: u64) -> Value {
+    json!({"count": count, "seed": seed, "slice_size": slice_size, "records_per_second": records_per_second})
+}
+
+/// A create request with explicit source and destination configs.
+pub fn pipeline_request(
+    id: &str,
+    source: Value,
+    destination: Value,
+    desired: pb::DesiredStatus,
+) -> pb::CreatePipelineRequest {
+    pb::CreatePipelineRequest {
+        pipeline_id: id.to_owned(),
+        pipeline: Some(pb::Pipeline {
+            spec: Some(pb::PipelineSpec {
+                source: Some(connector("generator", source)),
+                destination: Some(connector("postgres", destination)),
+            }),
+            desired_status: desired as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An update that replaces the pipeline's source (mask `spec.source`).
+pub fn set_source(id: &str, config: Value) -> pb::UpdatePipelineRequest {
+    pb::UpdatePipelineRequest {
+        pipeline: Some(pb::Pipeline {
+            id: id.to_owned(),
+            spec: Some(pb::PipelineSpec {
+                source: Some(connector("generator", config)),
+                destination: None,
+            }),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["spec.source".into()],
+        }),
+    }
+}
+
+/// Waits until pipeline `id` is owned by `worker_id`.
+pub async fn wait_owner(
+    client: &Client,
+    id: &str,
+    worker_id: &str,
+    timeout: Duration,
+) -> Result<()> {
+    wait_for(&format!("{id} to be owned by {worker_id}"), timeout, || {
+        let mut client = client.clone();
+        async move { Ok((get(&mut client, id).await?.owner == worker_id).then_some(())) }
+    })
+    .await
+}
+
+impl Deployment {
+    /// The records topic the pipeline's setup created (as its checkpoint records it).
+    pub async fn records_topic(&self, id: &str) -> Result<String> {
+        let topic: Option<String> =
+            sqlx::query_scalar("SELECT checkpoint->>'records_topic' FROM pipelines WHERE id = $1")
+                .bind(key(id))
+                .fetch_one(&self.pool)
+                .await?;
+        topic.with_context(|| format!("{id} has no records topic yet"))
+    }
+
+    /// Whether process `name`'s log contains `needle` within `timeout` (false after it).
+    pub async fn log_mentions(&self, name: &str, needle: &str, timeout: Duration) -> bool {
+        let path = self.log_dir.join(format!("{name}.log"));
+        wait_for(&format!("{name} to log {needle:?}"), timeout, || {
+            let path = path.clone();
+            async move {
+                Ok(std::fs::read_to_string(&path)
+                    .unwrap_or_default()
+                    .contains(needle)
+                    .then_some(()))
+            }
+        })
+        .await
+        .is_ok()
     }
 }

@@ -219,13 +219,15 @@ async fn delete_tears_down_before_the_row_disappears() -> Result<()> {
             DesiredStatus::Active,
         ))
         .await?;
+    let mut topics = Vec::new();
     for id in ["keep-table", "drop-table"] {
         wait_converged(&mut client, id, PipelineStatus::Ready, CONVERGE).await?;
-        let topic = sluice_protocol::topics::records_topic(&key(id));
+        let topic = d.records_topic(id).await?;
         assert!(
             admin.partition_count(&topic).await?.is_some(),
             "{topic} exists while READY"
         );
+        topics.push(topic);
     }
 
     for id in ["keep-table", "drop-table"] {
@@ -239,9 +241,8 @@ async fn delete_tears_down_before_the_row_disappears() -> Result<()> {
         assert_eq!(deleting.phase, "DELETING");
         assert_eq!(deleting.desired_status, DesiredStatus::Deleted as i32);
     }
-    for id in ["keep-table", "drop-table"] {
+    for (id, topic) in ["keep-table", "drop-table"].into_iter().zip(topics) {
         wait_removed(&client, id, CONVERGE).await?;
-        let topic = sluice_protocol::topics::records_topic(&key(id));
         assert_eq!(
             admin.partition_count(&topic).await?,
             None,

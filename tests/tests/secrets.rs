@@ -6,50 +6,10 @@ use prost::Message;
 use serde_json::json;
 use sluice_e2e::*;
 use sluice_protocol::pb::{self, DesiredStatus, PipelineStatus};
-use sqlx::Connection;
 use tonic::Code;
 use tonic_types::StatusExt;
 
 const CONVERGE: std::time::Duration = std::time::Duration::from_secs(90);
-
-/// A login role whose password is the secret, so the destination really needs it.
-struct SecretRole {
-    name: String,
-    password: String,
-}
-
-impl SecretRole {
-    async fn create(d: &Deployment) -> Result<Self> {
-        let name = unique("secret_role");
-        // Distinctive, so a grep of the logs cannot match anything by accident;
-        // deploy/local/test.sh greps a whole run's logs for "e2e-secret-".
-        let password = format!("e2e-secret-{}", &unique("p")[2..]);
-        sqlx::query(&format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
-            .execute(&d.pool)
-            .await?;
-        for grant in [
-            format!("GRANT ALL ON DATABASE {} TO {name}", d.db_name),
-            format!("GRANT ALL ON SCHEMA public TO {name}"),
-        ] {
-            sqlx::query(&grant).execute(&d.pool).await?;
-        }
-        Ok(Self { name, password })
-    }
-
-    fn url(&self, d: &Deployment) -> String {
-        let (scheme, rest) = d.database_url.split_once("://").expect("a URL");
-        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-        format!("{scheme}://{}:{}@{host}", self.name, self.password)
-    }
-
-    async fn drop(self, admin_url: &str) -> Result<()> {
-        let mut admin = sqlx::PgConnection::connect(admin_url).await?;
-        sqlx::query(&format!("DROP ROLE IF EXISTS {}", self.name))
-            .execute(&mut admin)
-            .await?;
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_encrypted_redacted_and_never_logged() -> Result<()> {

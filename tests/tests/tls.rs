@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use sluice_e2e::*;
 use sluice_protocol::auth::BearerToken;
@@ -207,29 +207,63 @@ async fn postgres_connections_verify_the_servers_certificate() -> Result<()> {
         &d.database_url,
         &format!("sslmode=verify-full&sslrootcert={ca}"),
     );
-    // Control plane and worker reach their database over verified TLS...
+    // Control plane and worker reach their database over verified TLS (their own
+    // operator-given CA file)...
     d.process_database_url = Some(verified.clone());
     let mut client = d.start_control_plane().await?;
-    d.start_worker("w1").await?;
-    // ... and so does the destination.
-    let destination = serde_json::json!({"url": verified, "table": "tls_t"});
-    client
-        .create_pipeline(generator_pipeline(
-            "over-tls",
-            50,
-            1,
-            destination,
-            pb::DesiredStatus::Active,
-        ))
-        .await?;
-    wait_converged(
-        &mut client,
-        "over-tls",
-        pb::PipelineStatus::Ready,
-        std::time::Duration::from_secs(90),
+    // ... and so do destinations, whose specs name a CA only by its file name in the
+    // worker's CA directory, or carry it inline.
+    let ca_dir = d.log_dir.join("destination-cas");
+    std::fs::create_dir_all(&ca_dir)?;
+    std::fs::copy(&ca, ca_dir.join("local-ca.pem"))?;
+    let other_dir = d.log_dir.join("other-pki");
+    std::fs::create_dir_all(&other_dir)?;
+    let other_ca = make_pki(&other_dir)?.ca;
+    std::fs::copy(&other_ca, ca_dir.join("other-ca.pem"))?;
+    d.start_worker_with(
+        "w1",
+        &[(
+            "SLUICE_DESTINATION_CA_DIR",
+            ca_dir.to_str().context("utf-8 path")?,
+        )],
     )
     .await?;
-    assert_eq!(d.row_count("tls_t").await?, 50);
+    let by_name = with_params(
+        &d.database_url,
+        "sslmode=verify-full&sslrootcert=local-ca.pem",
+    );
+    let inline = with_params(&d.database_url, "sslmode=verify-full");
+    let ca_pem = std::fs::read_to_string(&ca)?;
+    for (id, table, destination) in [
+        (
+            "over-tls",
+            "tls_t",
+            serde_json::json!({"url": by_name, "table": "tls_t"}),
+        ),
+        (
+            "inline-ca",
+            "tls_inline",
+            serde_json::json!({"url": inline, "table": "tls_inline", "ssl_ca_pem": ca_pem}),
+        ),
+    ] {
+        client
+            .create_pipeline(generator_pipeline(
+                id,
+                50,
+                1,
+                destination,
+                pb::DesiredStatus::Active,
+            ))
+            .await?;
+        wait_converged(
+            &mut client,
+            id,
+            pb::PipelineStatus::Ready,
+            std::time::Duration::from_secs(90),
+        )
+        .await?;
+        assert_eq!(d.row_count(table).await?, 50);
+    }
     let plain: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
          WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() AND NOT s.ssl \
@@ -240,12 +274,9 @@ async fn postgres_connections_verify_the_servers_certificate() -> Result<()> {
     assert_eq!(plain, 0, "every Sluice connection uses TLS");
 
     // A certificate that does not chain to the given CA is refused.
-    let other_dir = d.log_dir.join("other-pki");
-    std::fs::create_dir_all(&other_dir)?;
-    let other_ca = make_pki(&other_dir)?.ca;
     let untrusted = with_params(
         &d.database_url,
-        &format!("sslmode=verify-full&sslrootcert={}", other_ca.display()),
+        "sslmode=verify-full&sslrootcert=other-ca.pem",
     );
     client
         .create_pipeline(generator_pipeline(

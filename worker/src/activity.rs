@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use sluice_protocol::message::FailureType;
 use sluice_protocol::retry::RetryPolicy;
 use tokio_util::sync::CancellationToken;
@@ -41,31 +43,55 @@ impl ActivityError {
         }
     }
 
-    fn is_retryable(&self) -> bool {
+    pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Failed { failure_type, .. } if failure_type.is_retryable())
     }
 }
 
+/// The failure type of a PostgreSQL error code (SQLSTATE).
+pub fn sqlstate_failure_type(code: &str) -> FailureType {
+    match code {
+        c if c.starts_with("28") => FailureType::AuthError,
+        "3D000" | "3F000" | "42501" => FailureType::ConfigError,
+        // duplicate_table/_object/_schema: a concurrent CREATE ... IF NOT EXISTS.
+        "42P07" | "42710" | "42P06" => FailureType::TransientError,
+        c if c.starts_with("42") => FailureType::ConfigError,
+        // Data exceptions (a value out of range, bad text) and integrity violations (a
+        // CHECK, NOT NULL, foreign or unique key): the same record fails every time.
+        c if c.starts_with("22") || c.starts_with("23") => FailureType::DataError,
+        // Everything else (connection loss, timeouts, lock waits, serialization
+        // failures, shutdowns, resource exhaustion) may pass on a later attempt.
+        _ => FailureType::TransientError,
+    }
+}
+
 /// Classifies Postgres errors: bad credentials are auth errors, a missing database or
-/// a malformed object are config errors, everything else (connection refused, timeouts,
-/// serialization failures, races on CREATE ... IF NOT EXISTS) is worth retrying.
+/// a malformed object are config errors, a refused record is a data error, a broken
+/// protocol exchange (e.g. too many bind parameters) is a bug that no retry fixes, and
+/// everything else (connection refused, timeouts, serialization failures, races on
+/// CREATE ... IF NOT EXISTS) is worth retrying.
 impl From<sqlx::Error> for ActivityError {
     fn from(e: sqlx::Error) -> Self {
         let failure_type = match &e {
-            sqlx::Error::Database(db) => match db.code().as_deref() {
-                Some(code) if code.starts_with("28") => FailureType::AuthError,
-                Some("3D000" | "3F000" | "42501") => FailureType::ConfigError,
-                // duplicate_table/_object/_schema: a concurrent CREATE ... IF NOT EXISTS.
-                Some("42P07" | "42710" | "42P06") => FailureType::TransientError,
-                Some(code) if code.starts_with("42") => FailureType::ConfigError,
-                _ => FailureType::TransientError,
-            },
+            sqlx::Error::Database(db) => db
+                .code()
+                .as_deref()
+                .map_or(FailureType::TransientError, sqlstate_failure_type),
             sqlx::Error::Configuration(_) => FailureType::ConfigError,
             // A TLS handshake that fails (untrusted or mismatched certificate, server
             // without TLS under sslmode=require) fails the same way on every retry.
             sqlx::Error::Tls(_) => FailureType::ConfigError,
             sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
                 FailureType::ConfigError
+            }
+            sqlx::Error::Protocol(_)
+            | sqlx::Error::Encode(_)
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::TypeNotFound { .. }
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnIndexOutOfBounds { .. } => {
+                return Self::Invariant(format!("database protocol: {e}"));
             }
             _ => FailureType::TransientError,
         };
@@ -107,6 +133,25 @@ pub fn retry_delay(policy: &RetryPolicy, attempt: u32) -> Duration {
     policy.interval(attempt).mul_f64(1.0 + spread)
 }
 
+/// One failed attempt of an activity that will be retried.
+#[derive(Debug, Clone)]
+pub struct RetryNotice<'a> {
+    pub activity: &'static str,
+    /// Failed attempts so far (1 after the first failure).
+    pub attempt: u32,
+    pub error: &'a ActivityError,
+    pub first_failure: std::time::SystemTime,
+    pub next_attempt: std::time::SystemTime,
+}
+
+/// Told about retries, so that what a retrying activity is doing can be shown.
+pub trait RetryObserver: Sync {
+    /// An attempt failed and another will follow after the delay.
+    fn retrying(&self, notice: RetryNotice<'_>) -> BoxFuture<'_, ()>;
+    /// The activity succeeded after at least one failed attempt.
+    fn recovered(&self, activity: &'static str) -> BoxFuture<'_, ()>;
+}
+
 /// Runs `attempt` until it succeeds, fails permanently or `cancel` fires.
 pub async fn run_activity<T, F, Fut>(
     name: &'static str,
@@ -114,6 +159,32 @@ pub async fn run_activity<T, F, Fut>(
     policy: &RetryPolicy,
     attempt_timeout: Duration,
     cancel: &CancellationToken,
+    attempt: F,
+) -> Result<T, ActivityError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ActivityError>>,
+{
+    run_observed(
+        name,
+        pipeline_id,
+        policy,
+        attempt_timeout,
+        cancel,
+        None,
+        attempt,
+    )
+    .await
+}
+
+/// [`run_activity`] that tells `observer` about each retry and the recovery.
+pub async fn run_observed<T, F, Fut>(
+    name: &'static str,
+    pipeline_id: &str,
+    policy: &RetryPolicy,
+    attempt_timeout: Duration,
+    cancel: &CancellationToken,
+    observer: Option<&dyn RetryObserver>,
     mut attempt: F,
 ) -> Result<T, ActivityError>
 where
@@ -121,6 +192,7 @@ where
     Fut: Future<Output = Result<T, ActivityError>>,
 {
     let started = tokio::time::Instant::now();
+    let mut first_failure = None;
     let mut attempt_no: u32 = 0;
     loop {
         attempt_no += 1;
@@ -129,7 +201,12 @@ where
             r = tokio::time::timeout(attempt_timeout, attempt()) => r,
         };
         let err = match outcome {
-            Ok(Ok(v)) => return Ok(v),
+            Ok(Ok(v)) => {
+                if let (Some(observer), Some(_)) = (observer, first_failure) {
+                    observer.recovered(name).await;
+                }
+                return Ok(v);
+            }
             Ok(Err(e)) => e,
             Err(_) => {
                 ActivityError::transient(format!("attempt timed out after {attempt_timeout:?}"))
@@ -146,12 +223,32 @@ where
             return Err(err);
         }
         tracing::warn!(activity = name, pipeline_id, attempt = attempt_no, error = %err, ?delay, "activity failed, retrying");
+        let now = std::time::SystemTime::now();
+        let first = *first_failure.get_or_insert(now);
+        if let Some(observer) = observer {
+            // Bounded: reporting must not hold up the retry (the database it writes to
+            // may be the very thing that is failing).
+            let report = observer.retrying(RetryNotice {
+                activity: name,
+                attempt: attempt_no,
+                error: &err,
+                first_failure: first,
+                next_attempt: now + delay,
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
+                _ = tokio::time::timeout(REPORT_TIMEOUT.min(delay), report) => {}
+            }
+        }
         tokio::select! {
             _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
             _ = tokio::time::sleep(delay) => {}
         }
     }
 }
+
+/// How long reporting a retry may take before the retry goes on without it.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
@@ -212,6 +309,96 @@ mod tests {
         .await;
         assert_eq!(r.expect("succeeds"), 7);
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        retries: std::sync::Mutex<Vec<(u32, String)>>,
+        recovered: AtomicU32,
+    }
+
+    impl RetryObserver for Recorder {
+        fn retrying(&self, notice: RetryNotice<'_>) -> BoxFuture<'_, ()> {
+            assert!(notice.next_attempt >= notice.first_failure);
+            self.retries
+                .lock()
+                .expect("test lock")
+                .push((notice.attempt, notice.error.to_string()));
+            Box::pin(async {})
+        }
+        fn recovered(&self, activity: &'static str) -> BoxFuture<'_, ()> {
+            assert_eq!(activity, "t");
+            self.recovered.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn observers_see_each_retry_and_the_recovery() {
+        let calls = AtomicU32::new(0);
+        let recorder = Recorder::default();
+        let cancel = CancellationToken::new();
+        let r = run_observed(
+            "t",
+            "p",
+            &fast(),
+            Duration::from_secs(1),
+            &cancel,
+            Some(&recorder),
+            || async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Err(ActivityError::transient("refused"))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        assert!(r.is_ok());
+        let retries = recorder.retries.lock().expect("test lock").clone();
+        assert_eq!(retries.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+        assert!(retries[0].1.contains("refused"));
+        assert_eq!(recorder.recovered.load(Ordering::SeqCst), 1);
+
+        // A first attempt that succeeds reports nothing.
+        let quiet = Recorder::default();
+        run_observed(
+            "t",
+            "p",
+            &fast(),
+            Duration::from_secs(1),
+            &cancel,
+            Some(&quiet),
+            || async { Ok(()) },
+        )
+        .await
+        .expect("succeeds");
+        assert!(quiet.retries.lock().expect("test lock").is_empty());
+        assert_eq!(quiet.recovered.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn refused_records_and_protocol_errors_are_not_retried() {
+        for (code, kind) in [
+            ("23514", FailureType::DataError),
+            ("22003", FailureType::DataError),
+            ("23505", FailureType::DataError),
+            ("28P01", FailureType::AuthError),
+            ("42P01", FailureType::ConfigError),
+            ("40001", FailureType::TransientError),
+            ("55P03", FailureType::TransientError),
+            ("57014", FailureType::TransientError),
+            ("08006", FailureType::TransientError),
+        ] {
+            assert_eq!(sqlstate_failure_type(code), kind, "{code}");
+        }
+        let protocol: ActivityError =
+            sqlx::Error::Protocol("too many arguments for query: 70000".into()).into();
+        assert!(
+            matches!(protocol, ActivityError::Invariant(_)),
+            "{protocol:?}"
+        );
+        assert!(!protocol.is_retryable());
     }
 
     #[tokio::test]

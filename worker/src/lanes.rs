@@ -1,29 +1,32 @@
 //! The data lanes of an ACTIVE pipeline: the backfill lane (source slices → records
-//! topic, cursor persisted only after Kafka acknowledged the slice) and the write lane
-//! (records topic → destination, rows and offsets committed together). Both stop at a
-//! safe point when their cancellation token fires.
+//! topic, each slice in one Kafka transaction, the cursor persisted only after the
+//! transaction committed) and the write lane (records topic → destination, rows and
+//! offsets committed together). Both stop at a safe point when their cancellation
+//! token fires.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::FutureRecord;
-use rdkafka::util::Timeout;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{Map, Value};
 use sluice_protocol::catalog::{generator_stream, StreamSchema};
-use sluice_protocol::message::ConnectorMessage;
+use sluice_protocol::message::{ConnectorMessage, FailureType};
 use sluice_protocol::spec::{
     DestinationConfig, GeneratorConfig, PostgresDestinationConfig, SourceConfig, ValidatedSpec,
 };
-use sluice_protocol::topics::records_topic;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::activity::{run_activity, ActivityError};
+use crate::activity::ActivityError;
+use crate::claim::Activities;
 use crate::connectors::generator;
-use crate::connectors::postgres::{self as pg, BatchTarget, PendingRecord};
+use crate::connectors::postgres::{self as pg, WriteTarget};
+use crate::records::{PendingRecord, RecordTags};
 use crate::store::{save_checkpoint, Checkpoint};
 use crate::WorkerContext;
 
@@ -31,8 +34,16 @@ use crate::WorkerContext;
 /// destination offset bookkeeping stays a single row.
 pub const RECORDS_PARTITION: i32 = 0;
 
-/// How long the write lane waits to fill a batch after its first record.
+/// How long the write lane waits for the next record of a batch before writing what it
+/// has: a batch fills while records keep arriving...
 const BATCH_LINGER: Duration = Duration::from_millis(50);
+/// ... for at most this long after its first record.
+const BATCH_MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// Longest a backfill transaction may stay open before the broker aborts it: bounds
+/// how long a stopped owner's open transaction can hold back the write lane (which
+/// reads committed records only).
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 pub enum LaneEvent {
@@ -49,19 +60,16 @@ pub struct Lanes {
 }
 
 pub struct LaneParams {
-    pub pipeline_id: String,
-    pub epoch: i64,
     pub spec: ValidatedSpec,
     pub checkpoint: Checkpoint,
-    /// When the pipeline was created: rows of a newer pipeline incarnation win over
-    /// an older one's in a kept destination table, whatever their offsets.
-    pub incarnation: std::time::SystemTime,
+    /// The records topic setup created.
+    pub topic: String,
 }
 
 impl Lanes {
     /// Starts the lanes; their events are tagged with `seq`.
     pub fn start(
-        ctx: Arc<WorkerContext>,
+        activities: Activities,
         params: LaneParams,
         seq: u64,
         events: mpsc::UnboundedSender<(u64, LaneEvent)>,
@@ -77,18 +85,15 @@ impl Lanes {
         let events = lane_tx;
         let cancel = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(-1);
-        let topic = records_topic(&params.pipeline_id);
         let SourceConfig::Generator(source) = params.spec.source.clone();
         let DestinationConfig::Postgres(destination) = params.spec.destination.clone();
-        let stream = generator_stream();
+        let spec_version = params.checkpoint.spec_version;
         let records_start_offset = params.checkpoint.records_start_offset;
 
         let backfill = tokio::spawn(backfill_lane(
-            Arc::clone(&ctx),
+            activities.clone(),
             BackfillLane {
-                pipeline_id: params.pipeline_id.clone(),
-                epoch: params.epoch,
-                topic: topic.clone(),
+                topic: params.topic.clone(),
                 source,
                 checkpoint: params.checkpoint,
             },
@@ -96,15 +101,13 @@ impl Lanes {
             events.clone(),
         ));
         let write = tokio::spawn(write_lane(
-            ctx,
+            activities,
             WriteLane {
-                pipeline_id: params.pipeline_id,
-                epoch: params.epoch,
-                topic,
+                topic: params.topic,
                 destination,
-                stream,
+                stream: generator_stream(),
                 records_start_offset,
-                incarnation: params.incarnation,
+                spec_version,
             },
             cancel.clone(),
             events,
@@ -127,15 +130,13 @@ impl Lanes {
 }
 
 struct BackfillLane {
-    pipeline_id: String,
-    epoch: i64,
     topic: String,
     source: GeneratorConfig,
     checkpoint: Checkpoint,
 }
 
 async fn backfill_lane(
-    ctx: Arc<WorkerContext>,
+    activities: Activities,
     mut lane: BackfillLane,
     cancel: CancellationToken,
     events: mpsc::UnboundedSender<LaneEvent>,
@@ -143,50 +144,50 @@ async fn backfill_lane(
     if lane.checkpoint.backfill_done {
         return;
     }
-    let id = lane.pipeline_id.clone();
+    let claim = activities.claim().clone();
+    let ctx = Arc::clone(activities.ctx());
+    let fail = |e: ActivityError| {
+        if !matches!(e, ActivityError::Cancelled) {
+            let _ = events.send(LaneEvent::Failed(e));
+        }
+    };
+    // One producer for the lane's life; the mutex only lets the retried activity
+    // closure reach it.
+    let producer = tokio::sync::Mutex::new(SliceProducer::new(Arc::clone(&ctx), &claim));
     loop {
         // Safe point: between slices nothing is in flight.
         if cancel.is_cancelled() {
             return;
         }
-        // A worker that lost the pipeline must not produce another slice (Kafka writes
-        // are not fenced by the epoch, so check before each one).
-        let owned = run_activity(
-            "check-owner",
-            &id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &cancel,
-            || crate::store::check_epoch(&ctx.pool, &id, lane.epoch),
-        )
-        .await;
-        match owned {
-            Ok(()) => {}
-            Err(ActivityError::Cancelled) => return,
-            Err(e) => {
-                let _ = events.send(LaneEvent::Failed(e));
-                return;
-            }
+        // A worker that lost the pipeline must not produce another slice. (Should it
+        // still, its transaction is fenced once the new owner's producer starts, and
+        // the write lane drops a replayed slice.)
+        let owned = activities
+            .run("check-owner", &cancel, || {
+                crate::store::check_epoch(&ctx.pool, &claim)
+            })
+            .await;
+        if let Err(e) = owned {
+            return fail(e);
         }
         let slice_started = tokio::time::Instant::now();
         let (records, next_cursor) = generator::read_slice(&lane.source, lane.checkpoint.cursor);
         let pace = generator::slice_duration(&lane.source, records.len());
-        let produced = run_activity(
-            "read-slice",
-            &id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &cancel,
-            || produce_slice(&ctx, &lane.topic, &records),
-        )
-        .await;
+        let tags = |position: i64| RecordTags {
+            incarnation: claim.incarnation,
+            epoch: claim.epoch,
+            spec_version: lane.checkpoint.spec_version,
+            position: Some(position),
+        };
+        let encoded: Vec<EncodedRecord> = records.iter().map(|r| encode_record(r, &tags)).collect();
+        let produced = activities
+            .run("read-slice", &cancel, || async {
+                producer.lock().await.produce(&lane.topic, &encoded).await
+            })
+            .await;
         let end_offset = match produced {
             Ok(end) => end,
-            Err(ActivityError::Cancelled) => return,
-            Err(e) => {
-                let _ = events.send(LaneEvent::Failed(e));
-                return;
-            }
+            Err(e) => return fail(e),
         };
         let mut checkpoint = lane.checkpoint.clone();
         checkpoint.cursor = next_cursor;
@@ -194,138 +195,284 @@ async fn backfill_lane(
             checkpoint.backfill_end_offset = checkpoint.backfill_end_offset.max(end);
         }
         checkpoint.backfill_done = next_cursor >= lane.source.count;
-        // The cursor moves only now that Kafka has acknowledged the whole slice. The
-        // save is not cancellable: an acknowledged slice is always recorded.
+        // The cursor moves only now that Kafka has committed the whole slice. The save
+        // is not cancellable: a committed slice is always recorded.
         let never = CancellationToken::new();
-        let saved = run_activity(
-            "checkpoint",
-            &id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &never,
-            || save_checkpoint(&ctx.pool, &id, lane.epoch, &checkpoint),
-        )
-        .await;
+        let saved = activities
+            .run("checkpoint", &never, || {
+                save_checkpoint(&ctx.pool, &claim, &checkpoint)
+            })
+            .await;
         if let Err(e) = saved {
-            let _ = events.send(LaneEvent::Failed(e));
-            return;
+            return fail(e);
         }
         lane.checkpoint = checkpoint;
-        if !lane.checkpoint.backfill_done {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep_until(slice_started + pace) => {}
-            }
-        }
         if lane.checkpoint.backfill_done {
-            tracing::info!(pipeline_id = %id, records = lane.source.count, "backfill produced every record");
+            tracing::info!(pipeline_id = %claim.key, records = lane.source.count, "backfill produced every record");
             let _ = events.send(LaneEvent::BackfillDone(lane.checkpoint));
             return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(slice_started + pace) => {}
         }
     }
 }
 
-/// Produces one slice and waits for every acknowledgement; returns the offset just
-/// past the last record (None for an empty slice).
-async fn produce_slice(
-    ctx: &WorkerContext,
-    topic: &str,
-    records: &[serde_json::Map<String, serde_json::Value>],
-) -> Result<Option<i64>, ActivityError> {
+/// A record ready to be produced: key, connector-message payload and tags.
+struct EncodedRecord {
+    key: String,
+    payload: Vec<u8>,
+    tags: RecordTags,
+}
+
+fn encode_record(record: &Map<String, Value>, tags: &impl Fn(i64) -> RecordTags) -> EncodedRecord {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default();
-    let encoded: Vec<(String, Vec<u8>)> = records
-        .iter()
-        .map(|r| {
-            let key = r.get("id").map(|v| v.to_string()).unwrap_or_default();
-            let payload = ConnectorMessage::record("records", r.clone(), now_ms).to_bytes();
-            (key, payload)
-        })
-        .collect();
-    let sends = encoded.iter().map(|(key, payload)| {
-        ctx.producer.send(
-            FutureRecord::to(topic)
-                .partition(RECORDS_PARTITION)
-                .key(key)
-                .payload(payload),
-            Timeout::After(Duration::from_secs(30)),
-        )
-    });
-    let mut end = None;
-    for result in futures::future::join_all(sends).await {
-        let delivery = result.map_err(|(e, _)| ActivityError::from(e))?;
-        end = end.max(Some(delivery.offset + 1));
+    let id = record.get("id").and_then(Value::as_i64).unwrap_or_default();
+    EncodedRecord {
+        key: id.to_string(),
+        payload: ConnectorMessage::record("records", record.clone(), now_ms).to_bytes(),
+        tags: tags(id),
     }
-    Ok(end)
 }
 
-struct WriteLane {
-    pipeline_id: String,
-    epoch: i64,
-    topic: String,
-    destination: PostgresDestinationConfig,
-    stream: StreamSchema,
-    records_start_offset: i64,
-    incarnation: std::time::SystemTime,
+/// The transactional producer of one pipeline incarnation's backfill. Its
+/// transactional id names the incarnation, so the producer a new owner starts fences
+/// this one: Kafka aborts its open transaction and refuses its later commits.
+struct SliceProducer {
+    ctx: Arc<WorkerContext>,
+    transactional_id: String,
+    producer: Option<FutureProducer>,
 }
 
-impl WriteLane {
-    fn target(&self) -> BatchTarget<'_> {
-        BatchTarget {
-            pipeline_id: &self.pipeline_id,
-            topic: &self.topic,
-            partition: RECORDS_PARTITION,
-            epoch: self.epoch,
-            incarnation: self.incarnation,
+impl SliceProducer {
+    fn new(ctx: Arc<WorkerContext>, claim: &crate::claim::Claim) -> Self {
+        let transactional_id = format!(
+            "{}.backfill.{}.i{}",
+            ctx.topic_namespace, claim.key, claim.incarnation
+        );
+        Self {
+            ctx,
+            transactional_id,
+            producer: None,
+        }
+    }
+
+    /// The producer, created and registered with the transaction coordinator first.
+    async fn open(&mut self) -> Result<FutureProducer, ActivityError> {
+        if let Some(p) = &self.producer {
+            return Ok(p.clone());
+        }
+        let producer: FutureProducer = self
+            .ctx
+            .kafka
+            .client_config()
+            .set("transactional.id", &self.transactional_id)
+            .set("enable.idempotence", "true")
+            .set(
+                "transaction.timeout.ms",
+                TRANSACTION_TIMEOUT.as_millis().to_string(),
+            )
+            .set("message.timeout.ms", "30000")
+            .set("linger.ms", "5")
+            // A topic deleted under the pipeline must not come back empty because a
+            // late produce asked for it.
+            .set("allow.auto.create.topics", "false")
+            .create()?;
+        let p = producer.clone();
+        blocking(move || p.init_transactions(Duration::from_secs(30)))
+            .await
+            .map_err(kafka_transaction_error)?;
+        self.producer = Some(producer.clone());
+        Ok(producer)
+    }
+
+    /// Produces one slice in one transaction and returns the offset just past its last
+    /// record (None for an empty slice). On any failure the transaction is aborted, so
+    /// a retry produces the slice again from scratch.
+    async fn produce(
+        &mut self,
+        topic: &str,
+        records: &[EncodedRecord],
+    ) -> Result<Option<i64>, ActivityError> {
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let producer = self.open().await?;
+        let p = producer.clone();
+        if let Err(e) = blocking(move || p.begin_transaction()).await {
+            return Err(self.failed(e).await);
+        }
+        match produce_in_order(&producer, topic, records).await {
+            Ok(end) => {
+                let p = producer.clone();
+                match blocking(move || p.commit_transaction(Duration::from_secs(30))).await {
+                    Ok(()) => Ok(Some(end)),
+                    Err(e) => Err(self.failed(e).await),
+                }
+            }
+            Err(e) => Err(self.failed(e).await),
+        }
+    }
+
+    /// Aborts the open transaction after `e`; a producer that cannot go on (fenced, or
+    /// in a fatal state) is dropped and made anew on the next attempt.
+    async fn failed(&mut self, e: KafkaError) -> ActivityError {
+        let error = kafka_transaction_error(e);
+        if let Some(p) = self.producer.clone() {
+            let aborted = blocking(move || p.abort_transaction(Duration::from_secs(10))).await;
+            if aborted.is_err() || matches!(error, ActivityError::Fenced) {
+                self.close();
+            }
+        }
+        error
+    }
+
+    fn close(&mut self) {
+        if let Some(p) = self.producer.take() {
+            // Closing a librdkafka client blocks while its threads stop.
+            tokio::task::spawn_blocking(move || drop(p));
         }
     }
 }
 
+impl Drop for SliceProducer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Enqueues every record in order (waiting when the local queue is full, so that no
+/// record overtakes another), then waits for all deliveries.
+async fn produce_in_order(
+    producer: &FutureProducer,
+    topic: &str,
+    records: &[EncodedRecord],
+) -> Result<i64, KafkaError> {
+    let mut deliveries = Vec::with_capacity(records.len());
+    for r in records {
+        let mut record = FutureRecord::to(topic)
+            .partition(RECORDS_PARTITION)
+            .key(&r.key)
+            .payload(&r.payload)
+            .headers(r.tags.to_headers());
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    let mut end = -1;
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(d)) => end = end.max(d.offset + 1),
+            Ok(Err((e, _))) => return Err(e),
+            Err(_) => return Err(KafkaError::Canceled),
+        }
+    }
+    Ok(end)
+}
+
+/// Runs a blocking librdkafka call (transactions block the calling thread).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+}
+
+/// Fenced when a newer producer of the same transactional id took over; every other
+/// Kafka failure is retried.
+fn kafka_transaction_error(e: KafkaError) -> ActivityError {
+    let code = match &e {
+        KafkaError::Transaction(t) => Some(t.code()),
+        other => other.rdkafka_error_code(),
+    };
+    match code {
+        Some(
+            RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch,
+        ) => ActivityError::Fenced,
+        _ => ActivityError::transient(format!("kafka: {e}")),
+    }
+}
+
+struct WriteLane {
+    topic: String,
+    destination: PostgresDestinationConfig,
+    stream: StreamSchema,
+    records_start_offset: i64,
+    spec_version: i64,
+}
+
 async fn write_lane(
-    ctx: Arc<WorkerContext>,
+    activities: Activities,
     lane: WriteLane,
     cancel: CancellationToken,
     events: mpsc::UnboundedSender<LaneEvent>,
     committed: watch::Sender<i64>,
 ) {
-    let id = lane.pipeline_id.as_str();
     let fail = |e: ActivityError| {
         if !matches!(e, ActivityError::Cancelled) {
             let _ = events.send(LaneEvent::Failed(e));
         }
     };
-    let pool = match ctx.destinations.get(&lane.destination.url) {
+    let ctx = Arc::clone(activities.ctx());
+    let claim = activities.claim().clone();
+    let pool = match ctx.destinations.get(&lane.destination).await {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let target = lane.target();
-    let start = run_activity(
-        "read-offsets",
-        id,
-        &ctx.retry,
-        ctx.attempt_timeout,
-        &cancel,
-        // Taking the offsets row over with this epoch first fences a previous owner's
-        // write lane before this one reads where to start.
-        || pg::fence_offsets(&pool, &lane.destination, &target),
-    )
-    .await;
-    let start = match start {
+    let target = WriteTarget {
+        claim: &claim,
+        topic: &lane.topic,
+        partition: RECORDS_PARTITION,
+        spec_version: lane.spec_version,
+    };
+    // Taking the offsets row over with this epoch first fences a previous owner's
+    // write lane before this one reads where to start.
+    let state = activities
+        .run("read-offsets", &cancel, || {
+            pg::fence_offsets(&pool, &lane.destination, &target, lane.records_start_offset)
+        })
+        .await;
+    let state = match state {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    committed.send_replace(start.unwrap_or(0));
-    let start = start
-        .max(Some(lane.records_start_offset))
-        .filter(|s| *s > 0);
-
-    let consumer = match records_consumer(&ctx, &lane, start) {
+    committed.send_replace(state.next_offset);
+    let consumer = activities
+        .run("open-records-consumer", &cancel, || async {
+            records_consumer(&ctx, &lane.topic, state.next_offset)
+        })
+        .await;
+    let consumer = match consumer {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let result = consume_and_write(&ctx, &lane, &consumer, &pool, &cancel, &committed).await;
+    let result = consume_and_write(
+        &activities,
+        &lane,
+        &target,
+        &consumer,
+        &pool,
+        &cancel,
+        &committed,
+    )
+    .await;
     // Closing a consumer blocks while librdkafka stops its threads. The lane has
     // already stopped writing, so close it off the async threads and let a pause
     // complete without waiting for it.
@@ -337,15 +484,15 @@ async fn write_lane(
 
 /// The write loop; returns Ok when cancelled at a safe point.
 async fn consume_and_write(
-    ctx: &WorkerContext,
+    activities: &Activities,
     lane: &WriteLane,
+    target: &WriteTarget<'_>,
     consumer: &StreamConsumer,
     pool: &sqlx::PgPool,
     cancel: &CancellationToken,
     committed: &watch::Sender<i64>,
 ) -> Result<(), ActivityError> {
-    let id = lane.pipeline_id.as_str();
-    let target = lane.target();
+    let id = target.claim.key.as_str();
     let batch_size = lane.destination.batch_size as usize;
     loop {
         // Safe point: no batch is open while waiting for the first record.
@@ -355,38 +502,35 @@ async fn consume_and_write(
         };
         let mut batch = Vec::with_capacity(batch_size);
         match first {
-            Ok(m) => push_record(&mut batch, &m, lane.records_start_offset),
+            Ok(m) => batch.push(pending_record(&m)?),
             Err(e) => {
-                tracing::warn!(pipeline_id = id, error = %e, "records consumer error");
+                consumer_error(id, &lane.topic, e)?;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         }
-        let linger = tokio::time::sleep(BATCH_LINGER);
-        tokio::pin!(linger);
+        let deadline = tokio::time::Instant::now() + BATCH_MAX_WAIT;
         while batch.len() < batch_size {
+            let linger = deadline.min(tokio::time::Instant::now() + BATCH_LINGER);
             tokio::select! {
-                _ = &mut linger => break,
+                biased;
                 m = consumer.recv() => match m {
-                    Ok(m) => push_record(&mut batch, &m, lane.records_start_offset),
-                    Err(_) => break,
+                    Ok(m) => batch.push(pending_record(&m)?),
+                    Err(e) => {
+                        consumer_error(id, &lane.topic, e)?;
+                        break;
+                    }
                 },
+                _ = tokio::time::sleep_until(linger) => break,
             }
-        }
-        if batch.is_empty() {
-            continue;
         }
         // Rows and offset commit atomically; cancelling mid-attempt rolls the
         // transaction back, and the batch is read again from the stored offset.
-        let written = run_activity(
-            "write-batch",
-            id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            cancel,
-            || pg::write_batch(pool, &lane.destination, &lane.stream, &target, &batch),
-        )
-        .await;
+        let written = activities
+            .run("write-batch", cancel, || {
+                pg::write_batch(pool, &lane.destination, &lane.stream, target, &batch)
+            })
+            .await;
         match written {
             Ok(next) => {
                 committed.send_replace(next);
@@ -397,34 +541,47 @@ async fn consume_and_write(
     }
 }
 
-fn push_record(
-    batch: &mut Vec<PendingRecord>,
-    message: &rdkafka::message::BorrowedMessage<'_>,
-    records_start_offset: i64,
-) {
-    // Records an earlier spec left in the topic are not this spec's data.
-    if message.offset() < records_start_offset {
-        return;
+/// A consumer error is logged and retried, except one that means the topic does not
+/// hold what the destination committed (deleted and created again, truncated): that
+/// is refused, never papered over by starting somewhere else.
+fn consumer_error(pipeline_id: &str, topic: &str, e: KafkaError) -> Result<(), ActivityError> {
+    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) {
+        return Err(ActivityError::Invariant(format!(
+            "records topic {topic} does not hold the offset the destination committed \
+             (deleted or created again?): {e}"
+        )));
     }
-    let Some(payload) = message.payload() else {
-        return;
+    tracing::warn!(pipeline_id, error = %e, "records consumer error");
+    Ok(())
+}
+
+fn pending_record(
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<PendingRecord, ActivityError> {
+    let poison = |why: String| ActivityError::Failed {
+        failure_type: FailureType::DataError,
+        message: format!(
+            "record at records-topic offset {} cannot be read: {why}",
+            message.offset()
+        ),
     };
+    let tags = RecordTags::from_headers(message.headers()).map_err(poison)?;
+    let payload = message.payload().unwrap_or_default();
     match ConnectorMessage::from_bytes(payload) {
-        Ok(ConnectorMessage::Record { record }) => batch.push(PendingRecord {
+        Ok(ConnectorMessage::Record { record }) => Ok(PendingRecord {
             offset: message.offset(),
+            tags,
             data: record.data,
         }),
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(offset = message.offset(), error = %e, "skipping undecodable record")
-        }
+        Ok(other) => Err(poison(format!("not a record message: {other:?}"))),
+        Err(e) => Err(poison(e.to_string())),
     }
 }
 
 fn records_consumer(
     ctx: &WorkerContext,
-    lane: &WriteLane,
-    start: Option<i64>,
+    topic: &str,
+    start: i64,
 ) -> Result<StreamConsumer, ActivityError> {
     // Offsets live in the destination, never in Kafka: this consumer is assigned its
     // partition by hand, never joins a group and never commits. librdkafka still wants
@@ -432,10 +589,14 @@ fn records_consumer(
     let consumer: StreamConsumer = ctx
         .kafka
         .client_config()
-        .set("group.id", format!("sluice-writer-{}", lane.pipeline_id))
+        .set("group.id", format!("sluice-writer-{topic}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        // Backfill slices are transactions: only committed ones are written.
+        .set("isolation.level", "read_committed")
+        // An offset the topic does not have is an error, not a silent jump.
+        .set("auto.offset.reset", "error")
+        .set("allow.auto.create.topics", "false")
         .set("enable.partition.eof", "false")
         // The default pre-fetch buffer (64 MiB per consumer) is far too much for a
         // worker that runs many pipelines.
@@ -443,8 +604,7 @@ fn records_consumer(
         .set("fetch.wait.max.ms", "100")
         .create()?;
     let mut assignment = TopicPartitionList::new();
-    let offset = start.map_or(Offset::Beginning, Offset::Offset);
-    assignment.add_partition_offset(&lane.topic, RECORDS_PARTITION, offset)?;
+    assignment.add_partition_offset(topic, RECORDS_PARTITION, Offset::Offset(start.max(0)))?;
     consumer.assign(&assignment)?;
     Ok(consumer)
 }

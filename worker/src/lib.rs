@@ -6,9 +6,11 @@
 #![forbid(unsafe_code)]
 
 pub mod activity;
+pub mod claim;
 pub mod connectors;
 pub mod lanes;
 pub mod membership;
+pub mod records;
 pub mod store;
 pub mod supervisor;
 pub mod workflow;
@@ -17,15 +19,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
-use rdkafka::producer::FutureProducer;
 use sluice_infra::kafka::{Admin, KafkaSettings};
 use sluice_protocol::retry::RetryPolicy;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::connectors::postgres::DestinationPools;
-use crate::membership::{MembershipContext, SignalConsumer};
+use crate::connectors::postgres::{DestinationPools, DestinationSettings};
+use crate::membership::{Assignment, MembershipContext, SignalConsumer};
 use crate::supervisor::Supervisor;
 
 #[derive(Debug, Clone)]
@@ -42,6 +43,13 @@ pub struct Config {
     pub replication_factor: i32,
     pub retry: RetryPolicy,
     pub attempt_timeout: Duration,
+    /// Where destination CA files (`sslrootcert=<name>`) are looked up.
+    pub destination_ca_dir: Option<std::path::PathBuf>,
+    /// Which hosts destinations may connect to.
+    pub destination_hosts: sluice_protocol::hosts::HostPolicy,
+    /// Prefix of the records topics and Kafka transactional ids this deployment's
+    /// workers create: deployments sharing a Kafka cluster need different ones.
+    pub topic_namespace: String,
 }
 
 /// What every workflow of this worker shares.
@@ -49,10 +57,11 @@ pub struct WorkerContext {
     pub worker_id: String,
     pub pool: PgPool,
     pub admin: Admin,
-    /// One producer for all pipelines of this worker.
-    pub producer: FutureProducer,
     pub kafka: KafkaSettings,
     pub destinations: DestinationPools,
+    /// The signals-topic partitions this worker is assigned right now.
+    pub assignment: Arc<Assignment>,
+    pub topic_namespace: String,
     pub retry: RetryPolicy,
     pub attempt_timeout: Duration,
     pub resync_interval: Duration,
@@ -75,9 +84,9 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    sluice_infra::store::migrate_url(&config.database_url, Duration::from_secs(60)).await?;
     let pool =
         sluice_infra::store::connect(&config.database_url, 16, Duration::from_secs(60)).await?;
-    sluice_infra::store::migrate(&pool).await?;
     let admin = config.kafka.admin()?;
     // The control plane normally creates the signals topic; a worker started first
     // waits for it rather than guessing a partition count.
@@ -92,21 +101,21 @@ pub async fn run(
         tracing::info!(topic = %config.signals_topic, "waiting for the signals topic");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let producer: FutureProducer = config
-        .kafka
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
-        .create()?;
 
+    let assignment = Arc::new(Assignment::default());
     let ctx = Arc::new(WorkerContext {
         worker_id: config.worker_id.clone(),
         pool: pool.clone(),
         admin,
-        producer,
         kafka: config.kafka.clone(),
-        destinations: DestinationPools::default(),
+        destinations: DestinationPools::new(DestinationSettings {
+            worker_id: config.worker_id.clone(),
+            ca_dir: config.destination_ca_dir.clone(),
+            hosts: config.destination_hosts.clone(),
+            statement_timeout: config.attempt_timeout,
+        }),
+        assignment: Arc::clone(&assignment),
+        topic_namespace: config.topic_namespace.clone(),
         retry: config.retry,
         attempt_timeout: config.attempt_timeout,
         resync_interval: config.resync_interval,
@@ -133,6 +142,7 @@ pub async fn run(
         )
         .create_with_context(MembershipContext {
             events: events_tx.clone(),
+            assignment,
         })?;
     consumer.subscribe(&[&config.signals_topic])?;
     tracing::info!(worker_id = %config.worker_id, group = %config.group_id, "worker joined the group");

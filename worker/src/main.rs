@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_infra::process::{init_tracing, parse_cli, shutdown_signal, ConnectionArgs};
+use sluice_infra::process::{
+    init_tracing, parse_cli, shutdown_signal, ConnectionArgs, DestinationHostArgs,
+};
 use sluice_protocol::retry::RetryPolicy;
 use sluice_worker::{run, Config};
 
@@ -15,6 +17,20 @@ use sluice_worker::{run, Config};
 struct Cli {
     #[command(flatten)]
     connection: ConnectionArgs,
+    #[command(flatten)]
+    destination_hosts: DestinationHostArgs,
+    /// Directory of CA certificates (PEM files) destinations may name by file name in
+    /// their URL (`?sslmode=verify-full&sslrootcert=<name>`). A tenant's spec can only
+    /// name a file directly inside it; without it, such URLs fail (inline `ssl_ca_pem`
+    /// in the destination config always works).
+    #[arg(long, env = "SLUICE_DESTINATION_CA_DIR", value_name = "DIR")]
+    destination_ca_dir: Option<std::path::PathBuf>,
+    /// Prefix of the records topics and Kafka transactional ids the workers create. All
+    /// workers of a deployment use the same; deployments sharing a Kafka cluster need
+    /// different ones (like their signals topics and groups).
+    #[arg(long, env = "SLUICE_TOPIC_NAMESPACE", default_value = sluice_protocol::topics::DEFAULT_TOPIC_NAMESPACE,
+          value_parser = parse_namespace)]
+    topic_namespace: String,
     /// Unique id of this worker, shown as a pipeline's owner (default: random).
     #[arg(long, env = "SLUICE_WORKER_ID")]
     worker_id: Option<String>,
@@ -58,6 +74,10 @@ async fn main() -> ExitCode {
         Ok(kafka) => kafka,
         Err(code) => return code,
     };
+    let destination_hosts = match cli.destination_hosts.policy() {
+        Ok(policy) => policy,
+        Err(code) => return code,
+    };
     let config = Config {
         worker_id,
         database_url: cli.connection.database_url,
@@ -72,6 +92,9 @@ async fn main() -> ExitCode {
             ..RetryPolicy::default()
         },
         attempt_timeout: Duration::from_millis(cli.attempt_timeout_ms),
+        destination_ca_dir: cli.destination_ca_dir.filter(|d| !d.as_os_str().is_empty()),
+        destination_hosts,
+        topic_namespace: cli.topic_namespace,
     };
     match run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -80,4 +103,8 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    sluice_protocol::topics::validate_topic_namespace(s).map(|()| s.to_owned())
 }

@@ -11,12 +11,40 @@ use tokio_util::sync::CancellationToken;
 
 use crate::supervisor::SupervisorEvent;
 
+/// The signals-topic partitions this worker is assigned right now. The rebalance
+/// callbacks update it before the supervisor hears of a change, so a workflow about
+/// to claim a pipeline can tell that its partition was just revoked.
+#[derive(Debug, Default)]
+pub struct Assignment(std::sync::RwLock<std::collections::BTreeSet<i32>>);
+
+impl Assignment {
+    pub fn contains(&self, partition: i32) -> bool {
+        self.0
+            .read()
+            .expect("assignment lock is never poisoned")
+            .contains(&partition)
+    }
+
+    fn add(&self, partitions: &[i32]) {
+        let mut set = self.0.write().expect("assignment lock is never poisoned");
+        set.extend(partitions.iter().copied());
+    }
+
+    fn remove(&self, partitions: &[i32]) {
+        let mut set = self.0.write().expect("assignment lock is never poisoned");
+        for p in partitions {
+            set.remove(p);
+        }
+    }
+}
+
 /// Forwards assignment changes to the supervisor. With the cooperative-sticky
 /// strategy librdkafka reports incremental changes; with an eager strategy a revoke of
 /// everything precedes each assign. Treating Assign as "add" and Revoke as "remove" is
 /// correct for both.
 pub struct MembershipContext {
     pub events: mpsc::UnboundedSender<SupervisorEvent>,
+    pub assignment: std::sync::Arc<Assignment>,
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
@@ -28,6 +56,7 @@ impl ClientContext for MembershipContext {}
 impl ConsumerContext for MembershipContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            self.assignment.remove(&partitions(tpl));
             // Hold the rebalance until this worker's workflows on those partitions have
             // stopped at a safe point and released their pipelines, so the next owner
             // starts after them rather than beside them. Bounded: fencing covers a
@@ -51,6 +80,7 @@ impl ConsumerContext for MembershipContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.assignment.add(&partitions(tpl));
                 let _ = self.events.send(SupervisorEvent::Assigned(partitions(tpl)));
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),

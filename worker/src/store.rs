@@ -1,19 +1,35 @@
-//! The worker's queries. Every write is conditional on the owner epoch the workflow
-//! holds, so a stale ("zombie") worker cannot overwrite its successor: zero rows
-//! affected means [`ActivityError::Fenced`].
+//! The worker's queries. Every write is conditional on the owner epoch of the claim the
+//! workflow holds, so a stale ("zombie") worker cannot overwrite its successor: zero
+//! rows affected means [`ActivityError::Fenced`]. Epochs come from one sequence, so a
+//! matching epoch also means the same incarnation of the pipeline.
 
 use serde::{Deserialize, Serialize};
+use sluice_protocol::conversions::PendingActivity;
 use sluice_protocol::status::{can_transition, PipelineStatus};
 use sqlx::{PgPool, Row};
 
 use crate::activity::ActivityError;
+use crate::claim::Claim;
 
-/// Source progress and setup bookkeeping, stored in `pipelines.checkpoint`.
+/// Marks a checkpoint written before fingerprints: its setup is taken as current.
+pub const LEGACY_FINGERPRINT: &str = "legacy";
+
+/// Source progress and setup bookkeeping, stored in `pipelines.checkpoint`. It never
+/// holds the spec itself (which has opened secrets in the worker), only a fingerprint.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// The spec (as JSON) setup last ran for; a different spec re-runs setup.
+    /// Fingerprint of the redacted spec that setup last ran for; another fingerprint
+    /// means the spec changed and setup runs again.
     #[serde(default)]
-    pub setup_spec: Option<serde_json::Value>,
+    pub spec_fingerprint: Option<String>,
+    /// Counts the changed specs this incarnation has set up. Records carry it, and the
+    /// write lane drops records of an older spec version.
+    #[serde(default)]
+    pub spec_version: i64,
+    /// The records topic setup created (None: pipelines set up before topics were
+    /// named per incarnation, which keep the legacy name).
+    #[serde(default)]
+    pub records_topic: Option<String>,
     /// Next source position to read (for the generator: the next record id).
     #[serde(default)]
     pub cursor: u64,
@@ -23,46 +39,64 @@ pub struct Checkpoint {
     /// as complete at the destination once the write lane has committed up to it.
     #[serde(default)]
     pub backfill_end_offset: i64,
-    /// Records-topic offset where the current spec's records begin: records of an
-    /// earlier spec below it are never written to the destination.
+    /// Records-topic offset where the current spec's records begin: the write lane
+    /// starts there (records of an earlier spec below it are not read at all).
     #[serde(default)]
     pub records_start_offset: i64,
 }
 
-/// Takes ownership: bumps the epoch and returns it, or None if the row is gone.
-pub async fn claim(pool: &PgPool, id: &str, worker_id: &str) -> Result<Option<i64>, ActivityError> {
+impl Checkpoint {
+    /// Whether setup has run for the spec with `fingerprint`.
+    pub fn is_set_up_for(&self, fingerprint: &str) -> bool {
+        matches!(self.spec_fingerprint.as_deref(), Some(f) if f == fingerprint || f == LEGACY_FINGERPRINT)
+    }
+}
+
+/// Takes ownership: draws a new epoch and returns the claim, or None if the row is gone.
+pub async fn claim(
+    pool: &PgPool,
+    key: &str,
+    worker_id: &str,
+) -> Result<Option<Claim>, ActivityError> {
     let row = sqlx::query(
-        "UPDATE pipelines SET owner = $2, owner_epoch = owner_epoch + 1, update_time = now() \
-         WHERE id = $1 RETURNING owner_epoch",
+        "UPDATE pipelines SET owner = $2, owner_epoch = nextval('pipeline_owner_epoch_seq'), \
+         pending_activity = NULL, update_time = now() \
+         WHERE id = $1 RETURNING owner_epoch, incarnation",
     )
-    .bind(id)
+    .bind(key)
     .bind(worker_id)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|r| r.get::<i64, _>(0)))
+    Ok(row.map(|r| Claim {
+        key: key.to_owned(),
+        epoch: r.get(0),
+        incarnation: r.get(1),
+    }))
 }
 
 /// Gives ownership up so the phase shows UNASSIGNED until another worker claims it.
-pub async fn release(pool: &PgPool, id: &str, epoch: i64) -> Result<(), ActivityError> {
+pub async fn release(pool: &PgPool, claim: &Claim) -> Result<(), ActivityError> {
     sqlx::query(
         "UPDATE pipelines SET owner = NULL, update_time = now() WHERE id = $1 AND owner_epoch = $2",
     )
-    .bind(id)
-    .bind(epoch)
+    .bind(&claim.key)
+    .bind(claim.epoch)
     .execute(pool)
     .await?;
     Ok(())
 }
 
-pub async fn load_checkpoint(pool: &PgPool, id: &str) -> Result<Checkpoint, ActivityError> {
-    let row = sqlx::query("SELECT checkpoint FROM pipelines WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    let Some(row) = row else {
-        return Ok(Checkpoint::default());
+/// The checkpoint of the claimed pipeline; Fenced once another claim holds the row.
+pub async fn load_checkpoint(pool: &PgPool, claim: &Claim) -> Result<Checkpoint, ActivityError> {
+    let value: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT checkpoint FROM pipelines WHERE id = $1 AND owner_epoch = $2")
+            .bind(&claim.key)
+            .bind(claim.epoch)
+            .fetch_optional(pool)
+            .await?;
+    let Some(value) = value else {
+        return Err(ActivityError::Fenced);
     };
-    let value: serde_json::Value = row.try_get(0)?;
     serde_json::from_value(value).map_err(|e| ActivityError::Failed {
         failure_type: sluice_protocol::message::FailureType::SystemError,
         message: format!("stored checkpoint is corrupt: {e}"),
@@ -71,15 +105,14 @@ pub async fn load_checkpoint(pool: &PgPool, id: &str) -> Result<Checkpoint, Acti
 
 pub async fn save_checkpoint(
     pool: &PgPool,
-    id: &str,
-    epoch: i64,
+    claim: &Claim,
     checkpoint: &Checkpoint,
 ) -> Result<(), ActivityError> {
     let value = serde_json::to_value(checkpoint).expect("a checkpoint is plain JSON");
     let done =
         sqlx::query("UPDATE pipelines SET checkpoint = $3 WHERE id = $1 AND owner_epoch = $2")
-            .bind(id)
-            .bind(epoch)
+            .bind(&claim.key)
+            .bind(claim.epoch)
             .bind(value)
             .execute(pool)
             .await?;
@@ -101,19 +134,19 @@ pub struct StatusWrite<'a> {
 /// The update-status activity: writes the status (checked against the transition
 /// rules), observed_generation and last_error, and appends the transition to the event
 /// history — all in one transaction, fenced by the epoch. Re-writing the current status
-/// only updates observed_generation / last_error and records no event.
+/// only updates observed_generation / last_error and records no event. ERROR replaces
+/// the pending activity: last_error says what failed.
 pub async fn write_status(
     pool: &PgPool,
-    id: &str,
-    epoch: i64,
+    claim: &Claim,
     actor: &str,
     write: &StatusWrite<'_>,
 ) -> Result<(), ActivityError> {
     let mut tx = pool.begin().await?;
     let row =
         sqlx::query("SELECT status FROM pipelines WHERE id = $1 AND owner_epoch = $2 FOR UPDATE")
-            .bind(id)
-            .bind(epoch)
+            .bind(&claim.key)
+            .bind(claim.epoch)
             .fetch_optional(&mut *tx)
             .await?;
     let Some(row) = row else {
@@ -130,10 +163,12 @@ pub async fn write_status(
     }
     sqlx::query(
         "UPDATE pipelines SET status = $3, observed_generation = GREATEST(observed_generation, $4), \
-         last_error = $5, update_time = now() WHERE id = $1 AND owner_epoch = $2",
+         last_error = $5, \
+         pending_activity = CASE WHEN $3 = 'ERROR' THEN NULL ELSE pending_activity END, \
+         update_time = now() WHERE id = $1 AND owner_epoch = $2",
     )
-    .bind(id)
-    .bind(epoch)
+    .bind(&claim.key)
+    .bind(claim.epoch)
     .bind(write.to.as_str())
     .bind(write.observed_generation)
     .bind(write.last_error)
@@ -144,7 +179,7 @@ pub async fn write_status(
             "INSERT INTO pipeline_events (pipeline_id, actor, from_status, to_status, generation, reason) \
              VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(id)
+        .bind(&claim.key)
         .bind(actor)
         .bind(from)
         .bind(write.to.as_str())
@@ -161,8 +196,7 @@ pub async fn write_status(
 /// records the removal in the history.
 pub async fn remove_pipeline(
     pool: &PgPool,
-    id: &str,
-    epoch: i64,
+    claim: &Claim,
     actor: &str,
     generation: i64,
     reason: &str,
@@ -172,8 +206,8 @@ pub async fn remove_pipeline(
         "DELETE FROM pipelines WHERE id = $1 AND owner_epoch = $2 AND desired_status = 'DELETED' \
          AND status = 'TEARDOWN'",
     )
-    .bind(id)
-    .bind(epoch)
+    .bind(&claim.key)
+    .bind(claim.epoch)
     .execute(&mut *tx)
     .await?;
     if deleted.rows_affected() == 0 {
@@ -183,7 +217,7 @@ pub async fn remove_pipeline(
         "INSERT INTO pipeline_events (pipeline_id, actor, from_status, to_status, generation, reason) \
          VALUES ($1, $2, 'TEARDOWN', 'REMOVED', $3, $4)",
     )
-    .bind(id)
+    .bind(&claim.key)
     .bind(actor)
     .bind(generation)
     .bind(reason)
@@ -193,16 +227,46 @@ pub async fn remove_pipeline(
     Ok(())
 }
 
-/// Whether `epoch` still owns the pipeline.
-pub async fn check_epoch(pool: &PgPool, id: &str, epoch: i64) -> Result<(), ActivityError> {
+/// Whether the claim still owns the pipeline.
+pub async fn check_epoch(pool: &PgPool, claim: &Claim) -> Result<(), ActivityError> {
     let owned: Option<i64> = sqlx::query_scalar("SELECT owner_epoch FROM pipelines WHERE id = $1")
-        .bind(id)
+        .bind(&claim.key)
         .fetch_optional(pool)
         .await?;
     match owned {
-        Some(e) if e == epoch => Ok(()),
+        Some(e) if e == claim.epoch => Ok(()),
         _ => Err(ActivityError::Fenced),
     }
+}
+
+/// Records the activity the claim is retrying.
+pub async fn report_pending(
+    pool: &PgPool,
+    claim: &Claim,
+    pending: &PendingActivity,
+) -> Result<(), ActivityError> {
+    let value = serde_json::to_value(pending).expect("a pending activity is plain JSON");
+    sqlx::query("UPDATE pipelines SET pending_activity = $3 WHERE id = $1 AND owner_epoch = $2")
+        .bind(&claim.key)
+        .bind(claim.epoch)
+        .bind(value)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Clears the pending activity once activity `name` has succeeded.
+pub async fn clear_pending(pool: &PgPool, claim: &Claim, name: &str) -> Result<(), ActivityError> {
+    sqlx::query(
+        "UPDATE pipelines SET pending_activity = NULL \
+         WHERE id = $1 AND owner_epoch = $2 AND pending_activity->>'name' = $3",
+    )
+    .bind(&claim.key)
+    .bind(claim.epoch)
+    .bind(name)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Ids of the pipelines stored on the given signals-topic partitions.

@@ -58,7 +58,10 @@ impl Supervisor {
         let mut resync = tokio::time::interval(self.ctx.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Biased: a queued revocation is handled before a resync tick could start
+            // workflows for the partitions it takes away.
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 Some(event) = events.recv() => self.handle(event).await,
                 Some((id, seq)) = self.exited_rx.recv() => {
@@ -140,7 +143,10 @@ impl Supervisor {
             Ok(stored) => {
                 for (id, partition) in stored {
                     // The assignment may have changed while the query ran.
-                    if !self.workflows.contains_key(&id) && self.owned.contains(&partition) {
+                    if !self.workflows.contains_key(&id)
+                        && self.owned.contains(&partition)
+                        && self.ctx.assignment.contains(partition)
+                    {
                         self.start(id, partition);
                     }
                 }

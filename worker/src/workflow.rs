@@ -1,4 +1,4 @@
-//! One durable workflow per owned pipeline. It claims the pipeline (bumping the owner
+//! One durable workflow per owned pipeline. It claims the pipeline (drawing a new owner
 //! epoch), then loops: re-read the row from Postgres (the source of truth), reconcile
 //! desired against actual state, and sleep until a signal, a lane event or the resync
 //! timer wakes it. Being level-triggered, a lost signal only delays convergence.
@@ -7,18 +7,19 @@ use std::sync::Arc;
 
 use sluice_infra::store::get_pipeline;
 use sluice_protocol::conversions::PipelineRecord;
-use sluice_protocol::message::FailureType;
-use sluice_protocol::spec::{DestinationConfig, ValidatedSpec};
+use sluice_protocol::secrets::spec_fingerprint;
+use sluice_protocol::spec::{DestinationConfig, PipelineSpec, ValidatedSpec};
 use sluice_protocol::status::{DesiredStatus, PipelineStatus};
-use sluice_protocol::topics::records_topic;
+use sluice_protocol::topics::{legacy_records_topic, records_topic};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::{run_activity, ActivityError};
-use crate::connectors::postgres as pg;
-use crate::lanes::{LaneEvent, LaneParams, Lanes};
-use crate::store::{self, Checkpoint, StatusWrite};
+use crate::claim::{Activities, Claim};
+use crate::connectors::postgres::{self as pg, WriteTarget};
+use crate::lanes::{LaneEvent, LaneParams, Lanes, RECORDS_PARTITION};
+use crate::store::{self, Checkpoint, StatusWrite, LEGACY_FINGERPRINT};
 use crate::WorkerContext;
 
 /// What the supervisor keeps for each running workflow.
@@ -44,7 +45,7 @@ pub fn spawn(
         let wake = Arc::clone(&wake);
         let stop = stop.clone();
         async move {
-            run(ctx, &pipeline_id, wake, stop).await;
+            run(ctx, &pipeline_id, partition, wake, stop).await;
             let _ = exited.send((pipeline_id, seq));
         }
     });
@@ -63,11 +64,12 @@ enum Flow {
 }
 
 struct Workflow {
-    ctx: Arc<WorkerContext>,
-    id: String,
-    epoch: i64,
+    activities: Activities,
     checkpoint: Checkpoint,
     lanes: Option<Lanes>,
+    /// The spec the running lanes were started with: any other spec (a changed
+    /// password, say, which leaves the fingerprint alone) restarts them.
+    lanes_spec: Option<PipelineSpec>,
     /// Numbers each start of the lanes, so events of lanes already stopped are ignored.
     lanes_seq: u64,
     lane_events_tx: mpsc::UnboundedSender<(u64, LaneEvent)>,
@@ -75,50 +77,58 @@ struct Workflow {
     /// Cancels the activities of the current reconcile pass: fired when the worker
     /// stops, or when a signal arrives while an activity is retrying.
     pass: CancellationToken,
-    /// Creation time of the pipeline row: tells this incarnation's destination
-    /// bookkeeping from that of a deleted pipeline that had the same id.
-    incarnation: std::time::SystemTime,
     /// Status and observed generation as this workflow last wrote or read them.
     status: Option<PipelineStatus>,
     observed: i64,
 }
 
-async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: CancellationToken) {
+async fn run(
+    ctx: Arc<WorkerContext>,
+    id: &str,
+    partition: i32,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    // The partition may have been revoked while this workflow waited to start: a
+    // worker that no longer owns it must not take the pipeline from its new owner.
+    if !ctx.assignment.contains(partition) {
+        return;
+    }
     let claimed = run_activity("claim", id, &ctx.retry, ctx.attempt_timeout, &stop, || {
         store::claim(&ctx.pool, id, &ctx.worker_id)
     })
     .await;
-    let epoch = match claimed {
-        Ok(Some(epoch)) => epoch,
+    let claim = match claimed {
+        Ok(Some(claim)) => claim,
         Ok(None) | Err(ActivityError::Cancelled) => return,
         Err(e) => {
             tracing::warn!(pipeline_id = id, error = %e, "could not claim pipeline");
             return;
         }
     };
-    let checkpoint = match run_activity(
-        "load-checkpoint",
-        id,
-        &ctx.retry,
-        ctx.attempt_timeout,
-        &stop,
-        || store::load_checkpoint(&ctx.pool, id),
-    )
-    .await
+    let activities = Activities::new(Arc::clone(&ctx), claim.clone());
+    let checkpoint = match activities
+        .run("load-checkpoint", &stop, || {
+            store::load_checkpoint(&ctx.pool, &claim)
+        })
+        .await
     {
         Ok(c) => c,
         Err(_) => return,
     };
-    tracing::info!(pipeline_id = id, epoch, "pipeline claimed");
+    tracing::info!(
+        pipeline_id = id,
+        epoch = claim.epoch,
+        incarnation = claim.incarnation,
+        "pipeline claimed"
+    );
     let (lane_events_tx, mut lane_events) = mpsc::unbounded_channel();
     let mut wf = Workflow {
-        ctx: Arc::clone(&ctx),
-        id: id.to_owned(),
-        epoch,
+        activities: activities.clone(),
         checkpoint,
         lanes: None,
+        lanes_spec: None,
         lanes_seq: 0,
-        incarnation: std::time::SystemTime::UNIX_EPOCH,
         lane_events_tx,
         lane_failure: None,
         pass: stop.child_token(),
@@ -127,15 +137,11 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
     };
 
     loop {
-        let row = run_activity(
-            "load",
-            id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &stop,
-            || async { Ok(get_pipeline(&ctx.pool, id).await?) },
-        )
-        .await;
+        let row = activities
+            .run("load", &stop, || async {
+                Ok(get_pipeline(&ctx.pool, id).await?)
+            })
+            .await;
         let row = match row {
             Ok(Some(row)) => row,
             Ok(None) => {
@@ -148,10 +154,10 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
                 break;
             }
         };
-        if row.owner_epoch != epoch {
+        if row.owner_epoch != claim.epoch {
             tracing::info!(
                 pipeline_id = id,
-                epoch,
+                epoch = claim.epoch,
                 newer = row.owner_epoch,
                 "fenced by a newer owner"
             );
@@ -160,7 +166,6 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
         }
         wf.status = row.status;
         wf.observed = row.observed_generation;
-        wf.incarnation = row.create_time;
         wf.pass = stop.child_token();
         let pass = wf.pass.clone();
         let mut interrupted = false;
@@ -197,7 +202,11 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
             Err(ActivityError::Cancelled) if stop.is_cancelled() => break,
             Err(ActivityError::Cancelled) => {}
             Err(ActivityError::Fenced) => {
-                tracing::info!(pipeline_id = id, epoch, "fenced by a newer owner");
+                tracing::info!(
+                    pipeline_id = id,
+                    epoch = claim.epoch,
+                    "fenced by a newer owner"
+                );
                 wf.stop_lanes().await;
                 return;
             }
@@ -212,8 +221,15 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
                     last_error: Some(&message),
                     reason: "activity failed",
                 };
-                if let Err(e) = wf.write_status(&write).await {
-                    tracing::warn!(pipeline_id = id, error = %e, "could not record ERROR");
+                match wf.write_status(&write).await {
+                    Err(ActivityError::Fenced) => {
+                        wf.stop_lanes().await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(pipeline_id = id, error = %e, "could not record ERROR")
+                    }
+                    Ok(()) => {}
                 }
             }
         }
@@ -259,7 +275,7 @@ async fn run(ctx: Arc<WorkerContext>, id: &str, wake: Arc<Notify>, stop: Cancell
             &ctx.retry,
             ctx.attempt_timeout,
             &release_window,
-            || store::release(&ctx.pool, id, epoch),
+            || store::release(&ctx.pool, &claim),
         )
         .await
     })
@@ -292,69 +308,100 @@ async fn generation_changed(ctx: &WorkerContext, id: &str, seen: i64) -> bool {
 }
 
 impl Workflow {
+    fn claim(&self) -> &Claim {
+        self.activities.claim()
+    }
+
+    fn ctx(&self) -> &Arc<WorkerContext> {
+        self.activities.ctx()
+    }
+
+    /// The records topic of this incarnation: the one setup recorded, else the one
+    /// setup will create (or the legacy name of a pipeline set up before topics were
+    /// named per incarnation).
+    fn records_topic(&self) -> String {
+        let claim = self.claim();
+        match &self.checkpoint.records_topic {
+            Some(topic) => topic.clone(),
+            None if self.checkpoint.spec_fingerprint.as_deref() == Some(LEGACY_FINGERPRINT) => {
+                legacy_records_topic(&claim.key)
+            }
+            None => records_topic(&self.ctx().topic_namespace, &claim.key, claim.incarnation),
+        }
+    }
+
     async fn reconcile(&mut self, row: &PipelineRecord) -> Result<Flow, ActivityError> {
         let generation = row.generation;
         if let Some(failure) = self.lane_failure.take() {
             return Err(failure);
         }
+        // Deleting and pausing never need a valid spec: whatever the stored spec has
+        // become (a key the worker lacks, stricter rules), the pipeline can be stopped
+        // and removed.
         let spec = row
             .spec
             .validate("spec")
-            .map_err(|v| ActivityError::Failed {
-                failure_type: FailureType::ConfigError,
-                message: format!("stored spec is invalid: {v}"),
-            })?;
+            .map_err(|v| format!("stored spec is invalid: {v}"));
 
         if row.desired_status == DesiredStatus::Deleted {
             self.stop_lanes().await;
             self.set_status(PipelineStatus::Teardown, generation, "deletion requested")
                 .await?;
-            let reason = self.teardown(&spec).await?;
-            let (ctx, id, epoch) = (&self.ctx, self.id.as_str(), self.epoch);
+            let reason = self.teardown(spec.as_ref()).await?;
+            let (ctx, claim) = (self.ctx(), self.claim());
             let never = CancellationToken::new();
-            run_activity(
-                "remove",
-                id,
-                &ctx.retry,
-                ctx.attempt_timeout,
-                &never,
-                || {
-                    store::remove_pipeline(
-                        &ctx.pool,
-                        id,
-                        epoch,
-                        &ctx.worker_id,
-                        generation,
-                        &reason,
-                    )
-                },
-            )
-            .await?;
+            self.activities
+                .run("remove", &never, || {
+                    store::remove_pipeline(&ctx.pool, claim, &ctx.worker_id, generation, &reason)
+                })
+                .await?;
             return Ok(Flow::Removed);
         }
         // A failed pipeline waits for its generation to change (any update) to retry.
         if self.status == Some(PipelineStatus::Error) && self.observed >= generation {
             return Ok(Flow::Continue);
         }
-        let spec_json = row.spec.to_json();
+        let fingerprint = spec_fingerprint(&row.spec);
         let needs_setup = matches!(
             self.status,
             None | Some(PipelineStatus::Setup) | Some(PipelineStatus::Error)
-        ) || self.checkpoint.setup_spec.as_ref() != Some(&spec_json);
+        ) || !self.checkpoint.is_set_up_for(&fingerprint);
 
         match row.desired_status {
             DesiredStatus::Paused => {
                 self.stop_lanes().await;
-                if needs_setup {
-                    self.setup(&spec, spec_json, generation).await?;
+                // A new pipeline sets up while paused, so a bad destination shows at
+                // once. A failed or changed one sets up when it resumes: pausing must
+                // not depend on anything that can fail.
+                let first_setup = matches!(self.status, None | Some(PipelineStatus::Setup));
+                match &spec {
+                    Ok(valid) if first_setup && needs_setup => {
+                        self.setup(valid, &fingerprint, generation).await?;
+                    }
+                    Err(why) if self.status.is_none() => {
+                        self.set_status(PipelineStatus::Setup, generation, "setting up")
+                            .await?;
+                        let write = StatusWrite {
+                            to: PipelineStatus::Paused,
+                            observed_generation: generation,
+                            last_error: Some(why),
+                            reason: "paused by request; setup skipped",
+                        };
+                        self.write_status(&write).await?;
+                        return Ok(Flow::Continue);
+                    }
+                    _ => {}
                 }
                 self.set_status(PipelineStatus::Paused, generation, "paused by request")
                     .await?;
             }
             DesiredStatus::Active => {
+                let spec = spec.map_err(ActivityError::config)?;
                 if needs_setup {
                     self.stop_lanes().await;
-                    self.setup(&spec, spec_json, generation).await?;
+                    self.setup(&spec, &fingerprint, generation).await?;
+                } else if self.lanes_spec.as_ref().is_some_and(|s| s != &row.spec) {
+                    self.stop_lanes().await;
                 }
                 match self.status {
                     // SETUP only ever moves on to BACKFILL; BACKFILL → READY below
@@ -381,17 +428,16 @@ impl Workflow {
                     self.checkpoint = self.load_checkpoint().await?;
                     self.lanes_seq += 1;
                     self.lanes = Some(Lanes::start(
-                        Arc::clone(&self.ctx),
+                        self.activities.clone(),
                         LaneParams {
-                            pipeline_id: self.id.clone(),
-                            epoch: self.epoch,
                             spec: spec.clone(),
                             checkpoint: self.checkpoint.clone(),
-                            incarnation: self.incarnation,
+                            topic: self.records_topic(),
                         },
                         self.lanes_seq,
                         self.lane_events_tx.clone(),
                     ));
+                    self.lanes_spec = Some(row.spec.clone());
                 }
                 if self.status == Some(PipelineStatus::Backfill)
                     && self.backfill_complete(&spec).await?
@@ -423,161 +469,158 @@ impl Workflow {
         let committed = match running {
             Some(c) => c,
             None => {
-                let (ctx, id) = (&self.ctx, self.id.as_str());
+                let (ctx, claim) = (self.ctx(), self.claim());
                 let DestinationConfig::Postgres(destination) = &spec.destination;
-                let topic = records_topic(id);
-                run_activity(
-                    "read-offsets",
-                    id,
-                    &ctx.retry,
-                    ctx.attempt_timeout,
-                    &self.pass,
-                    || async {
-                        let pool = ctx.destinations.get(&destination.url)?;
-                        let target = pg::BatchTarget {
-                            pipeline_id: id,
-                            topic: &topic,
-                            partition: crate::lanes::RECORDS_PARTITION,
-                            epoch: self.epoch,
-                            incarnation: self.incarnation,
-                        };
+                let topic = self.records_topic();
+                let target = WriteTarget {
+                    claim,
+                    topic: &topic,
+                    partition: RECORDS_PARTITION,
+                    spec_version: self.checkpoint.spec_version,
+                };
+                self.activities
+                    .run("read-offsets", &self.pass, || async {
+                        let pool = ctx.destinations.get(destination).await?;
                         pg::committed_offset(&pool, destination, &target).await
-                    },
-                )
-                .await?
-                .unwrap_or(0)
+                    })
+                    .await?
+                    .unwrap_or(0)
             }
         };
-        Ok(committed >= self.checkpoint.backfill_end_offset)
+        // The current spec's records start at records_start_offset: below it there is
+        // nothing of this spec to wait for.
+        Ok(committed.max(self.checkpoint.records_start_offset)
+            >= self.checkpoint.backfill_end_offset)
     }
 
     async fn setup(
         &mut self,
         spec: &ValidatedSpec,
-        spec_json: serde_json::Value,
+        fingerprint: &str,
         generation: i64,
     ) -> Result<(), ActivityError> {
         self.set_status(PipelineStatus::Setup, generation, "setting up")
             .await?;
-        let (ctx, id) = (&self.ctx, self.id.as_str());
+        let (ctx, claim) = (Arc::clone(self.ctx()), self.claim().clone());
         let DestinationConfig::Postgres(destination) = &spec.destination;
-        let topic = records_topic(id);
-        run_activity(
-            "setup",
-            id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &self.pass,
-            || async {
+        let topic = self.records_topic();
+        let first_setup = self.checkpoint.spec_fingerprint.is_none();
+        self.activities
+            .run("setup", &self.pass, || async {
                 // Records are kept until the pipeline is deleted: a long pause must not
                 // let unwritten records expire.
                 ctx.admin
                     .ensure_topic(&topic, 1, ctx.replication_factor, &[("retention.ms", "-1")])
                     .await?;
-                let pool = ctx.destinations.get(&destination.url)?;
+                // A topic this incarnation has not recorded yet holds nothing of it; one
+                // with records belongs to someone else (a deployment sharing the Kafka
+                // cluster under the same topic namespace) and is never written to.
+                if first_setup && ctx.admin.end_offset(&topic, RECORDS_PARTITION).await? > 0 {
+                    return Err(ActivityError::config(format!(
+                        "records topic {topic} already exists and holds records this pipeline \
+                         did not produce; give each deployment sharing the Kafka cluster its \
+                         own --topic-namespace"
+                    )));
+                }
+                let pool = ctx.destinations.get(destination).await?;
                 pg::setup(
                     &pool,
                     destination,
                     &sluice_protocol::catalog::generator_stream(),
+                    &claim,
                 )
                 .await
-            },
-        )
-        .await?;
+            })
+            .await?;
 
         // The lanes may have advanced the stored checkpoint since it was last read.
         let mut checkpoint = self.load_checkpoint().await?;
-        if checkpoint.setup_spec.is_some() && checkpoint.setup_spec.as_ref() != Some(&spec_json) {
-            // A changed spec reads the source again from the start; records the old
-            // spec left in the topic are skipped by the write lane.
-            let end = run_activity(
-                "records-end",
-                id,
-                &ctx.retry,
-                ctx.attempt_timeout,
-                &self.pass,
-                || async {
-                    // Old-spec records still queued in the producer must land below
-                    // the start offset, so flush before reading the end.
-                    let producer = ctx.producer.clone();
-                    tokio::task::spawn_blocking(move || {
-                        rdkafka::producer::Producer::flush(
-                            &producer,
-                            std::time::Duration::from_secs(30),
-                        )
+        match checkpoint.spec_fingerprint.as_deref() {
+            // First setup of this incarnation.
+            None => checkpoint.spec_version = checkpoint.spec_version.max(1),
+            Some(f) if f == fingerprint || f == LEGACY_FINGERPRINT => {}
+            Some(_) => {
+                // A changed spec reads the source again from the start. Records the old
+                // spec left in the topic (or still has in flight, should its owner be
+                // stale) carry the old spec version, and the write lane drops them.
+                let end = self
+                    .activities
+                    .run("records-end", &self.pass, || async {
+                        Ok(ctx.admin.end_offset(&topic, RECORDS_PARTITION).await?)
                     })
-                    .await
-                    .expect("flush task does not panic")?;
-                    Ok(ctx
-                        .admin
-                        .end_offset(&topic, crate::lanes::RECORDS_PARTITION)
-                        .await?)
-                },
-            )
-            .await?;
-            tracing::info!(
-                pipeline_id = id,
-                records_start_offset = end,
-                "spec changed, backfill restarts"
-            );
-            checkpoint.cursor = 0;
-            checkpoint.backfill_done = false;
-            checkpoint.records_start_offset = end;
-            checkpoint.backfill_end_offset = end;
+                    .await?;
+                tracing::info!(
+                    pipeline_id = %claim.key,
+                    records_start_offset = end,
+                    "spec changed, backfill restarts"
+                );
+                checkpoint.spec_version += 1;
+                checkpoint.cursor = 0;
+                checkpoint.backfill_done = false;
+                checkpoint.records_start_offset = end;
+                checkpoint.backfill_end_offset = end;
+            }
         }
-        checkpoint.setup_spec = Some(spec_json);
-        run_activity(
-            "checkpoint",
-            id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &self.pass,
-            || store::save_checkpoint(&ctx.pool, id, self.epoch, &checkpoint),
-        )
-        .await?;
+        checkpoint.spec_fingerprint = Some(fingerprint.to_owned());
+        checkpoint.records_topic = Some(topic);
+        self.activities
+            .run("checkpoint", &self.pass, || {
+                store::save_checkpoint(&ctx.pool, &claim, &checkpoint)
+            })
+            .await?;
         self.checkpoint = checkpoint;
         Ok(())
     }
 
-    /// Deletes the pipeline's topics, then cleans the destination. Destination cleanup
-    /// is best effort once it fails permanently (the database is gone, credentials
-    /// revoked): a deleted pipeline must not be kept alive by its destination. Returns
-    /// the reason recorded with the removal.
-    async fn teardown(&self, spec: &ValidatedSpec) -> Result<String, ActivityError> {
-        let (ctx, id) = (&self.ctx, self.id.as_str());
-        let DestinationConfig::Postgres(destination) = &spec.destination;
-        let topic = records_topic(id);
-        run_activity(
-            "delete-topics",
-            id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &self.pass,
-            || async { Ok(ctx.admin.delete_topic(&topic).await?) },
-        )
-        .await?;
-        if self.checkpoint.setup_spec.is_none() {
+    /// Deletes the incarnation's topic, then cleans the destination. Destination
+    /// cleanup is best effort once it fails permanently (the database is gone,
+    /// credentials revoked, the stored spec no longer opens): a deleted pipeline must
+    /// not be kept alive by its destination. Returns the reason recorded with the
+    /// removal.
+    async fn teardown(
+        &self,
+        spec: Result<&ValidatedSpec, &String>,
+    ) -> Result<String, ActivityError> {
+        let (ctx, claim) = (self.ctx(), self.claim());
+        // Only this incarnation's topic: a pipeline created again under the same id
+        // has its own, which this teardown must never touch.
+        let topic = self.records_topic();
+        self.activities
+            .run("delete-topics", &self.pass, || async {
+                store::check_epoch(&ctx.pool, claim).await?;
+                Ok(ctx.admin.delete_topic(&topic).await?)
+            })
+            .await?;
+        if self.checkpoint.spec_fingerprint.is_none() {
             return Ok("teardown finished (setup never completed; destination untouched)".into());
         }
-        let cleaned = run_activity(
-            "teardown",
-            id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &self.pass,
-            || async {
-                let pool = ctx.destinations.get(&destination.url)?;
-                pg::teardown(&pool, destination, id).await
-            },
-        )
-        .await;
+        let destination = match spec {
+            Ok(spec) => {
+                let DestinationConfig::Postgres(destination) = &spec.destination;
+                destination
+            }
+            Err(why) => {
+                tracing::warn!(pipeline_id = %claim.key, error = %why, "destination cleanup skipped");
+                return Ok(format!(
+                    "topics deleted; destination cleanup skipped: {why}"
+                ));
+            }
+        };
+        let cleaned = self
+            .activities
+            .run("teardown", &self.pass, || async {
+                store::check_epoch(&ctx.pool, claim).await?;
+                let pool = ctx.destinations.get(destination).await?;
+                pg::teardown(&pool, destination, claim).await
+            })
+            .await;
         match cleaned {
             Ok(()) => Ok("teardown finished; pipeline removed".into()),
             Err(ActivityError::Failed {
                 failure_type,
                 message,
             }) if !failure_type.is_retryable() => {
-                tracing::warn!(pipeline_id = id, error = %message, "destination cleanup failed; removing the pipeline anyway");
+                tracing::warn!(pipeline_id = %claim.key, error = %message, "destination cleanup failed; removing the pipeline anyway");
                 Ok(format!(
                     "topics deleted; destination cleanup failed: {message}"
                 ))
@@ -606,18 +649,14 @@ impl Workflow {
     }
 
     async fn write_status(&mut self, write: &StatusWrite<'_>) -> Result<(), ActivityError> {
-        let (ctx, id, epoch) = (&self.ctx, self.id.as_str(), self.epoch);
-        run_activity(
-            "update-status",
-            id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &self.pass,
-            || store::write_status(&ctx.pool, id, epoch, &ctx.worker_id, write),
-        )
-        .await?;
+        let (ctx, claim) = (Arc::clone(self.ctx()), self.claim().clone());
+        self.activities
+            .run("update-status", &self.pass, || {
+                store::write_status(&ctx.pool, &claim, &ctx.worker_id, write)
+            })
+            .await?;
         if self.status != Some(write.to) {
-            tracing::info!(pipeline_id = id, from = ?self.status, to = %write.to, "status changed");
+            tracing::info!(pipeline_id = %claim.key, from = ?self.status, to = %write.to, "status changed");
         }
         self.status = Some(write.to);
         self.observed = self.observed.max(write.observed_generation);
@@ -626,16 +665,12 @@ impl Workflow {
 
     /// Reads the stored checkpoint, which the backfill lane advances as it runs.
     async fn load_checkpoint(&self) -> Result<Checkpoint, ActivityError> {
-        let (ctx, id) = (&self.ctx, self.id.as_str());
-        run_activity(
-            "load-checkpoint",
-            id,
-            &ctx.retry,
-            ctx.attempt_timeout,
-            &self.pass,
-            || store::load_checkpoint(&ctx.pool, id),
-        )
-        .await
+        let (ctx, claim) = (self.ctx(), self.claim());
+        self.activities
+            .run("load-checkpoint", &self.pass, || {
+                store::load_checkpoint(&ctx.pool, claim)
+            })
+            .await
     }
 
     async fn stop_lanes(&mut self) {
@@ -644,5 +679,6 @@ impl Workflow {
             // Whatever the stopped lanes still report no longer applies.
             self.lanes_seq += 1;
         }
+        self.lanes_spec = None;
     }
 }

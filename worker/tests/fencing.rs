@@ -1,14 +1,20 @@
-//! Store code against real PostgreSQL (each test gets its own database from
-//! `#[sqlx::test]`, with the migrations applied): owner-epoch fencing of every worker
-//! write, the transition check of the update-status activity, and the destination's
-//! newer-than guard.
+//! Store and destination code against real PostgreSQL (each test gets its own database
+//! from `#[sqlx::test]`, with the migrations applied): owner-epoch fencing of every
+//! worker write across claims and incarnations, the transition check of the
+//! update-status activity, and the destination's fenced, replay-proof batches, table
+//! ownership and lock-free setup.
+
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use sluice_protocol::catalog::generator_stream;
+use sluice_protocol::message::FailureType;
 use sluice_protocol::spec::PostgresDestinationConfig;
 use sluice_protocol::status::PipelineStatus;
 use sluice_worker::activity::ActivityError;
-use sluice_worker::connectors::postgres::{self as pg, BatchTarget, PendingRecord};
+use sluice_worker::claim::Claim;
+use sluice_worker::connectors::postgres::{self as pg, WriteTarget};
+use sluice_worker::records::{PendingRecord, RecordTags};
 use sluice_worker::store::{self, Checkpoint, StatusWrite};
 use sqlx::PgPool;
 
@@ -25,6 +31,13 @@ async fn insert_pipeline(pool: &PgPool, id: &str, desired: &str) {
     .execute(pool)
     .await
     .expect("insert pipeline");
+}
+
+async fn claim(pool: &PgPool, id: &str, worker: &str) -> Claim {
+    store::claim(pool, id, worker)
+        .await
+        .expect("claim")
+        .expect("row")
 }
 
 fn write(to: PipelineStatus) -> StatusWrite<'static> {
@@ -47,26 +60,25 @@ async fn events(pool: &PgPool, id: &str) -> Vec<String> {
 #[sqlx::test(migrations = "../migrations")]
 async fn a_zombie_cannot_write_after_a_newer_claim(pool: PgPool) {
     insert_pipeline(&pool, "p", "ACTIVE").await;
-    let old = store::claim(&pool, "p", "zombie")
-        .await
-        .expect("claim")
-        .expect("row");
-    let new = store::claim(&pool, "p", "successor")
-        .await
-        .expect("claim")
-        .expect("row");
-    assert!(new > old);
+    let old = claim(&pool, "p", "zombie").await;
+    let new = claim(&pool, "p", "successor").await;
+    assert!(new.epoch > old.epoch);
+    assert_eq!(new.incarnation, old.incarnation);
 
-    let err = store::write_status(&pool, "p", old, "zombie", &write(PipelineStatus::Setup))
+    let err = store::write_status(&pool, &old, "zombie", &write(PipelineStatus::Setup))
         .await
         .expect_err("fenced");
     assert!(matches!(err, ActivityError::Fenced));
-    let err = store::save_checkpoint(&pool, "p", old, &Checkpoint::default())
+    let err = store::save_checkpoint(&pool, &old, &Checkpoint::default())
         .await
         .expect_err("fenced");
     assert!(matches!(err, ActivityError::Fenced));
+    assert!(matches!(
+        store::load_checkpoint(&pool, &old).await,
+        Err(ActivityError::Fenced)
+    ));
     // Releasing with a stale epoch does not clear the successor's ownership.
-    store::release(&pool, "p", old)
+    store::release(&pool, &old)
         .await
         .expect("release is a no-op");
     let owner: Option<String> = sqlx::query_scalar("SELECT owner FROM pipelines WHERE id = 'p'")
@@ -79,20 +91,51 @@ async fn a_zombie_cannot_write_after_a_newer_claim(pool: PgPool) {
         "a fenced write records nothing"
     );
 
-    store::write_status(&pool, "p", new, "successor", &write(PipelineStatus::Setup))
+    store::write_status(&pool, &new, "successor", &write(PipelineStatus::Setup))
         .await
         .expect("owner writes");
     assert_eq!(events(&pool, "p").await, ["SETUP"]);
 }
 
+/// A pipeline deleted and created again under the same id is a new incarnation whose
+/// epochs never repeat an old one's: an owner of the deleted pipeline cannot pass the
+/// new one's fences, however many claims either had.
+#[sqlx::test(migrations = "../migrations")]
+async fn epochs_never_repeat_across_incarnations(pool: PgPool) {
+    insert_pipeline(&pool, "p", "ACTIVE").await;
+    let first = claim(&pool, "p", "w1").await;
+    sqlx::query("DELETE FROM pipelines WHERE id = 'p'")
+        .execute(&pool)
+        .await
+        .expect("delete");
+    insert_pipeline(&pool, "p", "ACTIVE").await;
+    let second = claim(&pool, "p", "w2").await;
+    assert!(second.incarnation > first.incarnation);
+    assert!(second.epoch > first.epoch);
+    for stale in [
+        &first,
+        &Claim {
+            epoch: 1,
+            ..first.clone()
+        },
+    ] {
+        assert!(matches!(
+            store::save_checkpoint(&pool, stale, &Checkpoint::default()).await,
+            Err(ActivityError::Fenced)
+        ));
+        assert!(matches!(
+            store::check_epoch(&pool, stale).await,
+            Err(ActivityError::Fenced)
+        ));
+    }
+    store::check_epoch(&pool, &second).await.expect("owner");
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn illegal_transitions_are_refused_and_same_status_records_no_event(pool: PgPool) {
     insert_pipeline(&pool, "p", "ACTIVE").await;
-    let epoch = store::claim(&pool, "p", "w")
-        .await
-        .expect("claim")
-        .expect("row");
-    let err = store::write_status(&pool, "p", epoch, "w", &write(PipelineStatus::Ready))
+    let c = claim(&pool, "p", "w").await;
+    let err = store::write_status(&pool, &c, "w", &write(PipelineStatus::Ready))
         .await
         .expect_err("None -> READY is illegal");
     assert!(matches!(err, ActivityError::Invariant(_)), "{err:?}");
@@ -101,7 +144,7 @@ async fn illegal_transitions_are_refused_and_same_status_records_no_event(pool: 
         PipelineStatus::Backfill,
         PipelineStatus::Ready,
     ] {
-        store::write_status(&pool, "p", epoch, "w", &write(to))
+        store::write_status(&pool, &c, "w", &write(to))
             .await
             .expect("legal");
     }
@@ -110,10 +153,10 @@ async fn illegal_transitions_are_refused_and_same_status_records_no_event(pool: 
         observed_generation: 2,
         ..write(PipelineStatus::Ready)
     };
-    store::write_status(&pool, "p", epoch, "w", &again)
+    store::write_status(&pool, &c, "w", &again)
         .await
         .expect("same status");
-    let err = store::write_status(&pool, "p", epoch, "w", &write(PipelineStatus::Backfill))
+    let err = store::write_status(&pool, &c, "w", &write(PipelineStatus::Backfill))
         .await
         .expect_err("READY -> BACKFILL would flap");
     assert!(matches!(err, ActivityError::Invariant(_)), "{err:?}");
@@ -129,186 +172,429 @@ async fn illegal_transitions_are_refused_and_same_status_records_no_event(pool: 
 #[sqlx::test(migrations = "../migrations")]
 async fn the_row_is_removed_only_after_teardown(pool: PgPool) {
     insert_pipeline(&pool, "p", "DELETED").await;
-    let epoch = store::claim(&pool, "p", "w")
-        .await
-        .expect("claim")
-        .expect("row");
-    store::write_status(&pool, "p", epoch, "w", &write(PipelineStatus::Setup))
+    let c = claim(&pool, "p", "w").await;
+    store::write_status(&pool, &c, "w", &write(PipelineStatus::Setup))
         .await
         .expect("setup");
     assert!(
-        store::remove_pipeline(&pool, "p", epoch, "w", 1, "test")
+        store::remove_pipeline(&pool, &c, "w", 1, "test")
             .await
             .is_err(),
         "not in TEARDOWN yet"
     );
-    store::write_status(&pool, "p", epoch, "w", &write(PipelineStatus::Teardown))
+    store::write_status(&pool, &c, "w", &write(PipelineStatus::Teardown))
         .await
         .expect("teardown");
-    store::remove_pipeline(&pool, "p", epoch, "w", 1, "test")
+    store::remove_pipeline(&pool, &c, "w", 1, "test")
         .await
         .expect("removed");
     assert_eq!(events(&pool, "p").await, ["SETUP", "TEARDOWN", "REMOVED"]);
 }
 
-fn destination() -> PostgresDestinationConfig {
+#[sqlx::test(migrations = "../migrations")]
+async fn a_retrying_activity_is_shown_until_it_recovers(pool: PgPool) {
+    insert_pipeline(&pool, "p", "ACTIVE").await;
+    let c = claim(&pool, "p", "w").await;
+    let pending = sluice_protocol::conversions::PendingActivity {
+        name: "setup".into(),
+        attempt: 2,
+        last_failure: "connection refused".into(),
+        failure_type: "transient_error".into(),
+        first_failure_ms: 1,
+        last_failure_ms: 2,
+        next_attempt_ms: 3,
+    };
+    store::report_pending(&pool, &c, &pending)
+        .await
+        .expect("report");
+    let shown = sluice_infra::store::get_pipeline(&pool, "p")
+        .await
+        .expect("get")
+        .expect("row")
+        .pending_activity;
+    assert_eq!(shown.as_ref(), Some(&pending));
+    // Another activity's recovery leaves it; its own clears it.
+    store::clear_pending(&pool, &c, "write-batch")
+        .await
+        .expect("clear");
+    let row = sluice_infra::store::get_pipeline(&pool, "p")
+        .await
+        .expect("get")
+        .expect("row");
+    assert!(row.pending_activity.is_some());
+    store::clear_pending(&pool, &c, "setup")
+        .await
+        .expect("clear");
+    let row = sluice_infra::store::get_pipeline(&pool, "p")
+        .await
+        .expect("get")
+        .expect("row");
+    assert!(row.pending_activity.is_none());
+}
+
+fn destination(table: &str) -> PostgresDestinationConfig {
     PostgresDestinationConfig {
         url: String::new(),
         schema: "public".into(),
-        table: "dest".into(),
-        drop_table_on_delete: false,
+        table: table.into(),
+        drop_table_on_delete: true,
         batch_size: 500,
+        ssl_ca_pem: None,
     }
 }
 
-fn record(offset: i64, id: i64, amount: i64) -> PendingRecord {
+fn owner(key: &str, incarnation: i64, epoch: i64) -> Claim {
+    Claim {
+        key: key.into(),
+        incarnation,
+        epoch,
+    }
+}
+
+fn record(offset: i64, id: i64, amount: i64, spec_version: i64, claim: &Claim) -> PendingRecord {
     let Value::Object(data) =
         json!({"id": id, "name": format!("n{id}"), "amount": amount, "score": 1.5, "active": true})
     else {
         unreachable!("a JSON object literal")
     };
-    PendingRecord { offset, data }
+    PendingRecord {
+        offset,
+        tags: Some(RecordTags {
+            incarnation: claim.incarnation,
+            epoch: claim.epoch,
+            spec_version,
+            position: Some(id),
+        }),
+        data,
+    }
 }
 
-async fn amount_of(pool: &PgPool, id: i64) -> i64 {
-    sqlx::query_scalar("SELECT amount FROM public.dest WHERE id = $1")
+async fn amount_of(pool: &PgPool, table: &str, id: i64) -> Option<i64> {
+    sqlx::query_scalar(&format!("SELECT amount FROM public.{table} WHERE id = $1"))
         .bind(id)
-        .fetch_one(pool)
+        .fetch_optional(pool)
         .await
         .expect("row")
 }
 
-#[sqlx::test(migrations = "../migrations")]
-async fn destination_batches_are_fenced_and_never_go_back_in_time(pool: PgPool) {
-    let config = destination();
-    let stream = generator_stream();
-    pg::setup(&pool, &config, &stream).await.expect("setup");
-    pg::setup(&pool, &config, &stream)
+async fn count(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM public.{table}"))
+        .fetch_one(pool)
         .await
-        .expect("setup is idempotent");
-    let born = std::time::SystemTime::now();
-    let target = |epoch| BatchTarget {
-        pipeline_id: "p",
+        .expect("count")
+}
+
+fn target<'a>(claim: &'a Claim, spec_version: i64) -> WriteTarget<'a> {
+    WriteTarget {
+        claim,
         topic: "records",
         partition: 0,
-        epoch,
-        incarnation: born,
-    };
+        spec_version,
+    }
+}
 
+#[sqlx::test(migrations = "../migrations")]
+async fn destination_batches_are_fenced_replay_proof_and_never_go_back(pool: PgPool) {
+    let config = destination("dest");
+    let stream = generator_stream();
+    let a = owner("p", 1, 10);
+    pg::setup(&pool, &config, &stream, &a).await.expect("setup");
+    pg::setup(&pool, &config, &stream, &a)
+        .await
+        .expect("setup is idempotent");
+    assert_eq!(
+        pg::fence_offsets(&pool, &config, &target(&a, 1), 0)
+            .await
+            .expect("fence")
+            .next_offset,
+        0
+    );
     // Duplicates inside one batch keep the newest version.
     let next = pg::write_batch(
         &pool,
         &config,
         &stream,
-        &target(2),
-        &[record(10, 1, 100), record(11, 1, 111)],
+        &target(&a, 1),
+        &[record(0, 1, 100, 1, &a), record(1, 2, 200, 1, &a)],
     )
     .await
     .expect("write");
-    assert_eq!(next, 12);
-    assert_eq!(amount_of(&pool, 1).await, 111);
-    assert_eq!(
-        pg::committed_offset(&pool, &config, &target(2))
-            .await
-            .expect("offset"),
-        Some(12)
-    );
+    assert_eq!(next, 2);
+    // A slice produced again (a crash after Kafka committed it, before the cursor was
+    // saved) is consumed but not written: its positions are not new.
+    pg::write_batch(
+        &pool,
+        &config,
+        &stream,
+        &target(&a, 1),
+        &[
+            record(2, 1, 999, 1, &a),
+            record(3, 2, 999, 1, &a),
+            record(4, 3, 300, 1, &a),
+        ],
+    )
+    .await
+    .expect("write");
+    assert_eq!(amount_of(&pool, "dest", 1).await, Some(100));
+    assert_eq!(amount_of(&pool, "dest", 3).await, Some(300));
 
-    // An older version of a row (lower offset) never overwrites a newer one; a batch
-    // that would move the committed offset back is refused as a stale writer's.
-    let err = pg::write_batch(&pool, &config, &stream, &target(2), &[record(5, 1, 5)])
-        .await
-        .expect_err("offsets never go back");
-    assert!(matches!(err, ActivityError::Invariant(_)), "{err:?}");
-    assert_eq!(amount_of(&pool, 1).await, 111);
-    pg::write_batch(&pool, &config, &stream, &target(2), &[record(12, 2, 22)])
-        .await
-        .expect("next batch");
-
-    // A new owner (epoch 3) fences the offsets before its first batch: the previous
-    // owner (epoch 2) can no longer commit, even though it wrote the last batch.
-    let start = pg::fence_offsets(&pool, &config, &target(3))
-        .await
-        .expect("fence");
-    assert_eq!(start, Some(13));
+    // A batch that would move the committed offset back is refused.
     let err = pg::write_batch(
         &pool,
         &config,
         &stream,
-        &target(2),
-        &[record(13, 1, 999), record(14, 3, 3)],
+        &target(&a, 1),
+        &[record(1, 9, 9, 1, &a)],
+    )
+    .await
+    .expect_err("offsets never go back");
+    assert!(matches!(err, ActivityError::Invariant(_)), "{err:?}");
+
+    // A new owner fences the offsets before its first batch: the previous owner can no
+    // longer commit, even though it wrote the last batch.
+    let b = owner("p", 1, 11);
+    let state = pg::fence_offsets(&pool, &config, &target(&b, 1), 0)
+        .await
+        .expect("fence");
+    assert_eq!((state.next_offset, state.position), (5, 3));
+    let err = pg::write_batch(
+        &pool,
+        &config,
+        &stream,
+        &target(&a, 1),
+        &[record(5, 4, 4, 1, &a)],
     )
     .await
     .expect_err("fenced");
     assert!(matches!(err, ActivityError::Fenced));
-    assert_eq!(amount_of(&pool, 1).await, 111);
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM public.dest")
-        .fetch_one(&pool)
-        .await
-        .expect("count");
-    assert_eq!(rows, 2, "the fenced batch rolled back entirely");
+    assert_eq!(
+        count(&pool, "dest").await,
+        3,
+        "the fenced batch rolled back"
+    );
     assert!(matches!(
-        pg::fence_offsets(&pool, &config, &target(2)).await,
+        pg::fence_offsets(&pool, &config, &target(&a, 1), 0).await,
         Err(ActivityError::Fenced)
     ));
-    pg::write_batch(&pool, &config, &stream, &target(3), &[record(13, 1, 131)])
+
+    // A spec change (version 2) starts at the topic's end; the old spec's records still
+    // in flight are consumed and dropped, and positions start afresh.
+    let state = pg::fence_offsets(&pool, &config, &target(&b, 2), 8)
         .await
-        .expect("the new owner writes");
-    assert_eq!(amount_of(&pool, 1).await, 131);
-
-    pg::teardown(&pool, &config, "p").await.expect("teardown");
-
+        .expect("fence");
+    assert_eq!(state.next_offset, 8, "moved up to the new spec's start");
+    pg::write_batch(
+        &pool,
+        &config,
+        &stream,
+        &target(&b, 2),
+        &[record(8, 4, 444, 1, &b), record(9, 1, 111, 2, &b)],
+    )
+    .await
+    .expect("write");
     assert_eq!(
-        pg::committed_offset(&pool, &config, &target(2))
-            .await
-            .expect("offset"),
-        None
+        amount_of(&pool, "dest", 4).await,
+        None,
+        "old-spec record dropped"
     );
-    let kept: bool = sqlx::query_scalar("SELECT to_regclass('public.dest') IS NOT NULL")
+    assert_eq!(amount_of(&pool, "dest", 1).await, Some(111));
+    // A lane still on version 1 meets version-2 records: it is stale, not a writer.
+    let err = pg::write_batch(
+        &pool,
+        &config,
+        &stream,
+        &target(&b, 1),
+        &[record(10, 5, 5, 2, &b)],
+    )
+    .await
+    .expect_err("superseded");
+    assert!(matches!(err, ActivityError::Fenced), "{err:?}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_new_incarnation_fences_the_old_one_and_replaces_its_rows(pool: PgPool) {
+    let config = PostgresDestinationConfig {
+        drop_table_on_delete: false,
+        ..destination("kept")
+    };
+    let stream = generator_stream();
+    let old = owner("p", 1, 5);
+    pg::setup(&pool, &config, &stream, &old)
+        .await
+        .expect("setup");
+    pg::fence_offsets(&pool, &config, &target(&old, 1), 0)
+        .await
+        .expect("fence");
+    pg::write_batch(
+        &pool,
+        &config,
+        &stream,
+        &target(&old, 1),
+        &[record(0, 1, 1, 1, &old)],
+    )
+    .await
+    .expect("write");
+
+    // The pipeline is deleted (its teardown keeps the table) and created again: the new
+    // incarnation's offsets restart at zero in its own topic, yet its rows win.
+    pg::teardown(&pool, &config, &old).await.expect("teardown");
+    let new = owner("p", 2, 6);
+    pg::setup(&pool, &config, &stream, &new)
+        .await
+        .expect("a kept table of the same pipeline is reused");
+    let new_target = WriteTarget {
+        topic: "records-2",
+        ..target(&new, 1)
+    };
+    pg::fence_offsets(&pool, &config, &new_target, 0)
+        .await
+        .expect("fence");
+    pg::write_batch(
+        &pool,
+        &config,
+        &stream,
+        &new_target,
+        &[record(0, 1, 7, 1, &new)],
+    )
+    .await
+    .expect("new incarnation writes");
+    assert_eq!(amount_of(&pool, "kept", 1).await, Some(7));
+
+    // The old incarnation's write lane, were it still running, has no row to commit
+    // against (teardown removed it, and the new incarnation removes any left).
+    let err = pg::write_batch(
+        &pool,
+        &config,
+        &stream,
+        &target(&old, 1),
+        &[record(1, 2, 2, 1, &old)],
+    )
+    .await
+    .expect_err("old incarnation fenced");
+    assert!(matches!(err, ActivityError::Fenced), "{err:?}");
+    assert_eq!(amount_of(&pool, "kept", 2).await, None);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_pipeline_drops_and_alters_only_its_own_table(pool: PgPool) {
+    let stream = generator_stream();
+    let a = owner("a", 1, 1);
+    let b = owner("b", 2, 2);
+    let shared = destination("shared");
+    pg::setup(&pool, &shared, &stream, &a).await.expect("setup");
+    let err = pg::setup(&pool, &shared, &stream, &b)
+        .await
+        .expect_err("another pipeline's table");
+    assert!(
+        matches!(&err, ActivityError::Failed { failure_type: FailureType::ConfigError, message } if message.contains("another Sluice pipeline")),
+        "{err:?}"
+    );
+    // b's teardown (drop_table_on_delete) leaves a's table alone.
+    pg::teardown(&pool, &shared, &b).await.expect("teardown");
+    assert!(amount_of(&pool, "shared", 1).await.is_none());
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.shared') IS NOT NULL")
         .fetch_one(&pool)
         .await
         .expect("regclass");
-    assert!(kept, "the table is kept unless drop_table_on_delete");
+    assert!(exists, "b dropped a's table");
 
-    // The pipeline is created again over the kept table: its topic offsets restart at
-    // zero, yet its rows replace the old incarnation's.
-    let reborn = BatchTarget {
-        incarnation: born + std::time::Duration::from_secs(1),
-        ..target(1)
-    };
-    pg::fence_offsets(&pool, &config, &reborn)
-        .await
-        .expect("fence");
-    pg::write_batch(&pool, &config, &stream, &reborn, &[record(0, 1, 7)])
-        .await
-        .expect("new incarnation writes");
-    assert_eq!(amount_of(&pool, 1).await, 7);
-
-    // An offsets row left by an older incarnation (its destination cleanup failed) is
-    // taken over and restarted, whatever epoch it carries.
-    let stale = BatchTarget {
-        epoch: 50,
-        ..target(1)
-    };
-    pg::fence_offsets(&pool, &config, &stale)
-        .await
-        .expect_err("older incarnation, fenced");
-    sqlx::query("UPDATE public._sluice_offsets SET owner_epoch = 50, next_offset = 900")
+    // A user's table, even one carrying Sluice's old comment, is neither altered nor
+    // dropped.
+    sqlx::query("CREATE TABLE public.users (id BIGINT PRIMARY KEY, email TEXT)")
         .execute(&pool)
         .await
-        .expect("simulate leftovers");
-    let third = BatchTarget {
-        incarnation: born + std::time::Duration::from_secs(2),
-        ..target(1)
-    };
-    assert_eq!(
-        pg::fence_offsets(&pool, &config, &third)
-            .await
-            .expect("taken over"),
-        None
-    );
-    pg::write_batch(&pool, &config, &stream, &third, &[record(0, 2, 8)])
+        .expect("create");
+    sqlx::query("COMMENT ON TABLE public.users IS 'created by Sluice'")
+        .execute(&pool)
         .await
-        .expect("third incarnation writes from offset 0");
-    assert_eq!(amount_of(&pool, 2).await, 8);
+        .expect("comment");
+    let users = destination("users");
+    let c = owner("c", 3, 3);
+    let err = pg::setup(&pool, &users, &stream, &c)
+        .await
+        .expect_err("lacks columns");
+    assert!(format!("{err}").contains("never alters"), "{err}");
+    pg::teardown(&pool, &users, &c).await.expect("teardown");
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'users'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("columns");
+    assert_eq!(columns, 2);
+
+    // a's own table is dropped by a's teardown.
+    pg::teardown(&pool, &shared, &a).await.expect("teardown");
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public.shared') IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .expect("regclass");
+    assert!(!exists, "a's own table is dropped");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn setup_of_an_unchanged_table_waits_for_no_reader(pool: PgPool) {
+    let config = destination("busy");
+    let stream = generator_stream();
+    let a = owner("p", 1, 1);
+    pg::setup(&pool, &config, &stream, &a).await.expect("setup");
+    let mut reader = pool.begin().await.expect("begin");
+    sqlx::query("SELECT count(*) FROM public.busy")
+        .execute(&mut *reader)
+        .await
+        .expect("read");
+    sqlx::query("SELECT count(*) FROM public._sluice_offsets")
+        .execute(&mut *reader)
+        .await
+        .expect("read");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        pg::setup(&pool, &config, &stream, &a),
+    )
+    .await
+    .expect("setup must not wait for the reader's locks")
+    .expect("setup");
+    reader.rollback().await.expect("rollback");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn batches_have_no_bind_parameter_limit_and_refused_records_are_named(pool: PgPool) {
+    let config = destination("wide");
+    let stream = generator_stream();
+    let a = owner("p", 1, 1);
+    pg::setup(&pool, &config, &stream, &a).await.expect("setup");
+    pg::fence_offsets(&pool, &config, &target(&a, 1), 0)
+        .await
+        .expect("fence");
+    // 20 000 rows × 7 values is far beyond PostgreSQL's 65 535 bind parameters.
+    let batch: Vec<PendingRecord> = (0..20_000).map(|i| record(i, i, i, 1, &a)).collect();
+    pg::write_batch(&pool, &config, &stream, &target(&a, 1), &batch)
+        .await
+        .expect("one batch");
+    assert_eq!(count(&pool, "wide").await, 20_000);
+
+    sqlx::query("ALTER TABLE public.wide ADD CONSTRAINT cap CHECK (amount < 20005)")
+        .execute(&pool)
+        .await
+        .expect("constraint");
+    let batch: Vec<PendingRecord> = (20_000..20_010).map(|i| record(i, i, i, 1, &a)).collect();
+    let err = pg::write_batch(&pool, &config, &stream, &target(&a, 1), &batch)
+        .await
+        .expect_err("refused");
+    let ActivityError::Failed {
+        failure_type: FailureType::DataError,
+        message,
+    } = &err
+    else {
+        panic!("a data error: {err:?}");
+    };
+    assert!(
+        message.contains("id=20005") && message.contains("offset 20005") && message.contains("cap"),
+        "{message}"
+    );
+    assert_eq!(
+        count(&pool, "wide").await,
+        20_000,
+        "nothing of the batch landed"
+    );
 }

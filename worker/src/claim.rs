@@ -1,0 +1,117 @@
+//! The identity a worker holds a pipeline under, and the activity runner bound to it.
+//!
+//! A [`Claim`] is made once, by the claim activity, and passed to everything that acts
+//! for the pipeline: the store (every write is fenced by its epoch), the lanes (records
+//! are tagged with it, the records topic and the transactional producer are named by
+//! its incarnation) and the destination (offsets and table ownership carry it).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use sluice_protocol::conversions::PendingActivity;
+use tokio_util::sync::CancellationToken;
+
+use crate::activity::{run_observed, ActivityError, RetryNotice, RetryObserver};
+use crate::WorkerContext;
+
+/// Who holds a pipeline: its key, the incarnation of that key (a pipeline deleted and
+/// created again is a new one) and the owner epoch the claim drew. Epochs come from
+/// one sequence for all pipelines, so an epoch alone already tells claims apart; the
+/// incarnation names what belongs to this life of the key (topics, offsets, tables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub key: String,
+    pub incarnation: i64,
+    pub epoch: i64,
+}
+
+/// Runs the activities of one claimed pipeline: retries with backoff, per-attempt
+/// timeouts, cancellation, and the pending-activity report in the pipeline row while
+/// an activity keeps failing. Cheap to clone.
+#[derive(Clone)]
+pub struct Activities {
+    ctx: Arc<WorkerContext>,
+    claim: Arc<Claim>,
+}
+
+impl Activities {
+    pub fn new(ctx: Arc<WorkerContext>, claim: Claim) -> Self {
+        Self {
+            ctx,
+            claim: Arc::new(claim),
+        }
+    }
+
+    pub fn claim(&self) -> &Claim {
+        &self.claim
+    }
+
+    pub fn ctx(&self) -> &Arc<WorkerContext> {
+        &self.ctx
+    }
+
+    /// Runs activity `name` until it succeeds, fails permanently or `cancel` fires.
+    pub async fn run<T, F, Fut>(
+        &self,
+        name: &'static str,
+        cancel: &CancellationToken,
+        attempt: F,
+    ) -> Result<T, ActivityError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ActivityError>>,
+    {
+        run_observed(
+            name,
+            &self.claim.key,
+            &self.ctx.retry,
+            self.ctx.attempt_timeout,
+            cancel,
+            Some(self),
+            attempt,
+        )
+        .await
+    }
+}
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Retries are recorded in the pipeline row (fenced by the epoch), best effort: when
+/// the row cannot be written, the retry goes on regardless.
+impl RetryObserver for Activities {
+    fn retrying(&self, notice: RetryNotice<'_>) -> BoxFuture<'_, ()> {
+        let failure_type = match notice.error {
+            ActivityError::Failed { failure_type, .. } => failure_type.as_str(),
+            _ => "system_error",
+        };
+        let pending = PendingActivity {
+            name: notice.activity.to_owned(),
+            attempt: notice.attempt,
+            last_failure: notice.error.to_string(),
+            failure_type: failure_type.to_owned(),
+            first_failure_ms: millis(notice.first_failure),
+            last_failure_ms: millis(SystemTime::now()),
+            next_attempt_ms: millis(notice.next_attempt),
+        };
+        Box::pin(async move {
+            if let Err(e) =
+                crate::store::report_pending(&self.ctx.pool, &self.claim, &pending).await
+            {
+                tracing::debug!(pipeline_id = %self.claim.key, error = %e, "could not record the pending activity");
+            }
+        })
+    }
+
+    fn recovered(&self, activity: &'static str) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Err(e) = crate::store::clear_pending(&self.ctx.pool, &self.claim, activity).await
+            {
+                tracing::debug!(pipeline_id = %self.claim.key, error = %e, "could not clear the pending activity");
+            }
+        })
+    }
+}

@@ -1,0 +1,343 @@
+//! What travels through a records topic besides the record itself, and how the write
+//! lane decides what of it to write.
+//!
+//! Every record is produced with headers naming the claim that produced it
+//! (incarnation, owner epoch), the spec version it was read under and its position in
+//! the source (for the generator: the record id). Backfill slices are produced in Kafka
+//! transactions, so a slice is in the topic whole or not at all, and a new owner's
+//! producer fences its predecessor's. Two things can still put a record in the topic
+//! that must not be written, and [`select`] drops both:
+//!
+//! - a record of an older spec (in flight when the spec changed);
+//! - a replay: a slice produced again because its owner crashed (or was fenced) after
+//!   Kafka committed it but before the cursor was saved. Its positions are not past
+//!   the last written position, which the destination keeps with its offsets.
+
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use serde_json::{Map, Value};
+
+pub const INCARNATION_HEADER: &str = "sluice-incarnation";
+pub const EPOCH_HEADER: &str = "sluice-epoch";
+pub const SPEC_VERSION_HEADER: &str = "sluice-spec-version";
+pub const POSITION_HEADER: &str = "sluice-position";
+
+/// Who produced a record, under which spec, from where in the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordTags {
+    pub incarnation: i64,
+    pub epoch: i64,
+    pub spec_version: i64,
+    /// Position in the source, increasing in produce order within a spec version.
+    pub position: Option<i64>,
+}
+
+impl RecordTags {
+    pub fn to_headers(self) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new_with_capacity(4);
+        for (key, value) in [
+            (INCARNATION_HEADER, Some(self.incarnation)),
+            (EPOCH_HEADER, Some(self.epoch)),
+            (SPEC_VERSION_HEADER, Some(self.spec_version)),
+            (POSITION_HEADER, self.position),
+        ] {
+            if let Some(value) = value {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.to_string().as_bytes()),
+                });
+            }
+        }
+        headers
+    }
+
+    /// Reads the tags of a consumed record; None if it carries no Sluice headers at all
+    /// (produced before records were tagged), an error if they are malformed.
+    pub fn from_headers<H: Headers>(headers: Option<&H>) -> Result<Option<Self>, String> {
+        let Some(headers) = headers else {
+            return Ok(None);
+        };
+        let mut found = [None; 4];
+        for header in headers.iter() {
+            let slot = match header.key {
+                INCARNATION_HEADER => 0,
+                EPOCH_HEADER => 1,
+                SPEC_VERSION_HEADER => 2,
+                POSITION_HEADER => 3,
+                _ => continue,
+            };
+            let value = header
+                .value
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.parse::<i64>().ok())
+                .ok_or_else(|| format!("header {} is not a number", header.key))?;
+            found[slot] = Some(value);
+        }
+        match found {
+            [None, None, None, None] => Ok(None),
+            [Some(incarnation), Some(epoch), Some(spec_version), position] => Ok(Some(Self {
+                incarnation,
+                epoch,
+                spec_version,
+                position,
+            })),
+            _ => Err("incomplete Sluice headers".into()),
+        }
+    }
+}
+
+/// A record read from the records topic, ready to be written.
+#[derive(Debug, Clone)]
+pub struct PendingRecord {
+    pub offset: i64,
+    pub tags: Option<RecordTags>,
+    pub data: Map<String, Value>,
+}
+
+/// What the destination has committed for a write lane, stored with its offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteState {
+    /// Next records-topic offset to consume.
+    pub next_offset: i64,
+    /// Spec version of the last written record.
+    pub spec_version: i64,
+    /// Source position of the last written record of that spec version (-1: none).
+    pub position: i64,
+}
+
+/// Why a batch cannot be written at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The topic holds a record of a newer spec than this lane's: another owner has
+    /// set up a newer spec, so this lane is stale.
+    Superseded { offset: i64, spec_version: i64 },
+    /// The topic holds a record of another incarnation: it is not the topic this
+    /// incarnation set up.
+    ForeignIncarnation { offset: i64, incarnation: i64 },
+    /// The batch starts below the committed offset: offsets would move back.
+    OffsetsBack { first: i64, committed: i64 },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Superseded { offset, spec_version } => write!(
+                f,
+                "record at offset {offset} belongs to spec version {spec_version}, newer than this lane's"
+            ),
+            Self::ForeignIncarnation { offset, incarnation } => write!(
+                f,
+                "record at offset {offset} was produced by incarnation {incarnation}: the records topic is not the one this pipeline set up"
+            ),
+            Self::OffsetsBack { first, committed } => write!(
+                f,
+                "batch starting at offset {first} would move the committed offset back from {committed}"
+            ),
+        }
+    }
+}
+
+/// Picks the records of `batch` (in offset order) to write for a lane of `incarnation`
+/// under `spec_version`, given what the destination has committed; returns their
+/// indices and the state to commit with them. Records not picked are still consumed:
+/// the returned state's offset is past the whole batch.
+pub fn select(
+    committed: WriteState,
+    incarnation: i64,
+    spec_version: i64,
+    batch: &[PendingRecord],
+) -> Result<(Vec<usize>, WriteState), Refusal> {
+    if committed.spec_version > spec_version {
+        // The destination already holds a newer spec's records: this lane is stale.
+        return Err(Refusal::Superseded {
+            offset: committed.next_offset,
+            spec_version: committed.spec_version,
+        });
+    }
+    let Some(first) = batch.first() else {
+        return Ok((Vec::new(), committed));
+    };
+    if first.offset < committed.next_offset {
+        return Err(Refusal::OffsetsBack {
+            first: first.offset,
+            committed: committed.next_offset,
+        });
+    }
+    let mut state = committed;
+    if state.spec_version != spec_version {
+        // The first batch of a newer spec: its positions start afresh.
+        state.spec_version = spec_version;
+        state.position = -1;
+    }
+    let mut picked = Vec::with_capacity(batch.len());
+    for (i, record) in batch.iter().enumerate() {
+        state.next_offset = record.offset + 1;
+        // Records from before tagging belong to the spec the lane started with.
+        let Some(tags) = record.tags else {
+            picked.push(i);
+            continue;
+        };
+        if tags.incarnation != incarnation {
+            return Err(Refusal::ForeignIncarnation {
+                offset: record.offset,
+                incarnation: tags.incarnation,
+            });
+        }
+        if tags.spec_version > spec_version {
+            return Err(Refusal::Superseded {
+                offset: record.offset,
+                spec_version: tags.spec_version,
+            });
+        }
+        if tags.spec_version < spec_version {
+            continue;
+        }
+        match tags.position {
+            Some(p) if p <= state.position => {}
+            Some(p) => {
+                state.position = p;
+                picked.push(i);
+            }
+            None => picked.push(i),
+        }
+    }
+    Ok((picked, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(offset: i64, spec_version: i64, position: i64) -> PendingRecord {
+        PendingRecord {
+            offset,
+            tags: Some(RecordTags {
+                incarnation: 7,
+                epoch: 1,
+                spec_version,
+                position: Some(position),
+            }),
+            data: Map::new(),
+        }
+    }
+
+    fn state(next_offset: i64, spec_version: i64, position: i64) -> WriteState {
+        WriteState {
+            next_offset,
+            spec_version,
+            position,
+        }
+    }
+
+    #[test]
+    fn a_replayed_slice_is_dropped_and_its_offsets_consumed() {
+        // Slice 0..3 written, then produced again (crash before the cursor was saved),
+        // then the next slice.
+        let batch: Vec<_> = [
+            (10, 0),
+            (11, 1),
+            (12, 2),
+            (13, 0),
+            (14, 1),
+            (15, 2),
+            (16, 3),
+        ]
+        .into_iter()
+        .map(|(o, p)| record(o, 1, p))
+        .collect();
+        let (picked, next) = select(state(10, 1, -1), 7, 1, &batch).expect("writable");
+        assert_eq!(picked, [0, 1, 2, 6]);
+        assert_eq!(next, state(17, 1, 3));
+        // The same replay split over two batches.
+        let (picked, mid) = select(state(10, 1, -1), 7, 1, &batch[..4]).expect("writable");
+        assert_eq!(picked, [0, 1, 2]);
+        let (picked, _) = select(mid, 7, 1, &batch[4..]).expect("writable");
+        assert_eq!(picked, [2], "only position 3 is new");
+    }
+
+    #[test]
+    fn records_of_an_older_spec_are_dropped_and_a_newer_spec_stops_the_lane() {
+        let batch = [
+            record(5, 1, 900),
+            record(6, 2, 0),
+            record(7, 1, 901),
+            record(8, 2, 1),
+        ];
+        let (picked, next) = select(state(5, 1, 899), 7, 2, &batch).expect("writable");
+        assert_eq!(picked, [1, 3], "old-spec records never land");
+        assert_eq!(next, state(9, 2, 1), "positions restart with the new spec");
+        assert_eq!(
+            select(state(5, 1, 899), 7, 1, &batch),
+            Err(Refusal::Superseded {
+                offset: 6,
+                spec_version: 2
+            })
+        );
+    }
+
+    #[test]
+    fn another_incarnations_record_refuses_the_topic() {
+        let mut stranger = record(3, 1, 0);
+        stranger.tags = stranger.tags.map(|t| RecordTags {
+            incarnation: 6,
+            ..t
+        });
+        assert!(matches!(
+            select(state(3, 1, -1), 7, 1, &[stranger]),
+            Err(Refusal::ForeignIncarnation {
+                offset: 3,
+                incarnation: 6
+            })
+        ));
+    }
+
+    #[test]
+    fn offsets_never_move_back_and_empty_batches_change_nothing() {
+        assert!(matches!(
+            select(state(10, 1, -1), 7, 1, &[record(9, 1, 0)]),
+            Err(Refusal::OffsetsBack { .. })
+        ));
+        assert_eq!(
+            select(state(10, 1, 4), 7, 1, &[]),
+            Ok((Vec::new(), state(10, 1, 4)))
+        );
+    }
+
+    #[test]
+    fn untagged_records_are_written_as_they_come() {
+        let plain = PendingRecord {
+            offset: 0,
+            tags: None,
+            data: Map::new(),
+        };
+        assert_eq!(
+            select(state(0, 0, -1), 7, 0, &[plain]),
+            Ok((vec![0], state(1, 0, -1)))
+        );
+    }
+
+    #[test]
+    fn tags_round_trip_through_headers() {
+        let tags = RecordTags {
+            incarnation: 12,
+            epoch: 345,
+            spec_version: 2,
+            position: Some(99),
+        };
+        let headers = tags.to_headers();
+        assert_eq!(RecordTags::from_headers(Some(&headers)), Ok(Some(tags)));
+        let no_position = RecordTags {
+            position: None,
+            ..tags
+        };
+        assert_eq!(
+            RecordTags::from_headers(Some(&no_position.to_headers())),
+            Ok(Some(no_position))
+        );
+        assert_eq!(RecordTags::from_headers::<OwnedHeaders>(None), Ok(None));
+        let broken = OwnedHeaders::new().insert(Header {
+            key: EPOCH_HEADER,
+            value: Some("x".as_bytes()),
+        });
+        assert!(RecordTags::from_headers(Some(&broken)).is_err());
+    }
+}
