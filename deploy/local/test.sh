@@ -30,9 +30,9 @@ trap 'rm -f "$log"' EXIT
 status=0
 # With arguments (e.g. `-p sluice-e2e lifecycle`) they select what runs; without, all.
 if [ "$#" -gt 0 ]; then
-  cargo test --locked "$@" 2>&1 | tee "$log" || status=$?
+  cargo test --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 else
-  cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+  cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 fi
 # Connector secrets the tests use all start with "e2e-secret-"; none may appear in
 # any log line of any process of the run.
