@@ -143,3 +143,80 @@ async fn operator_workflow_through_sluicectl() -> Result<()> {
     let _ = std::fs::remove_file(&spec_file);
     d.shutdown().await
 }
+
+/// While an activity keeps failing, GetPipeline shows which one, how many attempts
+/// failed, the last failure and when it runs next — and so does `sluicectl get`; the
+/// report goes away once the activity succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_activity_is_shown_by_get_and_sluicectl() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let ctl = Ctl {
+        server: format!(
+            "http://{}",
+            d.control_plane_addr.clone().unwrap_or_default()
+        ),
+        token: d.token.clone().unwrap_or_default(),
+    };
+    // Nothing listens on port 1: setup fails with "connection refused", a transient
+    // error, and keeps retrying.
+    client
+        .create_pipeline(generator_pipeline(
+            "retrying",
+            20,
+            1,
+            serde_json::json!({"url": "postgres://sluice:sluice@127.0.0.1:1/sluice", "table": "t"}),
+            sluice_protocol::pb::DesiredStatus::Active,
+        ))
+        .await?;
+    let pending = wait_for(
+        "the failing setup to be reported",
+        std::time::Duration::from_secs(60),
+        || {
+            let mut client = client.clone();
+            async move {
+                let p = get(&mut client, "retrying").await?;
+                Ok(p.pending_activity.filter(|a| a.attempt >= 2))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(pending.name, "setup");
+    assert_eq!(pending.failure_type, "transient_error");
+    assert!(
+        pending.last_failure.to_lowercase().contains("refused"),
+        "{pending:?}"
+    );
+    let next = pending.next_attempt_time.unwrap_or_default();
+    let last = pending.last_failure_time.unwrap_or_default();
+    assert!(
+        (next.seconds, next.nanos) >= (last.seconds, last.nanos),
+        "{pending:?}"
+    );
+    let p = get(&mut client, "retrying").await?;
+    assert_eq!(p.last_error, "", "a retrying activity is not an ERROR");
+
+    let shown = ctl.ok(&["get", "retrying"]).await?;
+    assert!(
+        shown.contains("RETRYING") && shown.contains("setup, attempt"),
+        "{shown}"
+    );
+    let json = ctl.json(&["get", "retrying"]).await?;
+    assert_eq!(json["pending_activity"]["name"], "setup");
+
+    // Fixed: the report is cleared.
+    let table = unique("recovered");
+    client
+        .update_pipeline(set_destination("retrying", d.destination(&table, false)))
+        .await?;
+    let ready = wait_converged(
+        &mut client,
+        "retrying",
+        sluice_protocol::pb::PipelineStatus::Ready,
+        std::time::Duration::from_secs(90),
+    )
+    .await?;
+    assert!(ready.pending_activity.is_none(), "{ready:?}");
+    d.shutdown().await
+}

@@ -691,3 +691,147 @@ async fn a_destination_cannot_name_a_file_or_socket_of_the_worker() -> Result<()
     }
     d.shutdown().await
 }
+
+/// The operator's host lists: the control plane refuses a spec naming a denied host,
+/// and a worker refuses to connect to one (checked on the addresses a name resolves
+/// to as well), ending the pipeline in ERROR with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_reach_only_hosts_the_operator_allows() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    d.control_plane_args = vec![
+        "--destination-hosts-deny".into(),
+        "10.0.0.0/8,*.internal".into(),
+    ];
+    let mut client = d.start_control_plane().await?;
+    for url in ["postgres://u@db.internal/x", "postgres://u@10.1.2.3/x"] {
+        let err = client
+            .create_pipeline(pipeline_request(
+                "denied",
+                generator_config(1, 0, 1, 0),
+                json!({"url": url, "table": "t"}),
+                DesiredStatus::Paused,
+            ))
+            .await
+            .expect_err(url);
+        assert_eq!(err.code(), Code::InvalidArgument, "{url}: {err:?}");
+        assert!(err.message().contains("deny-list"), "{err:?}");
+    }
+    // The worker's own list: "localhost" passes the control plane but resolves to a
+    // loopback address the worker refuses.
+    d.start_worker_with(
+        "w1",
+        &[("SLUICE_DESTINATION_HOSTS_DENY", "127.0.0.0/8,::1/128")],
+    )
+    .await?;
+    let url = d.database_url.replace("127.0.0.1", "localhost");
+    client
+        .create_pipeline(pipeline_request(
+            "loopback",
+            generator_config(1, 0, 1, 0),
+            json!({"url": url, "table": "t"}),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    let failed = wait_converged(&mut client, "loopback", PipelineStatus::Error, CONVERGE).await?;
+    assert!(
+        failed.last_error.contains("deny-list"),
+        "{}",
+        failed.last_error
+    );
+    assert!(!d.table_exists("t").await?);
+    d.shutdown().await
+}
+
+/// A worker stopped (SIGSTOP) in the middle of a destination transaction holds its
+/// locks only until the destination ends its idle session; its successor then takes
+/// over and the result is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_stopped_inside_a_transaction_does_not_block_its_successor() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let table = unique("stalled");
+    let mut destination = d.destination(&table, false);
+    destination["batch_size"] = json!(200);
+    let audit = create_audited(
+        &d,
+        &mut client,
+        "stalled",
+        generator_config(2000, 6, 500, 0),
+        destination,
+    )
+    .await?;
+    // Every batch's transaction takes a second, so the worker is caught inside one.
+    for statement in [
+        "CREATE FUNCTION public.slow_fn() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         PERFORM pg_sleep(1); RETURN NULL; END $$"
+            .to_owned(),
+        format!(
+            "CREATE TRIGGER slow BEFORE INSERT ON public.{table} \
+             FOR EACH STATEMENT EXECUTE FUNCTION public.slow_fn()"
+        ),
+    ] {
+        sqlx::query(&statement).execute(&d.pool).await?;
+    }
+    wait_for("w1 inside a batch transaction", CONVERGE, || async {
+        let inside: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sluice-worker/w1' \
+             AND xact_start IS NOT NULL AND query LIKE 'INSERT INTO%'",
+        )
+        .fetch_one(&d.pool)
+        .await?;
+        Ok((inside > 0).then_some(()))
+    })
+    .await?;
+    let w1 = d.take_worker_named("w1")?;
+    w1.suspend()?;
+    d.start_worker("w2").await?;
+    wait_converged(&mut client, "stalled", PipelineStatus::Ready, CONVERGE).await?;
+    audit.check_exact(&d.pool, 6, 2000, None).await?;
+    let p = get(&mut client, "stalled").await?;
+    assert_eq!(p.owner, "w2");
+    w1.kill().await?;
+    d.shutdown().await
+}
+
+/// A spec change completes promptly on a worker busy with other backfills (nothing
+/// waits for the worker's other pipelines' records to drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_change_completes_on_a_busy_worker() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    for i in 0..3 {
+        client
+            .create_pipeline(pipeline_request(
+                &format!("busy-{i}"),
+                generator_config(300_000, i, 20_000, 0),
+                d.destination(&unique("busy"), false),
+                DesiredStatus::Active,
+            ))
+            .await?;
+    }
+    let table = unique("changed");
+    client
+        .create_pipeline(pipeline_request(
+            "changed",
+            generator_config(500, 1, 100, 0),
+            d.destination(&table, false),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(&mut client, "changed", PipelineStatus::Ready, CONVERGE).await?;
+    wait_rows(&d, &table, 500).await?;
+    client
+        .update_pipeline(set_source("changed", generator_config(800, 2, 100, 0)))
+        .await?;
+    wait_converged(
+        &mut client,
+        "changed",
+        PipelineStatus::Ready,
+        Duration::from_secs(45),
+    )
+    .await?;
+    check_rows(&d.pool, &table, 2, 800).await?;
+    d.shutdown().await
+}

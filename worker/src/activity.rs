@@ -148,8 +148,6 @@ pub struct RetryNotice<'a> {
 pub trait RetryObserver: Sync {
     /// An attempt failed and another will follow after the delay.
     fn retrying(&self, notice: RetryNotice<'_>) -> BoxFuture<'_, ()>;
-    /// The activity succeeded after at least one failed attempt.
-    fn recovered(&self, activity: &'static str) -> BoxFuture<'_, ()>;
 }
 
 /// Runs `attempt` until it succeeds, fails permanently or `cancel` fires.
@@ -201,12 +199,7 @@ where
             r = tokio::time::timeout(attempt_timeout, attempt()) => r,
         };
         let err = match outcome {
-            Ok(Ok(v)) => {
-                if let (Some(observer), Some(_)) = (observer, first_failure) {
-                    observer.recovered(name).await;
-                }
-                return Ok(v);
-            }
+            Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => e,
             Err(_) => {
                 ActivityError::transient(format!("attempt timed out after {attempt_timeout:?}"))
@@ -314,7 +307,6 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         retries: std::sync::Mutex<Vec<(u32, String)>>,
-        recovered: AtomicU32,
     }
 
     impl RetryObserver for Recorder {
@@ -324,11 +316,6 @@ mod tests {
                 .lock()
                 .expect("test lock")
                 .push((notice.attempt, notice.error.to_string()));
-            Box::pin(async {})
-        }
-        fn recovered(&self, activity: &'static str) -> BoxFuture<'_, ()> {
-            assert_eq!(activity, "t");
-            self.recovered.fetch_add(1, Ordering::SeqCst);
             Box::pin(async {})
         }
     }
@@ -358,7 +345,6 @@ mod tests {
         let retries = recorder.retries.lock().expect("test lock").clone();
         assert_eq!(retries.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
         assert!(retries[0].1.contains("refused"));
-        assert_eq!(recorder.recovered.load(Ordering::SeqCst), 1);
 
         // A first attempt that succeeds reports nothing.
         let quiet = Recorder::default();
@@ -374,7 +360,6 @@ mod tests {
         .await
         .expect("succeeds");
         assert!(quiet.retries.lock().expect("test lock").is_empty());
-        assert_eq!(quiet.recovered.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! are tagged with it, the records topic and the transactional producer are named by
 //! its incarnation) and the destination (offsets and table ownership carry it).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
@@ -33,6 +33,9 @@ pub struct Claim {
 pub struct Activities {
     ctx: Arc<WorkerContext>,
     claim: Arc<Claim>,
+    /// The activity last reported as retrying (shared by the clones the lanes hold),
+    /// so that its report is cleared once it ends however it ends.
+    reported: Arc<Mutex<Option<&'static str>>>,
 }
 
 impl Activities {
@@ -40,6 +43,7 @@ impl Activities {
         Self {
             ctx,
             claim: Arc::new(claim),
+            reported: Arc::default(),
         }
     }
 
@@ -62,7 +66,7 @@ impl Activities {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ActivityError>>,
     {
-        run_observed(
+        let result = run_observed(
             name,
             &self.claim.key,
             &self.ctx.retry,
@@ -71,7 +75,24 @@ impl Activities {
             Some(self),
             attempt,
         )
-        .await
+        .await;
+        // Succeeded, failed for good, or cancelled: it is not retrying any more. (A
+        // permanent failure ends in ERROR, whose write clears the report too.)
+        let was_reported = {
+            let mut reported = self.reported.lock().expect("lock is never poisoned");
+            if *reported == Some(name) {
+                *reported = None;
+                true
+            } else {
+                false
+            }
+        };
+        if was_reported {
+            if let Err(e) = crate::store::clear_pending(&self.ctx.pool, &self.claim, name).await {
+                tracing::debug!(pipeline_id = %self.claim.key, error = %e, "could not clear the pending activity");
+            }
+        }
+        result
     }
 }
 
@@ -97,20 +118,12 @@ impl RetryObserver for Activities {
             last_failure_ms: millis(SystemTime::now()),
             next_attempt_ms: millis(notice.next_attempt),
         };
+        *self.reported.lock().expect("lock is never poisoned") = Some(notice.activity);
         Box::pin(async move {
             if let Err(e) =
                 crate::store::report_pending(&self.ctx.pool, &self.claim, &pending).await
             {
                 tracing::debug!(pipeline_id = %self.claim.key, error = %e, "could not record the pending activity");
-            }
-        })
-    }
-
-    fn recovered(&self, activity: &'static str) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let Err(e) = crate::store::clear_pending(&self.ctx.pool, &self.claim, activity).await
-            {
-                tracing::debug!(pipeline_id = %self.claim.key, error = %e, "could not clear the pending activity");
             }
         })
     }

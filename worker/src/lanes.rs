@@ -445,8 +445,11 @@ async fn write_lane(
     // Taking the offsets row over with this epoch first fences a previous owner's
     // write lane before this one reads where to start.
     let state = activities
-        .run("read-offsets", &cancel, || {
-            pg::fence_offsets(&pool, &lane.destination, &target, lane.records_start_offset)
+        .run("read-offsets", &cancel, || async {
+            let fenced =
+                pg::fence_offsets(&pool, &lane.destination, &target, lane.records_start_offset)
+                    .await;
+            pool.explained(fenced).await
         })
         .await;
     let state = match state {
@@ -488,7 +491,7 @@ async fn consume_and_write(
     lane: &WriteLane,
     target: &WriteTarget<'_>,
     consumer: &StreamConsumer,
-    pool: &sqlx::PgPool,
+    pool: &pg::Destination,
     cancel: &CancellationToken,
     committed: &watch::Sender<i64>,
 ) -> Result<(), ActivityError> {
@@ -527,8 +530,10 @@ async fn consume_and_write(
         // Rows and offset commit atomically; cancelling mid-attempt rolls the
         // transaction back, and the batch is read again from the stored offset.
         let written = activities
-            .run("write-batch", cancel, || {
-                pg::write_batch(pool, &lane.destination, &lane.stream, target, &batch)
+            .run("write-batch", cancel, || async {
+                let written =
+                    pg::write_batch(pool, &lane.destination, &lane.stream, target, &batch).await;
+                pool.explained(written).await
             })
             .await;
         match written {

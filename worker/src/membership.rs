@@ -25,12 +25,12 @@ impl Assignment {
             .contains(&partition)
     }
 
-    fn add(&self, partitions: &[i32]) {
+    pub fn add(&self, partitions: &[i32]) {
         let mut set = self.0.write().expect("assignment lock is never poisoned");
         set.extend(partitions.iter().copied());
     }
 
-    fn remove(&self, partitions: &[i32]) {
+    pub fn remove(&self, partitions: &[i32]) {
         let mut set = self.0.write().expect("assignment lock is never poisoned");
         for p in partitions {
             set.remove(p);

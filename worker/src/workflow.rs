@@ -481,7 +481,8 @@ impl Workflow {
                 self.activities
                     .run("read-offsets", &self.pass, || async {
                         let pool = ctx.destinations.get(destination).await?;
-                        pg::committed_offset(&pool, destination, &target).await
+                        pool.explained(pg::committed_offset(&pool, destination, &target).await)
+                            .await
                     })
                     .await?
                     .unwrap_or(0)
@@ -523,13 +524,9 @@ impl Workflow {
                     )));
                 }
                 let pool = ctx.destinations.get(destination).await?;
-                pg::setup(
-                    &pool,
-                    destination,
-                    &sluice_protocol::catalog::generator_stream(),
-                    &claim,
-                )
-                .await
+                let stream = sluice_protocol::catalog::generator_stream();
+                pool.explained(pg::setup(&pool, destination, &stream, &claim).await)
+                    .await
             })
             .await?;
 
@@ -611,7 +608,8 @@ impl Workflow {
             .run("teardown", &self.pass, || async {
                 store::check_epoch(&ctx.pool, claim).await?;
                 let pool = ctx.destinations.get(destination).await?;
-                pg::teardown(&pool, destination, claim).await
+                pool.explained(pg::teardown(&pool, destination, claim).await)
+                    .await
             })
             .await;
         match cleaned {

@@ -460,6 +460,26 @@ async fn a_new_incarnation_fences_the_old_one_and_replaces_its_rows(pool: PgPool
     .expect("new incarnation writes");
     assert_eq!(amount_of(&pool, "kept", 1).await, Some(7));
 
+    // A stale teardown of the old incarnation (its owner was stopped mid-delete) leaves
+    // the new incarnation's offsets, table and registration alone.
+    pg::teardown(&pool, &config, &old)
+        .await
+        .expect("stale teardown");
+    let drop_config = PostgresDestinationConfig {
+        drop_table_on_delete: true,
+        ..config.clone()
+    };
+    pg::teardown(&pool, &drop_config, &old)
+        .await
+        .expect("stale teardown asking for the drop");
+    assert_eq!(amount_of(&pool, "kept", 1).await, Some(7));
+    assert_eq!(
+        pg::committed_offset(&pool, &config, &new_target)
+            .await
+            .expect("offsets"),
+        Some(1)
+    );
+
     // The old incarnation's write lane, were it still running, has no row to commit
     // against (teardown removed it, and the new incarnation removes any left).
     let err = pg::write_batch(

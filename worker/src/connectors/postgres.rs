@@ -28,7 +28,7 @@ use sluice_protocol::hosts::HostPolicy;
 use sluice_protocol::message::FailureType;
 use sluice_protocol::spec::{is_bare_file_name, is_network_host, PostgresDestinationConfig};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use crate::activity::ActivityError;
 use crate::claim::Claim;
@@ -64,7 +64,55 @@ pub struct DestinationSettings {
 /// thousands of pipelines writing to one database do not open thousands of pools.
 pub struct DestinationPools {
     settings: DestinationSettings,
-    pools: Mutex<HashMap<String, PgPool>>,
+    pools: Mutex<HashMap<String, Destination>>,
+}
+
+/// A destination's pool, and the options it connects with.
+#[derive(Clone)]
+pub struct Destination {
+    pool: PgPool,
+    options: PgConnectOptions,
+}
+
+impl std::ops::Deref for Destination {
+    type Target = PgPool;
+
+    fn deref(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// What a pool reports when it could not connect before its acquire timeout; the
+/// reason why is lost on the way.
+const POOL_TIMED_OUT: &str = "pool timed out while waiting for an open connection";
+
+impl Destination {
+    /// Passes `result` through, except a pool that timed out waiting for a connection:
+    /// that is replaced by the error of one direct connection attempt, so the pipeline
+    /// shows why (connection refused, unknown host, bad password) and the failure is
+    /// classified by it (a bad password is not retried).
+    pub async fn explained<T>(&self, result: Result<T, ActivityError>) -> Result<T, ActivityError> {
+        match result {
+            Err(ActivityError::Failed { message, .. }) if message.ends_with(POOL_TIMED_OUT) => {
+                let attempt = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    PgConnection::connect_with(&self.options),
+                )
+                .await;
+                Err(match attempt {
+                    Ok(Err(e)) => e.into(),
+                    Ok(Ok(conn)) => {
+                        let _ = conn.close().await;
+                        ActivityError::transient(format!("destination: {POOL_TIMED_OUT}"))
+                    }
+                    Err(_) => ActivityError::transient(
+                        "connecting to the destination timed out".to_owned(),
+                    ),
+                })
+            }
+            other => other,
+        }
+    }
 }
 
 impl DestinationPools {
@@ -77,24 +125,28 @@ impl DestinationPools {
 
     /// The pool for a destination; the host policy is checked (and the CA file read)
     /// when the pool is made.
-    pub async fn get(&self, config: &PostgresDestinationConfig) -> Result<PgPool, ActivityError> {
+    pub async fn get(
+        &self,
+        config: &PostgresDestinationConfig,
+    ) -> Result<Destination, ActivityError> {
         let key = format!(
             "{}\n{}",
             config.url,
             config.ssl_ca_pem.as_deref().unwrap_or_default()
         );
-        if let Some(pool) = self.lock().get(&key) {
-            return Ok(pool.clone());
+        if let Some(destination) = self.lock().get(&key) {
+            return Ok(destination.clone());
         }
         let options = connect_options(&self.settings, config).await?;
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy_with(options);
-        Ok(self.lock().entry(key).or_insert(pool).clone())
+            .connect_lazy_with(options.clone());
+        let destination = Destination { pool, options };
+        Ok(self.lock().entry(key).or_insert(destination).clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PgPool>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Destination>> {
         self.pools.lock().expect("pool map lock is never poisoned")
     }
 }
@@ -826,14 +878,16 @@ async fn refused_record(
             Err(ActivityError::Failed {
                 failure_type,
                 message,
-            }) => return Some(ActivityError::Failed {
-                failure_type,
-                message: format!(
+            }) => {
+                return Some(ActivityError::Failed {
+                    failure_type,
+                    message: format!(
                     "record {} (records-topic offset {}) was refused by the destination: {message}",
                     key_of(stream, record),
                     record.offset
                 ),
-            }),
+                })
+            }
             Err(other) => return Some(other),
         }
         sqlx::query("ROLLBACK TO SAVEPOINT one_record")
