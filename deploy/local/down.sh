@@ -2,7 +2,9 @@
 # deploy/local/down.sh — stop the Sluice processes started by stack.sh, then the
 # local Kafka broker and PostgreSQL started by up.sh. Idempotent (nothing running
 # => nothing to do).
-#   --purge   also delete $SLUICE_LOCAL_DIR (all data, logs and cached jars).
+#   --purge           also delete $SLUICE_LOCAL_DIR (all data, logs and cached jars).
+#   --only SERVICE    stop only "kafka" or "postgres" (leaves Sluice running: an
+#                     outage drill; up.sh starts it again).
 # Only processes recorded/owned by this local dir are touched.
 set -euo pipefail
 
@@ -11,16 +13,24 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 KAFKA_STOP_TIMEOUT=${SLUICE_KAFKA_STOP_TIMEOUT:-30}
 
-usage() { echo "usage: $0 [--purge]" >&2; exit 2; }
+usage() { echo "usage: $0 [--purge | --only kafka|postgres]" >&2; exit 2; }
 
 purge=0
-for arg in "$@"; do
-  case $arg in
+only=
+while (($#)); do
+  case $1 in
     --purge) purge=1 ;;
+    --only)
+      [[ ${2:-} == kafka || ${2:-} == postgres ]] || usage
+      only=$2
+      shift
+      ;;
     -h | --help) usage ;;
-    *) echo "unknown argument: $arg" >&2; usage ;;
+    *) echo "unknown argument: $1" >&2; usage ;;
   esac
+  shift
 done
+((purge)) && [[ -n $only ]] && usage
 
 kafka_down() {
   local pid
@@ -86,6 +96,15 @@ purge_local_dir() {
 
 if [[ ! -d $LOCAL_DIR ]]; then
   log "nothing to do: $LOCAL_DIR does not exist"
+  exit 0
+fi
+
+if [[ -n $only ]]; then
+  take_lock
+  case $only in
+    kafka) kafka_down ;;
+    postgres) pg_down ;;
+  esac
   exit 0
 fi
 

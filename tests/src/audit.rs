@@ -60,6 +60,14 @@ impl WriteAudit {
         })
     }
 
+    /// How many writes were logged so far.
+    pub async fn count(&self, pool: &PgPool) -> Result<usize> {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM public.{}", self.log))
+            .fetch_one(pool)
+            .await?;
+        Ok(usize::try_from(n).unwrap_or_default())
+    }
+
     /// The most rows one destination transaction wrote.
     pub async fn largest_transaction(&self, pool: &PgPool) -> Result<i64> {
         Ok(sqlx::query_scalar(&format!(

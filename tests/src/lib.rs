@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod stack;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -212,7 +213,11 @@ impl Process {
 
 impl Deployment {
     pub async fn new() -> Result<Self> {
-        let infra = Infra::from_env()?;
+        Self::on(Infra::from_env()?).await
+    }
+
+    /// A deployment on the given PostgreSQL and Kafka (e.g. a private stack).
+    pub async fn on(infra: Infra) -> Result<Self> {
         let db_name = unique("sluice_t");
         let mut admin = PgConnection::connect(&infra.database_url).await?;
         sqlx::query(&format!("CREATE DATABASE {db_name}"))
@@ -602,25 +607,6 @@ pub async fn wait_converged(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Sum over the generator's records for `seed`, to compare a destination table with.
-pub fn expected_amount_sum(seed: u64, count: u64) -> i64 {
-    (0..count)
-        .map(|id| {
-            sluice_protocol::catalog::generator_record(seed, id)["amount"]
-                .as_i64()
-                .unwrap_or_default()
-        })
-        .sum()
-}
-
-pub async fn amount_sum(pool: &PgPool, table: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar(&format!(
-        "SELECT COALESCE(sum(amount), 0)::BIGINT FROM public.{table}"
-    ))
-    .fetch_one(pool)
-    .await?)
 }
 
 /// The pipeline's history as `to_status` names, oldest first.

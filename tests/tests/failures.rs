@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::json;
+use sluice_e2e::audit::check_rows;
 use sluice_e2e::*;
 use sluice_protocol::pb::{self, DesiredStatus, PipelineStatus};
 
@@ -102,11 +103,7 @@ async fn a_crashed_workers_pipelines_move_to_the_survivor() -> Result<()> {
         assert_eq!(p.owner, survivor, "{id} must be owned by the survivor");
     }
     for table in &tables {
-        assert_eq!(d.row_count(table).await?, 200);
-        assert_eq!(
-            amount_sum(&d.pool, table).await?,
-            expected_amount_sum(11, 200)
-        );
+        check_rows(&d.pool, table, 11, 200).await?;
     }
     d.shutdown().await
 }
@@ -156,11 +153,7 @@ async fn a_ready_pipeline_that_fails_recovers_in_place_with_the_same_spec() -> R
         .into_inner();
     assert_eq!(retried.generation, failed.generation + 1);
     wait_converged(&mut client, "inplace", PipelineStatus::Ready, CONVERGE).await?;
-    assert_eq!(d.row_count(&table).await?, 300);
-    assert_eq!(
-        amount_sum(&d.pool, &table).await?,
-        expected_amount_sum(8, 300)
-    );
+    check_rows(&d.pool, &table, 8, 300).await?;
     let moves = history(&mut client, "inplace").await?;
     assert_eq!(
         moves,

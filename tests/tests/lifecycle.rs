@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use sluice_e2e::audit::check_rows;
 use sluice_e2e::*;
 use sluice_protocol::pb::{self, DesiredStatus, PipelineStatus};
 
@@ -32,11 +33,7 @@ async fn backfill_lands_every_record_then_pause_and_resume_lose_nothing() -> Res
     let ready = wait_converged(&mut client, "orders", PipelineStatus::Ready, CONVERGE).await?;
     assert_eq!(ready.phase, "READY");
     assert_eq!(ready.owner, "w1");
-    assert_eq!(d.row_count(&table).await?, 10_000);
-    assert_eq!(
-        amount_sum(&d.pool, &table).await?,
-        expected_amount_sum(42, 10_000)
-    );
+    check_rows(&d.pool, &table, 42, 10_000).await?;
 
     // Pause: the worker persists PAUSED for the new generation.
     let paused = client
@@ -60,11 +57,7 @@ async fn backfill_lands_every_record_then_pause_and_resume_lose_nothing() -> Res
         .await?;
     let r = wait_converged(&mut client, "orders", PipelineStatus::Ready, CONVERGE).await?;
     assert_eq!(r.generation, 3);
-    assert_eq!(d.row_count(&table).await?, 10_000);
-    assert_eq!(
-        amount_sum(&d.pool, &table).await?,
-        expected_amount_sum(42, 10_000)
-    );
+    check_rows(&d.pool, &table, 42, 10_000).await?;
 
     // READY → PAUSED → READY, each exactly once, and no READY → BACKFILL flap.
     let history = client
@@ -132,11 +125,7 @@ async fn created_paused_never_starts_lanes_until_resumed() -> Result<()> {
         .update_pipeline(set_desired("held", DesiredStatus::Active))
         .await?;
     wait_converged(&mut client, "held", PipelineStatus::Ready, CONVERGE).await?;
-    assert_eq!(d.row_count(&table).await?, 2_000);
-    assert_eq!(
-        amount_sum(&d.pool, &table).await?,
-        expected_amount_sum(9, 2_000)
-    );
+    check_rows(&d.pool, &table, 9, 2_000).await?;
     d.shutdown().await
 }
 
@@ -180,11 +169,7 @@ async fn pause_during_backfill_stops_writes_and_resume_finishes_exactly() -> Res
         .update_pipeline(set_desired("big", DesiredStatus::Active))
         .await?;
     wait_converged(&mut client, "big", PipelineStatus::Ready, CONVERGE).await?;
-    assert_eq!(d.row_count(&table).await?, count as i64);
-    assert_eq!(
-        amount_sum(&d.pool, &table).await?,
-        expected_amount_sum(5, count)
-    );
+    check_rows(&d.pool, &table, 5, count).await?;
     let moves = history(&mut client, "big").await?;
     // Paused while backfilling: resume returns to BACKFILL, whichever it left.
     assert_eq!(moves, ["SETUP", "BACKFILL", "PAUSED", "BACKFILL", "READY"]);
@@ -329,12 +314,8 @@ async fn a_pipeline_created_again_over_its_kept_table_replaces_the_rows() -> Res
             ))
             .await?;
         wait_converged(&mut client, "again", PipelineStatus::Ready, CONVERGE).await?;
-        assert_eq!(d.row_count(&table).await?, 400);
-        assert_eq!(
-            amount_sum(&d.pool, &table).await?,
-            expected_amount_sum(seed, 400),
-            "the table holds seed {seed}'s records"
-        );
+        // The table holds seed's records, every row of them.
+        check_rows(&d.pool, &table, seed, 400).await?;
         client
             .delete_pipeline(pb::DeletePipelineRequest {
                 id: "again".into(),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use sluice_e2e::audit::check_rows;
 use sluice_e2e::*;
 use sluice_protocol::auth::BearerToken;
 use sluice_protocol::pb;
@@ -330,11 +331,7 @@ async fn assert_pipeline_lands(
         std::time::Duration::from_secs(90),
     )
     .await?;
-    assert_eq!(d.row_count(table).await?, count as i64);
-    assert_eq!(
-        amount_sum(&d.pool, table).await?,
-        expected_amount_sum(seed, count)
-    );
+    check_rows(&d.pool, table, seed, count).await?;
     Ok(())
 }
 
