@@ -7,6 +7,7 @@ use std::sync::Arc;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use prost::Message;
+use sluice_connectors::registry;
 use sluice_infra::store::list_events;
 use sluice_protocol::conversions::{
     desired_status_from_pb, patch_from_pb, record_to_pb, spec_from_pb, PipelineRecord,
@@ -17,7 +18,7 @@ use sluice_protocol::mask::{apply_patch, parse_mask};
 use sluice_protocol::partition::partition_for;
 use sluice_protocol::pb;
 use sluice_protocol::pb::pipeline_service_server::PipelineService;
-use sluice_protocol::spec::{DestinationConfig, PipelineSpec};
+use sluice_protocol::spec::PipelineSpec;
 use sluice_protocol::status::{DesiredStatus, PipelineStatus};
 use sluice_protocol::FieldViolation;
 use sqlx::PgPool;
@@ -74,19 +75,23 @@ impl PipelineApi {
         }
     }
 
-    /// Validates a whole spec as stored: the connector rules, then the deployment's
-    /// destination host lists (by name and IP literal; workers check resolved
-    /// addresses too when they connect).
+    /// Validates a whole spec as stored, through the connectors' registry (the same
+    /// one workers build connectors with), then the hosts each side connects to
+    /// against the deployment's host lists (by name and IP literal; workers check
+    /// resolved addresses too when they connect).
     fn validate(&self, spec: &PipelineSpec) -> Result<(), FieldViolation> {
-        let valid = spec.validate("pipeline.spec")?;
-        let DestinationConfig::Postgres(destination) = &valid.destination;
-        let host = url::Url::parse(&destination.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_default();
-        self.destination_hosts
-            .check(&host, &[])
-            .map_err(|why| FieldViolation::new("pipeline.spec.destination.config.url", why))
+        let valid = registry().validate(spec, "pipeline.spec")?;
+        for (side, hosts) in [
+            ("source", valid.source.hosts()),
+            ("destination", valid.destination.hosts()),
+        ] {
+            for host in hosts {
+                self.destination_hosts.check(&host, &[]).map_err(|why| {
+                    FieldViolation::new(format!("pipeline.spec.{side}.config.url"), why)
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Authenticates the call and checks that the caller's role may do `access`.
@@ -140,7 +145,7 @@ impl PipelineApi {
                 Some(d) => d,
             };
         let request_id = parse_request_id(&req.request_id)?;
-        let stored_spec = stored_spec_json(&spec, &target.key())?;
+        let stored_spec = stored_spec_json(&spec, registry(), &target.key())?;
         let new = store::NewPipeline {
             pipeline: &target,
             spec: &stored_spec,
@@ -177,7 +182,7 @@ impl PipelineApi {
                 &mut tx,
                 &caller.tenant,
                 rid,
-                record_to_pb(&record).encode_to_vec(),
+                record_to_pb(&record, registry()).encode_to_vec(),
             )
             .await?;
         }
@@ -190,7 +195,7 @@ impl PipelineApi {
             desired_status = %desired,
             "pipeline created"
         );
-        Ok(record_to_pb(&record))
+        Ok(record_to_pb(&record, registry()))
     }
 
     async fn get(&self, caller: &Caller, raw_id: &str) -> Result<pb::Pipeline, ApiError> {
@@ -198,7 +203,7 @@ impl PipelineApi {
         let record = store::fetch_pipeline(&self.pool, &target)
             .await?
             .ok_or_else(|| ApiError::NotFound(raw_id.to_owned()))?;
-        Ok(record_to_pb(&record))
+        Ok(record_to_pb(&record, registry()))
     }
 
     async fn update(
@@ -224,7 +229,20 @@ impl PipelineApi {
         check_etag(&current, &pipeline.id, &pipeline.etag)?;
         let (desired, mut spec) =
             apply_patch(current.desired_status, &current.spec, &patch, &mask)?;
-        restore_redacted(&mut spec, &current.spec);
+        restore_redacted(&mut spec, &current.spec, registry());
+        // A pipeline's destination keeps its bookkeeping (offsets, table ownership) in
+        // a place of its type: another type would start over somewhere else while the
+        // old one is never torn down. Delete and create instead.
+        if spec.destination.connector_type != current.spec.destination.connector_type {
+            return Err(FieldViolation::new(
+                "pipeline.spec.destination.type",
+                format!(
+                    "cannot change from {:?}: a pipeline keeps its destination type (delete it and create a new one)",
+                    current.spec.destination.connector_type
+                ),
+            )
+            .into());
+        }
         // Exactly as strict as create: the merged spec must validate as a whole.
         self.validate(&spec)?;
 
@@ -240,7 +258,7 @@ impl PipelineApi {
             &mut tx,
             &current.id,
             desired,
-            &stored_spec_json(&spec, &current.id)?,
+            &stored_spec_json(&spec, registry(), &current.id)?,
         )
         .await?;
         tx.commit().await?;
@@ -286,10 +304,10 @@ impl PipelineApi {
             // Deleting twice changes nothing; the teardown is already on its way.
             current
         } else {
-            let stored = stored_spec_json(&current.spec, &current.id)?;
+            let stored = stored_spec_json(&current.spec, registry(), &current.id)?;
             store::write_desired(&mut tx, &current.id, DesiredStatus::Deleted, &stored).await?
         };
-        let response = record_to_pb(&record);
+        let response = record_to_pb(&record, registry());
         if let Some(rid) = request_id {
             store::save_response(&mut tx, &caller.tenant, rid, response.encode_to_vec()).await?;
         }
@@ -340,7 +358,10 @@ impl PipelineApi {
             String::new()
         };
         Ok(pb::ListPipelinesResponse {
-            pipelines: records.iter().map(record_to_pb).collect(),
+            pipelines: records
+                .iter()
+                .map(|r| record_to_pb(r, registry()))
+                .collect(),
             next_page_token,
         })
     }
@@ -497,7 +518,7 @@ impl PipelineService for PipelineApi {
             .caller(&request, "UpdatePipeline", Access::Write)
             .await?;
         let record = self.update(&caller, request.into_inner()).await?;
-        Ok(Response::new(record_to_pb(&record)))
+        Ok(Response::new(record_to_pb(&record, registry())))
     }
 
     async fn delete_pipeline(

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use serde_json::Value;
-use sluice_protocol::secrets::{has_plain_secrets, seal_spec, SecretBox};
+use sluice_protocol::secrets::{has_plain_secrets, seal_spec, SecretBox, SecretFields};
 use sluice_protocol::spec::PipelineSpec;
 
 static KEY: OnceLock<SecretBox> = OnceLock::new();
@@ -33,12 +33,16 @@ pub struct NoSecretsKey {
     pub field: String,
 }
 
-/// The JSON to store for the spec of pipeline `pipeline_key`: secrets sealed with the
-/// process's key.
-pub fn stored_spec_json(spec: &PipelineSpec, pipeline_key: &str) -> Result<Value, NoSecretsKey> {
-    match (installed(), has_plain_secrets(spec)) {
+/// The JSON to store for the spec of pipeline `pipeline_key`: the secrets (the fields
+/// `fields` says are secret) sealed with the process's key.
+pub fn stored_spec_json(
+    spec: &PipelineSpec,
+    fields: &dyn SecretFields,
+    pipeline_key: &str,
+) -> Result<Value, NoSecretsKey> {
+    match (installed(), has_plain_secrets(spec, fields)) {
         (_, None) => Ok(spec.to_json()),
-        (Some(secrets), Some(_)) => Ok(seal_spec(spec, secrets, pipeline_key).to_json()),
+        (Some(secrets), Some(_)) => Ok(seal_spec(spec, fields, secrets, pipeline_key).to_json()),
         (None, Some(field)) => Err(NoSecretsKey { field }),
     }
 }

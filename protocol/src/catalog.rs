@@ -4,13 +4,40 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+/// The type of a field, as a record carries it (JSON) and as a destination stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FieldType {
+    /// A JSON integer (64 bits).
     Integer,
+    /// A JSON number (a double).
     Number,
+    /// An exact decimal, carried as a string so no digit is lost.
+    Decimal,
     String,
     Boolean,
+    /// An instant, carried as an RFC 3339 string.
+    Timestamp,
+    /// A calendar date, carried as `YYYY-MM-DD`.
+    Date,
+    /// Any JSON value.
+    Json,
+}
+
+impl FieldType {
+    /// The JSON schema of a value of this type.
+    pub fn json_schema(self) -> Value {
+        match self {
+            Self::Integer => json!({"type": "integer"}),
+            Self::Number => json!({"type": "number"}),
+            Self::Decimal => json!({"type": "string", "format": "decimal"}),
+            Self::String => json!({"type": "string"}),
+            Self::Boolean => json!({"type": "boolean"}),
+            Self::Timestamp => json!({"type": "string", "format": "date-time"}),
+            Self::Date => json!({"type": "string", "format": "date"}),
+            Self::Json => json!({}),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,12 +46,17 @@ pub struct Field {
     pub field_type: FieldType,
 }
 
-/// One stream of a source: its name, fields and primary key.
+/// One stream of a source: its name, fields and primary key, and the field a sync
+/// reads changes by, if it has one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamSchema {
     pub name: String,
     pub fields: Vec<Field>,
-    pub primary_key: String,
+    /// The fields that identify a record (one or more).
+    pub primary_key: Vec<String>,
+    /// The field whose value grows when a record changes (e.g. `updated_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor_field: Option<String>,
 }
 
 impl StreamSchema {
@@ -33,12 +65,13 @@ impl StreamSchema {
         let properties: Map<String, Value> = self
             .fields
             .iter()
-            .map(|f| {
-                let t = serde_json::to_value(f.field_type).expect("enum serializes");
-                (f.name.clone(), json!({ "type": t }))
-            })
+            .map(|f| (f.name.clone(), f.field_type.json_schema()))
             .collect();
-        json!({"type": "object", "properties": properties, "required": [self.primary_key]})
+        json!({"type": "object", "properties": properties, "required": self.primary_key})
+    }
+
+    pub fn field(&self, name: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.name == name)
     }
 }
 
@@ -57,7 +90,8 @@ pub fn generator_stream() -> StreamSchema {
             field("score", FieldType::Number),
             field("active", FieldType::Boolean),
         ],
-        primary_key: "id".to_owned(),
+        primary_key: vec!["id".to_owned()],
+        cursor_field: None,
     }
 }
 

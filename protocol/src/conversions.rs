@@ -230,12 +230,12 @@ pub fn patch_from_pb(p: &pb::Pipeline) -> Result<PipelinePatch, FieldViolation> 
     })
 }
 
-pub fn record_to_pb(r: &PipelineRecord) -> pb::Pipeline {
+pub fn record_to_pb(r: &PipelineRecord, fields: &dyn crate::secrets::SecretFields) -> pb::Pipeline {
     pb::Pipeline {
         id: r.name.clone(),
         tenant: r.tenant.clone(),
         // Secrets never leave the server.
-        spec: Some(spec_to_pb(&crate::secrets::redact_spec(&r.spec))),
+        spec: Some(spec_to_pb(&crate::secrets::redact_spec(&r.spec, fields))),
         desired_status: desired_status_to_pb(r.desired_status) as i32,
         status: status_to_pb(r.status) as i32,
         phase: derive_phase(r.desired_status, r.status, r.owner.as_deref()).to_string(),

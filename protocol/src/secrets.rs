@@ -1,6 +1,6 @@
-//! Secret connector settings. Each connector type marks which config keys hold secrets
-//! (today: the password of the postgres destination's `url`, in its user info or as a
-//! `password` / `sslpassword` query parameter). Secrets are
+//! Secret connector settings. Each connector declares which of its config keys hold
+//! secrets ([`SecretFields`]: e.g. the password of the postgres destination's `url`, in
+//! its user info or as a `password` / `sslpassword` query parameter). Secrets are
 //!
 //! - sealed before a spec is stored: XChaCha20-Poly1305 under the deployment's secrets
 //!   key, bound to the field they belong to, as `sluice-secret:v1:<key id>:<base64>`;
@@ -27,17 +27,32 @@ pub fn is_sealed(value: &str) -> bool {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SecretKind {
+pub enum SecretKind {
     /// A connection URL whose password (user info or query parameter) is secret.
     UrlPassword,
+    /// The whole value is secret (an API key).
+    Whole,
 }
 
-/// The secret config keys of a connector type.
-fn secret_keys(connector_type: &str) -> &'static [(&'static str, SecretKind)] {
-    match connector_type {
-        "postgres" => &[("url", SecretKind::UrlPassword)],
-        _ => &[],
-    }
+/// One secret key of a connector's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretField {
+    pub key: &'static str,
+    pub kind: SecretKind,
+}
+
+/// Which side of a pipeline a connector is on: a type name may be both a source and a
+/// destination (postgres), with different configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+/// Which config keys of each connector type hold secrets. Each connector declares its
+/// own; the connectors' registry answers for all of them.
+pub trait SecretFields {
+    fn secret_fields(&self, side: Side, connector_type: &str) -> &'static [SecretField];
 }
 
 /// The deployment's secrets key.
@@ -137,14 +152,18 @@ impl SecretBox {
 }
 
 /// Calls `f(field path, value)` for every secret-bearing string of the spec.
-fn for_each_secret(spec: &mut PipelineSpec, mut f: impl FnMut(&str, SecretKind, &mut String)) {
-    for (side, connector) in [
-        ("source", &mut spec.source),
-        ("destination", &mut spec.destination),
+fn for_each_secret(
+    spec: &mut PipelineSpec,
+    fields: &dyn SecretFields,
+    mut f: impl FnMut(&str, SecretKind, &mut String),
+) {
+    for (side, name, connector) in [
+        (Side::Source, "source", &mut spec.source),
+        (Side::Destination, "destination", &mut spec.destination),
     ] {
-        for (key, kind) in secret_keys(&connector.connector_type) {
-            if let Some(Value::String(value)) = connector.config.get_mut(*key) {
-                f(&format!("{side}.config.{key}"), *kind, value);
+        for field in fields.secret_fields(side, &connector.connector_type) {
+            if let Some(Value::String(value)) = connector.config.get_mut(field.key) {
+                f(&format!("{name}.config.{}", field.key), field.kind, value);
             }
         }
     }
@@ -156,14 +175,15 @@ fn holds_secret(kind: SecretKind, value: &str) -> bool {
         SecretKind::UrlPassword => {
             is_sealed(value) || url::Url::parse(value).is_err() || redact_url(value) != value
         }
+        SecretKind::Whole => !value.is_empty(),
     }
 }
 
 /// Whether storing the spec needs a secrets key.
-pub fn has_plain_secrets(spec: &PipelineSpec) -> Option<String> {
+pub fn has_plain_secrets(spec: &PipelineSpec, fields: &dyn SecretFields) -> Option<String> {
     let mut found = None;
     let mut copy = spec.clone();
-    for_each_secret(&mut copy, |field, kind, value| {
+    for_each_secret(&mut copy, fields, |field, kind, value| {
         if found.is_none() && !is_sealed(value) && holds_secret(kind, value) {
             found = Some(field.to_owned());
         }
@@ -176,9 +196,14 @@ fn context(pipeline_key: &str, field: &str) -> String {
 }
 
 /// The spec of pipeline `pipeline_key` as stored: every secret sealed.
-pub fn seal_spec(spec: &PipelineSpec, secrets: &SecretBox, pipeline_key: &str) -> PipelineSpec {
+pub fn seal_spec(
+    spec: &PipelineSpec,
+    fields: &dyn SecretFields,
+    secrets: &SecretBox,
+    pipeline_key: &str,
+) -> PipelineSpec {
     let mut sealed = spec.clone();
-    for_each_secret(&mut sealed, |field, kind, value| {
+    for_each_secret(&mut sealed, fields, |field, kind, value| {
         if !is_sealed(value) && holds_secret(kind, value) {
             *value = secrets.seal(&context(pipeline_key, field), value);
         }
@@ -186,28 +211,38 @@ pub fn seal_spec(spec: &PipelineSpec, secrets: &SecretBox, pipeline_key: &str) -
     sealed
 }
 
-/// Opens the sealed secrets of a loaded spec. Values that cannot be opened stay sealed
-/// (validation then reports them); the first such failure is returned.
+/// Opens the sealed secrets of a loaded spec: every sealed string of either config (only
+/// secrets are ever sealed). Values that cannot be opened stay sealed (validation then
+/// reports them); the first such failure is returned.
 pub fn open_spec(
     spec: &mut PipelineSpec,
     secrets: Option<&SecretBox>,
     pipeline_key: &str,
 ) -> Option<SecretError> {
     let mut failure = None;
-    for_each_secret(spec, |field, _, value| {
-        if !is_sealed(value) {
-            return;
-        }
-        let Some(secrets) = secrets else {
-            return;
-        };
-        match secrets.open(&context(pipeline_key, field), field, value) {
-            Ok(plain) => *value = plain,
-            Err(e) => {
-                failure.get_or_insert(e);
+    for (side, connector) in [
+        ("source", &mut spec.source),
+        ("destination", &mut spec.destination),
+    ] {
+        for (key, value) in connector.config.iter_mut() {
+            let Value::String(value) = value else {
+                continue;
+            };
+            if !is_sealed(value) {
+                continue;
+            }
+            let Some(secrets) = secrets else {
+                continue;
+            };
+            let field = format!("{side}.config.{key}");
+            match secrets.open(&context(pipeline_key, &field), &field, value) {
+                Ok(plain) => *value = plain,
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
             }
         }
-    });
+    }
     failure
 }
 
@@ -215,8 +250,8 @@ pub fn open_spec(
 /// spec's JSON. Workers keep it in the checkpoint to tell whether the spec changed
 /// since setup ran, without storing the spec (and its opened secrets) there. A changed
 /// password alone keeps the fingerprint.
-pub fn spec_fingerprint(spec: &PipelineSpec) -> String {
-    let json = redact_spec(spec).to_json().to_string();
+pub fn spec_fingerprint(spec: &PipelineSpec, fields: &dyn SecretFields) -> String {
+    let json = redact_spec(spec, fields).to_json().to_string();
     Sha256::digest(json.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -224,9 +259,9 @@ pub fn spec_fingerprint(spec: &PipelineSpec) -> String {
 }
 
 /// The spec as shown to clients.
-pub fn redact_spec(spec: &PipelineSpec) -> PipelineSpec {
+pub fn redact_spec(spec: &PipelineSpec, fields: &dyn SecretFields) -> PipelineSpec {
     let mut shown = spec.clone();
-    for_each_secret(&mut shown, |_, kind, value| {
+    for_each_secret(&mut shown, fields, |_, kind, value| {
         *value = redact(kind, value);
     });
     shown
@@ -238,12 +273,13 @@ fn redact(kind: SecretKind, value: &str) -> String {
     }
     match kind {
         SecretKind::UrlPassword => redact_url(value),
+        SecretKind::Whole => REDACTED.to_owned(),
     }
 }
 
 /// A redacted secret sent back (e.g. a spec read with Get and written with Update)
 /// keeps the current secret.
-pub fn restore_redacted(new: &mut PipelineSpec, current: &PipelineSpec) {
+pub fn restore_redacted(new: &mut PipelineSpec, current: &PipelineSpec, fields: &dyn SecretFields) {
     let current_values = |c: &ConnectorSpec, key: &str| c.config.get(key).cloned();
     let mut restores = Vec::new();
     for (side, (n, c)) in [
@@ -253,12 +289,17 @@ pub fn restore_redacted(new: &mut PipelineSpec, current: &PipelineSpec) {
         if n.connector_type != c.connector_type {
             continue;
         }
-        for (key, kind) in secret_keys(&n.connector_type) {
+        let which = if side == "source" {
+            Side::Source
+        } else {
+            Side::Destination
+        };
+        for field in fields.secret_fields(which, &n.connector_type) {
             if let (Some(Value::String(sent)), Some(Value::String(kept))) =
-                (n.config.get(*key), current_values(c, key))
+                (n.config.get(field.key), current_values(c, field.key))
             {
-                if sent != &kept && *sent == redact(*kind, &kept) {
-                    restores.push((side, *key, kept));
+                if sent != &kept && *sent == redact(field.kind, &kept) {
+                    restores.push((side, field.key, kept));
                 }
             }
         }
@@ -322,6 +363,20 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The postgres destination's url, as its connector declares it.
+    struct Fields;
+    impl SecretFields for Fields {
+        fn secret_fields(&self, side: Side, connector_type: &str) -> &'static [SecretField] {
+            match (side, connector_type) {
+                (Side::Destination, "postgres") => &[SecretField {
+                    key: "url",
+                    kind: SecretKind::UrlPassword,
+                }],
+                _ => &[],
+            }
+        }
+    }
+
     fn key() -> SecretBox {
         SecretBox::from_base64(&STANDARD.encode([7u8; 32])).expect("valid key")
     }
@@ -340,10 +395,19 @@ mod tests {
 
     #[test]
     fn fingerprints_see_changes_but_not_passwords() {
-        let a = spec_fingerprint(&spec("postgres://app:one@db/x"));
-        assert_eq!(a, spec_fingerprint(&spec("postgres://app:two@db/x")));
-        assert_ne!(a, spec_fingerprint(&spec("postgres://app:one@db2/x")));
-        assert_ne!(a, spec_fingerprint(&spec("postgres://other:one@db/x")));
+        let a = spec_fingerprint(&spec("postgres://app:one@db/x"), &Fields);
+        assert_eq!(
+            a,
+            spec_fingerprint(&spec("postgres://app:two@db/x"), &Fields)
+        );
+        assert_ne!(
+            a,
+            spec_fingerprint(&spec("postgres://app:one@db2/x"), &Fields)
+        );
+        assert_ne!(
+            a,
+            spec_fingerprint(&spec("postgres://other:one@db/x"), &Fields)
+        );
         assert!(!a.contains("one") && a.len() == 64, "{a}");
     }
 
@@ -375,21 +439,27 @@ mod tests {
     fn secrets_are_sealed_opened_and_redacted() {
         let plain = spec("postgres://app:hunter2@db/x");
         assert_eq!(
-            has_plain_secrets(&plain).as_deref(),
+            has_plain_secrets(&plain, &Fields).as_deref(),
             Some("destination.config.url")
         );
-        let sealed = seal_spec(&plain, &key(), "t.p");
+        let sealed = seal_spec(&plain, &Fields, &key(), "t.p");
         assert!(is_sealed(url_of(&sealed)));
         assert!(!sealed.to_json().to_string().contains("hunter2"));
-        assert_eq!(has_plain_secrets(&sealed), None);
+        assert_eq!(has_plain_secrets(&sealed, &Fields), None);
         // Sealing twice gives different ciphertexts of the same secret.
-        assert_ne!(url_of(&sealed), url_of(&seal_spec(&plain, &key(), "t.p")));
+        assert_ne!(
+            url_of(&sealed),
+            url_of(&seal_spec(&plain, &Fields, &key(), "t.p"))
+        );
 
         let mut opened = sealed.clone();
         assert_eq!(open_spec(&mut opened, Some(&key()), "t.p"), None);
         assert_eq!(opened, plain);
-        assert_eq!(url_of(&redact_spec(&plain)), "postgres://app:********@db/x");
-        assert_eq!(url_of(&redact_spec(&sealed)), REDACTED);
+        assert_eq!(
+            url_of(&redact_spec(&plain, &Fields)),
+            "postgres://app:********@db/x"
+        );
+        assert_eq!(url_of(&redact_spec(&sealed, &Fields)), REDACTED);
 
         // Without the key, or with another key, the value stays sealed.
         // Copied into another pipeline's row, it does not open.
@@ -415,23 +485,23 @@ mod tests {
     #[test]
     fn passwordless_specs_need_no_key() {
         let plain = spec("postgres://app@db/x");
-        assert_eq!(has_plain_secrets(&plain), None);
-        assert_eq!(seal_spec(&plain, &key(), "t.p"), plain);
+        assert_eq!(has_plain_secrets(&plain, &Fields), None);
+        assert_eq!(seal_spec(&plain, &Fields, &key(), "t.p"), plain);
     }
 
     #[test]
     fn a_redacted_secret_sent_back_keeps_the_current_one() {
         let current = spec("postgres://app:hunter2@db/x");
-        let mut sent = redact_spec(&current);
-        restore_redacted(&mut sent, &current);
+        let mut sent = redact_spec(&current, &Fields);
+        restore_redacted(&mut sent, &current, &Fields);
         assert_eq!(sent, current);
         // A new secret replaces it.
         let mut changed = spec("postgres://app:new@db/x");
-        restore_redacted(&mut changed, &current);
+        restore_redacted(&mut changed, &current, &Fields);
         assert_eq!(url_of(&changed), "postgres://app:new@db/x");
         // A redacted URL pointing elsewhere is not a round trip.
         let mut elsewhere = spec("postgres://app:********@other/x");
-        restore_redacted(&mut elsewhere, &current);
+        restore_redacted(&mut elsewhere, &current, &Fields);
         assert_eq!(url_of(&elsewhere), "postgres://app:********@other/x");
     }
 

@@ -15,16 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::activity::{run_observed, ActivityError, RetryNotice, RetryObserver};
 use crate::WorkerContext;
 
-/// Who holds a pipeline: its key, the incarnation of that key (a pipeline deleted and
-/// created again is a new one) and the owner epoch the claim drew. Epochs come from
-/// one sequence for all pipelines, so an epoch alone already tells claims apart; the
-/// incarnation names what belongs to this life of the key (topics, offsets, tables).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
-    pub key: String,
-    pub incarnation: i64,
-    pub epoch: i64,
-}
+pub use sluice_connectors::Claim;
 
 /// Runs the activities of one claimed pipeline: retries with backoff, per-attempt
 /// timeouts, cancellation, and the pending-activity report in the pipeline row while

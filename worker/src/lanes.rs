@@ -1,8 +1,8 @@
 //! The data lanes of an ACTIVE pipeline: the backfill lane (source slices → records
-//! topic, each slice in one Kafka transaction, the cursor persisted only after the
-//! transaction committed) and the write lane (records topic → destination, rows and
-//! offsets committed together). Both stop at a safe point when their cancellation
-//! token fires.
+//! topic, each slice in one Kafka transaction, the stream's position persisted only
+//! after the transaction committed) and the write lane (records topic → destination,
+//! rows and offsets committed together). Both stop at a safe point when their
+//! cancellation token fires. The lanes know connectors only by their traits.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,21 +12,16 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{Map, Value};
-use sluice_protocol::catalog::{generator_stream, StreamSchema};
+use sluice_connectors::records::{Lane, PendingRecord, RecordTags};
+use sluice_connectors::{Destination, ReadMode, Source, SourceRecord, WriteTarget};
+use sluice_protocol::catalog::StreamSchema;
 use sluice_protocol::message::{ConnectorMessage, FailureType};
-use sluice_protocol::spec::{
-    DestinationConfig, GeneratorConfig, PostgresDestinationConfig, SourceConfig, ValidatedSpec,
-};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::ActivityError;
 use crate::claim::Activities;
-use crate::connectors::generator;
-use crate::connectors::postgres::{self as pg, WriteTarget};
-use crate::records::{PendingRecord, RecordTags};
 use crate::store::{save_checkpoint, Checkpoint};
 use crate::WorkerContext;
 
@@ -60,7 +55,8 @@ pub struct Lanes {
 }
 
 pub struct LaneParams {
-    pub spec: ValidatedSpec,
+    pub source: Arc<dyn Source>,
+    pub destination: Arc<dyn Destination>,
     pub checkpoint: Checkpoint,
     /// The records topic setup created.
     pub topic: String,
@@ -85,16 +81,18 @@ impl Lanes {
         let events = lane_tx;
         let cancel = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(-1);
-        let SourceConfig::Generator(source) = params.spec.source.clone();
-        let DestinationConfig::Postgres(destination) = params.spec.destination.clone();
-        let spec_version = params.checkpoint.spec_version;
-        let records_start_offset = params.checkpoint.records_start_offset;
-
+        let write = WriteLane {
+            destination: params.destination,
+            topic: params.topic.clone(),
+            catalog: params.checkpoint.catalog.clone(),
+            records_start_offset: params.checkpoint.records_start_offset,
+            spec_version: params.checkpoint.spec_version,
+        };
         let backfill = tokio::spawn(backfill_lane(
             activities.clone(),
             BackfillLane {
-                topic: params.topic.clone(),
-                source,
+                source: params.source,
+                topic: params.topic,
                 checkpoint: params.checkpoint,
             },
             cancel.clone(),
@@ -102,13 +100,7 @@ impl Lanes {
         ));
         let write = tokio::spawn(write_lane(
             activities,
-            WriteLane {
-                topic: params.topic,
-                destination,
-                stream: generator_stream(),
-                records_start_offset,
-                spec_version,
-            },
+            write,
             cancel.clone(),
             events,
             committed_tx,
@@ -130,11 +122,14 @@ impl Lanes {
 }
 
 struct BackfillLane {
+    source: Arc<dyn Source>,
     topic: String,
-    source: GeneratorConfig,
     checkpoint: Checkpoint,
 }
 
+/// Reads every stream of the catalog after its checkpointed position, slice by slice;
+/// each slice goes to the records topic in one transaction, and the stream's position
+/// is saved only once the transaction committed.
 async fn backfill_lane(
     activities: Activities,
     mut lane: BackfillLane,
@@ -144,79 +139,135 @@ async fn backfill_lane(
     if lane.checkpoint.backfill_done {
         return;
     }
-    let claim = activities.claim().clone();
-    let ctx = Arc::clone(activities.ctx());
     let fail = |e: ActivityError| {
         if !matches!(e, ActivityError::Cancelled) {
             let _ = events.send(LaneEvent::Failed(e));
         }
     };
+    let claim = activities.claim().clone();
+    let ctx = Arc::clone(activities.ctx());
     // One producer for the lane's life; the mutex only lets the retried activity
     // closure reach it.
     let producer = tokio::sync::Mutex::new(SliceProducer::new(Arc::clone(&ctx), &claim));
-    loop {
-        // Safe point: between slices nothing is in flight.
-        if cancel.is_cancelled() {
-            return;
+    let never = CancellationToken::new();
+    let save = |checkpoint: Checkpoint| {
+        let (activities, ctx, claim, never) = (&activities, &ctx, &claim, &never);
+        async move {
+            // Not cancellable: a committed slice is always recorded.
+            activities
+                .run("checkpoint", never, || {
+                    save_checkpoint(&ctx.pool, claim, &checkpoint)
+                })
+                .await
         }
-        // A worker that lost the pipeline must not produce another slice. (Should it
-        // still, its transaction is fenced once the new owner's producer starts, and
-        // the write lane drops a replayed slice.)
-        let owned = activities
-            .run("check-owner", &cancel, || {
-                crate::store::check_epoch(&ctx.pool, &claim)
-            })
-            .await;
-        if let Err(e) = owned {
-            return fail(e);
+    };
+    for stream in lane.checkpoint.catalog.clone() {
+        let mut progress = lane.checkpoint.progress(&stream.name);
+        if progress.backfill_done {
+            continue;
         }
-        let slice_started = tokio::time::Instant::now();
-        let (records, next_cursor) = generator::read_slice(&lane.source, lane.checkpoint.cursor);
-        let pace = generator::slice_duration(&lane.source, records.len());
-        let tags = |position: i64| RecordTags {
-            incarnation: claim.incarnation,
-            epoch: claim.epoch,
-            spec_version: lane.checkpoint.spec_version,
-            position: Some(position),
-        };
-        let encoded: Vec<EncodedRecord> = records.iter().map(|r| encode_record(r, &tags)).collect();
-        let produced = activities
-            .run("read-slice", &cancel, || async {
-                producer.lock().await.produce(&lane.topic, &encoded).await
-            })
-            .await;
-        let end_offset = match produced {
-            Ok(end) => end,
-            Err(e) => return fail(e),
-        };
-        let mut checkpoint = lane.checkpoint.clone();
-        checkpoint.cursor = next_cursor;
-        if let Some(end) = end_offset {
-            checkpoint.backfill_end_offset = checkpoint.backfill_end_offset.max(end);
+        if !progress.sync_started {
+            // Where the first sync starts, taken before the backfill reads anything,
+            // so changes made while it runs are synced afterwards.
+            let start = activities
+                .run("sync-start", &cancel, || {
+                    lane.source.sync_start(&ctx.connectors, &stream)
+                })
+                .await;
+            progress.sync_after = match start {
+                Ok(start) => start,
+                Err(e) => return fail(e),
+            };
+            progress.sync_started = true;
+            lane.checkpoint
+                .streams
+                .insert(stream.name.clone(), progress.clone());
+            if let Err(e) = save(lane.checkpoint.clone()).await {
+                return fail(e);
+            }
         }
-        checkpoint.backfill_done = next_cursor >= lane.source.count;
-        // The cursor moves only now that Kafka has committed the whole slice. The save
-        // is not cancellable: a committed slice is always recorded.
-        let never = CancellationToken::new();
-        let saved = activities
-            .run("checkpoint", &never, || {
-                save_checkpoint(&ctx.pool, &claim, &checkpoint)
-            })
-            .await;
-        if let Err(e) = saved {
-            return fail(e);
-        }
-        lane.checkpoint = checkpoint;
-        if lane.checkpoint.backfill_done {
-            tracing::info!(pipeline_id = %claim.key, records = lane.source.count, "backfill produced every record");
-            let _ = events.send(LaneEvent::BackfillDone(lane.checkpoint));
-            return;
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until(slice_started + pace) => {}
+        while !progress.backfill_done {
+            // Safe point: between slices nothing is in flight.
+            if cancel.is_cancelled() {
+                return;
+            }
+            // A worker that lost the pipeline must not produce another slice. (Should
+            // it still, its transaction is fenced once the new owner's producer
+            // starts, and the write lane drops a replayed slice.)
+            if let Err(e) = activities
+                .run("check-owner", &cancel, || {
+                    crate::store::check_epoch(&ctx.pool, &claim)
+                })
+                .await
+            {
+                return fail(e);
+            }
+            let slice_started = tokio::time::Instant::now();
+            let slice = activities
+                .run("read-slice", &cancel, || {
+                    lane.source.read(
+                        &ctx.connectors,
+                        &stream,
+                        ReadMode::Backfill,
+                        progress.backfill_after.as_ref(),
+                        lane.source.slice_size(),
+                    )
+                })
+                .await;
+            let slice = match slice {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let tags = RecordTags {
+                incarnation: claim.incarnation,
+                epoch: claim.epoch,
+                spec_version: lane.checkpoint.spec_version,
+                lane: Lane::Backfill,
+                position: None,
+            };
+            let encoded: Vec<EncodedRecord> = slice
+                .records
+                .iter()
+                .map(|r| encode_record(&stream, r, &tags))
+                .collect();
+            let produced = activities
+                .run("produce-slice", &cancel, || async {
+                    producer.lock().await.produce(&lane.topic, &encoded).await
+                })
+                .await;
+            let end_offset = match produced {
+                Ok(end) => end,
+                Err(e) => return fail(e),
+            };
+            if let Some(last) = slice.records.last() {
+                progress.backfill_after = Some(last.position.clone());
+            }
+            progress.backfill_done = slice.done;
+            let mut checkpoint = lane.checkpoint.clone();
+            checkpoint
+                .streams
+                .insert(stream.name.clone(), progress.clone());
+            if let Some(end) = end_offset {
+                checkpoint.backfill_end_offset = checkpoint.backfill_end_offset.max(end);
+            }
+            if let Err(e) = save(checkpoint.clone()).await {
+                return fail(e);
+            }
+            lane.checkpoint = checkpoint;
+            if !progress.backfill_done {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep_until(slice_started + lane.source.pace(slice.records.len())) => {}
+                }
+            }
         }
     }
+    lane.checkpoint.backfill_done = true;
+    if let Err(e) = save(lane.checkpoint.clone()).await {
+        return fail(e);
+    }
+    tracing::info!(pipeline_id = %claim.key, "backfill produced every record");
+    let _ = events.send(LaneEvent::BackfillDone(lane.checkpoint));
 }
 
 /// A record ready to be produced: key, connector-message payload and tags.
@@ -226,16 +277,28 @@ struct EncodedRecord {
     tags: RecordTags,
 }
 
-fn encode_record(record: &Map<String, Value>, tags: &impl Fn(i64) -> RecordTags) -> EncodedRecord {
+fn encode_record(stream: &StreamSchema, record: &SourceRecord, tags: &RecordTags) -> EncodedRecord {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default();
-    let id = record.get("id").and_then(Value::as_i64).unwrap_or_default();
+    let key = stream
+        .primary_key
+        .iter()
+        .map(|k| match record.data.get(k) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        })
+        .collect::<Vec<_>>()
+        .join("\u{1f}");
     EncodedRecord {
-        key: id.to_string(),
-        payload: ConnectorMessage::record("records", record.clone(), now_ms).to_bytes(),
-        tags: tags(id),
+        key,
+        payload: ConnectorMessage::record(&stream.name, record.data.clone(), now_ms).to_bytes(),
+        tags: RecordTags {
+            position: Some(record.position.clone()),
+            ..tags.clone()
+        },
     }
 }
 
@@ -249,7 +312,7 @@ struct SliceProducer {
 }
 
 impl SliceProducer {
-    fn new(ctx: Arc<WorkerContext>, claim: &crate::claim::Claim) -> Self {
+    fn new(ctx: Arc<WorkerContext>, claim: &sluice_connectors::Claim) -> Self {
         let transactional_id = format!(
             "{}.backfill.{}.i{}",
             ctx.topic_namespace, claim.key, claim.incarnation
@@ -411,9 +474,9 @@ fn kafka_transaction_error(e: KafkaError) -> ActivityError {
 }
 
 struct WriteLane {
+    destination: Arc<dyn Destination>,
     topic: String,
-    destination: PostgresDestinationConfig,
-    stream: StreamSchema,
+    catalog: Vec<StreamSchema>,
     records_start_offset: i64,
     spec_version: i64,
 }
@@ -432,24 +495,18 @@ async fn write_lane(
     };
     let ctx = Arc::clone(activities.ctx());
     let claim = activities.claim().clone();
-    let pool = match ctx.destinations.get(&lane.destination).await {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
     let target = WriteTarget {
         claim: &claim,
         topic: &lane.topic,
         partition: RECORDS_PARTITION,
         spec_version: lane.spec_version,
     };
-    // Taking the offsets row over with this epoch first fences a previous owner's
-    // write lane before this one reads where to start.
+    // Taking the destination's bookkeeping over with this epoch first fences a
+    // previous owner's write lane before this one reads where to start.
     let state = activities
-        .run("read-offsets", &cancel, || async {
-            let fenced =
-                pg::fence_offsets(&pool, &lane.destination, &target, lane.records_start_offset)
-                    .await;
-            pool.explained(fenced).await
+        .run("read-offsets", &cancel, || {
+            lane.destination
+                .fence(&ctx.connectors, &target, lane.records_start_offset)
         })
         .await;
     let state = match state {
@@ -466,16 +523,8 @@ async fn write_lane(
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let result = consume_and_write(
-        &activities,
-        &lane,
-        &target,
-        &consumer,
-        &pool,
-        &cancel,
-        &committed,
-    )
-    .await;
+    let result =
+        consume_and_write(&activities, &lane, &target, &consumer, &cancel, &committed).await;
     // Closing a consumer blocks while librdkafka stops its threads. The lane has
     // already stopped writing, so close it off the async threads and let a pause
     // complete without waiting for it.
@@ -491,12 +540,12 @@ async fn consume_and_write(
     lane: &WriteLane,
     target: &WriteTarget<'_>,
     consumer: &StreamConsumer,
-    pool: &pg::Destination,
     cancel: &CancellationToken,
     committed: &watch::Sender<i64>,
 ) -> Result<(), ActivityError> {
+    let ctx = activities.ctx();
     let id = target.claim.key.as_str();
-    let batch_size = lane.destination.batch_size as usize;
+    let batch_size = lane.destination.batch_size();
     loop {
         // Safe point: no batch is open while waiting for the first record.
         let first = tokio::select! {
@@ -530,10 +579,9 @@ async fn consume_and_write(
         // Rows and offset commit atomically; cancelling mid-attempt rolls the
         // transaction back, and the batch is read again from the stored offset.
         let written = activities
-            .run("write-batch", cancel, || async {
-                let written =
-                    pg::write_batch(pool, &lane.destination, &lane.stream, target, &batch).await;
-                pool.explained(written).await
+            .run("write-batch", cancel, || {
+                lane.destination
+                    .write(&ctx.connectors, target, &lane.catalog, &batch)
             })
             .await;
         match written {
@@ -575,6 +623,7 @@ fn pending_record(
     match ConnectorMessage::from_bytes(payload) {
         Ok(ConnectorMessage::Record { record }) => Ok(PendingRecord {
             offset: message.offset(),
+            stream: record.stream,
             tags,
             data: record.data,
         }),

@@ -7,10 +7,9 @@
 
 pub mod activity;
 pub mod claim;
-pub mod connectors;
 pub mod lanes;
 pub mod membership;
-pub mod records;
+pub mod plan;
 pub mod store;
 pub mod supervisor;
 pub mod workflow;
@@ -25,7 +24,6 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::connectors::postgres::{DestinationPools, DestinationSettings};
 use crate::membership::{Assignment, MembershipContext, SignalConsumer};
 use crate::supervisor::Supervisor;
 
@@ -58,7 +56,8 @@ pub struct WorkerContext {
     pub pool: PgPool,
     pub admin: Admin,
     pub kafka: KafkaSettings,
-    pub destinations: DestinationPools,
+    /// What every connector of this worker shares (settings, database pools).
+    pub connectors: sluice_connectors::Context,
     /// The signals-topic partitions this worker is assigned right now.
     pub assignment: Arc<Assignment>,
     pub topic_namespace: String,
@@ -108,12 +107,13 @@ pub async fn run(
         pool: pool.clone(),
         admin,
         kafka: config.kafka.clone(),
-        destinations: DestinationPools::new(DestinationSettings {
+        connectors: sluice_connectors::Context {
             worker_id: config.worker_id.clone(),
             ca_dir: config.destination_ca_dir.clone(),
             hosts: config.destination_hosts.clone(),
             statement_timeout: config.attempt_timeout,
-        }),
+            pg_pools: Default::default(),
+        },
         assignment: Arc::clone(&assignment),
         topic_namespace: config.topic_namespace.clone(),
         retry: config.retry,

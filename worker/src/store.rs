@@ -3,7 +3,11 @@
 //! rows affected means [`ActivityError::Fenced`]. Epochs come from one sequence, so a
 //! matching epoch also means the same incarnation of the pipeline.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+use sluice_connectors::Position;
+use sluice_protocol::catalog::StreamSchema;
 use sluice_protocol::conversions::PendingActivity;
 use sluice_protocol::status::{can_transition, PipelineStatus};
 use sqlx::{PgPool, Row};
@@ -30,9 +34,14 @@ pub struct Checkpoint {
     /// named per incarnation, which keep the legacy name).
     #[serde(default)]
     pub records_topic: Option<String>,
-    /// Next source position to read (for the generator: the next record id).
+    /// The streams read, as setup discovered them (the destination was set up for
+    /// them).
     #[serde(default)]
-    pub cursor: u64,
+    pub catalog: Vec<StreamSchema>,
+    /// Each stream's progress.
+    #[serde(default)]
+    pub streams: BTreeMap<String, StreamProgress>,
+    /// Every stream's backfill produced everything.
     #[serde(default)]
     pub backfill_done: bool,
     /// Records-topic offset just past the last backfilled record; the backfill counts
@@ -43,12 +52,47 @@ pub struct Checkpoint {
     /// starts there (records of an earlier spec below it are not read at all).
     #[serde(default)]
     pub records_start_offset: i64,
+    /// The generator's cursor in checkpoints written before streams had their own
+    /// progress (the next record id); read once, then kept in `streams`.
+    #[serde(default, skip_serializing)]
+    pub cursor: u64,
+}
+
+/// Where one stream's reads are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamProgress {
+    /// The position the backfill resumes after (None: from the start).
+    #[serde(default)]
+    pub backfill_after: Option<Position>,
+    #[serde(default)]
+    pub backfill_done: bool,
+    /// The position the next sync resumes after (None: the stream has no sync).
+    #[serde(default)]
+    pub sync_after: Option<Position>,
+    /// Whether the sync start was taken (before the backfill began).
+    #[serde(default)]
+    pub sync_started: bool,
 }
 
 impl Checkpoint {
     /// Whether setup has run for the spec with `fingerprint`.
     pub fn is_set_up_for(&self, fingerprint: &str) -> bool {
         matches!(self.spec_fingerprint.as_deref(), Some(f) if f == fingerprint || f == LEGACY_FINGERPRINT)
+    }
+
+    /// The progress of `stream`, taking a legacy generator cursor over.
+    pub fn progress(&self, stream: &str) -> StreamProgress {
+        match self.streams.get(stream) {
+            Some(p) => p.clone(),
+            None if self.cursor > 0 => StreamProgress {
+                backfill_after: Some(Position::int(
+                    i64::try_from(self.cursor).unwrap_or(i64::MAX) - 1,
+                )),
+                backfill_done: self.backfill_done,
+                ..StreamProgress::default()
+            },
+            None => StreamProgress::default(),
+        }
     }
 }
 

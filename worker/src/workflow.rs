@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
+use sluice_connectors::{registry, ValidatedSpec, WriteTarget};
 use sluice_infra::store::get_pipeline;
 use sluice_protocol::conversions::PipelineRecord;
 use sluice_protocol::secrets::spec_fingerprint;
-use sluice_protocol::spec::{DestinationConfig, PipelineSpec, ValidatedSpec};
-use sluice_protocol::status::{DesiredStatus, PipelineStatus};
+use sluice_protocol::spec::PipelineSpec;
+use sluice_protocol::status::PipelineStatus;
 use sluice_protocol::topics::{legacy_records_topic, records_topic};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -17,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::activity::{run_activity, ActivityError};
 use crate::claim::{Activities, Claim};
-use crate::connectors::postgres::{self as pg, WriteTarget};
 use crate::lanes::{LaneEvent, LaneParams, Lanes, RECORDS_PARTITION};
+use crate::plan::{plan, LanesState, Observed, Step};
 use crate::store::{self, Checkpoint, StatusWrite, LEGACY_FINGERPRINT};
 use crate::WorkerContext;
 
@@ -80,6 +81,12 @@ struct Workflow {
     /// Status and observed generation as this workflow last wrote or read them.
     status: Option<PipelineStatus>,
     observed: i64,
+    /// Setup ran successfully in this claim.
+    setup_ran: bool,
+    /// Teardown progress of a deletion, and the reason its removal records.
+    topics_deleted: bool,
+    destination_cleaned: bool,
+    teardown_reason: Option<String>,
 }
 
 async fn run(
@@ -134,6 +141,10 @@ async fn run(
         pass: stop.child_token(),
         status: None,
         observed: 0,
+        setup_ran: false,
+        topics_deleted: false,
+        destination_cleaned: false,
+        teardown_reason: None,
     };
 
     loop {
@@ -330,107 +341,78 @@ impl Workflow {
         }
     }
 
+    /// One reconcile pass: observe, ask [`plan`] for the next step, apply it, until
+    /// the plan says to wait (or the pipeline is gone).
     async fn reconcile(&mut self, row: &PipelineRecord) -> Result<Flow, ActivityError> {
         let generation = row.generation;
-        if let Some(failure) = self.lane_failure.take() {
-            return Err(failure);
-        }
         // Deleting and pausing never need a valid spec: whatever the stored spec has
         // become (a key the worker lacks, stricter rules), the pipeline can be stopped
         // and removed.
-        let spec = row
-            .spec
-            .validate("spec")
+        let spec = registry()
+            .validate(&row.spec, "spec")
             .map_err(|v| format!("stored spec is invalid: {v}"));
-
-        if row.desired_status == DesiredStatus::Deleted {
-            self.stop_lanes().await;
-            self.set_status(PipelineStatus::Teardown, generation, "deletion requested")
-                .await?;
-            let reason = self.teardown(spec.as_ref()).await?;
-            let (ctx, claim) = (self.ctx(), self.claim());
-            let never = CancellationToken::new();
-            self.activities
-                .run("remove", &never, || {
-                    store::remove_pipeline(&ctx.pool, claim, &ctx.worker_id, generation, &reason)
-                })
-                .await?;
-            return Ok(Flow::Removed);
-        }
-        // A failed pipeline waits for its generation to change (any update) to retry.
-        if self.status == Some(PipelineStatus::Error) && self.observed >= generation {
-            return Ok(Flow::Continue);
-        }
-        let fingerprint = spec_fingerprint(&row.spec);
-        let needs_setup = matches!(
-            self.status,
-            None | Some(PipelineStatus::Setup) | Some(PipelineStatus::Error)
-        ) || !self.checkpoint.is_set_up_for(&fingerprint);
-
-        match row.desired_status {
-            DesiredStatus::Paused => {
-                self.stop_lanes().await;
-                // A new pipeline sets up while paused, so a bad destination shows at
-                // once. A failed or changed one sets up when it resumes: pausing must
-                // not depend on anything that can fail.
-                let first_setup = matches!(self.status, None | Some(PipelineStatus::Setup));
-                match &spec {
-                    Ok(valid) if first_setup && needs_setup => {
-                        self.setup(valid, &fingerprint, generation).await?;
-                    }
-                    Err(why) if self.status.is_none() => {
-                        self.set_status(PipelineStatus::Setup, generation, "setting up")
-                            .await?;
-                        let write = StatusWrite {
-                            to: PipelineStatus::Paused,
-                            observed_generation: generation,
-                            last_error: Some(why),
-                            reason: "paused by request; setup skipped",
-                        };
-                        self.write_status(&write).await?;
-                        return Ok(Flow::Continue);
-                    }
-                    _ => {}
+        let fingerprint = spec_fingerprint(&row.spec, registry());
+        let mut backfill_complete = None;
+        // Far more than any path needs: a plan that keeps asking is a bug, not a wait.
+        for _ in 0..32 {
+            let observed = Observed {
+                desired: row.desired_status,
+                status: self.status,
+                observed_current: self.observed >= generation,
+                spec_valid: spec.is_ok(),
+                set_up: self.checkpoint.is_set_up_for(&fingerprint),
+                setup_ran: self.setup_ran,
+                lanes: match (&self.lanes, &self.lanes_spec) {
+                    (None, _) => LanesState::Stopped,
+                    (Some(_), Some(running)) if running == &row.spec => LanesState::Current,
+                    (Some(_), _) => LanesState::Stale,
+                },
+                backfill_complete,
+                lane_failed: self.lane_failure.is_some(),
+                topics_deleted: self.topics_deleted,
+                destination_cleaned: self.destination_cleaned,
+            };
+            let step = plan(&observed);
+            tracing::debug!(pipeline_id = %self.claim().key, ?step, "reconcile step");
+            match step {
+                Step::Wait => return Ok(Flow::Continue),
+                Step::Fail => {
+                    return Err(self
+                        .lane_failure
+                        .take()
+                        .unwrap_or_else(|| ActivityError::Invariant("a lane failed".into())))
                 }
-                self.set_status(PipelineStatus::Paused, generation, "paused by request")
-                    .await?;
-            }
-            DesiredStatus::Active => {
-                let spec = spec.map_err(ActivityError::config)?;
-                if needs_setup {
-                    self.stop_lanes().await;
-                    self.setup(&spec, &fingerprint, generation).await?;
-                } else if self.lanes_spec.as_ref().is_some_and(|s| s != &row.spec) {
-                    self.stop_lanes().await;
+                Step::RejectSpec => {
+                    let why = spec.as_ref().err().cloned().unwrap_or_default();
+                    return Err(ActivityError::config(why));
                 }
-                match self.status {
-                    // SETUP only ever moves on to BACKFILL; BACKFILL → READY below
-                    // once the destination has everything.
-                    Some(PipelineStatus::Setup) => {
-                        self.set_status(PipelineStatus::Backfill, generation, "setup finished")
-                            .await?;
-                    }
-                    // Back to whichever it left.
-                    Some(PipelineStatus::Paused) => {
-                        let to = if self.backfill_complete(&spec).await? {
-                            PipelineStatus::Ready
-                        } else {
-                            PipelineStatus::Backfill
-                        };
-                        self.set_status(to, generation, "resumed by request")
-                            .await?;
-                    }
-                    _ => {}
+                Step::StopLanes => self.stop_lanes().await,
+                Step::Setup => {
+                    let valid = spec
+                        .as_ref()
+                        .map_err(|why| ActivityError::config(why.clone()))?;
+                    self.setup(valid, &fingerprint, generation).await?;
+                    self.setup_ran = true;
                 }
-                if self.lanes.is_none() {
-                    // The lanes resume from the stored checkpoint, which the backfill
-                    // lane advanced while it ran.
+                Step::CheckBackfill => {
+                    let valid = spec
+                        .as_ref()
+                        .map_err(|why| ActivityError::config(why.clone()))?;
+                    backfill_complete = Some(self.backfill_complete(valid).await?);
+                }
+                Step::StartLanes => {
+                    let valid = registry().validate(&row.spec, "spec").map_err(|v| {
+                        ActivityError::config(format!("stored spec is invalid: {v}"))
+                    })?;
+                    // The lanes resume from the stored checkpoint, which the backfill lane
+                    // advanced while it ran.
                     self.checkpoint = self.load_checkpoint().await?;
                     self.lanes_seq += 1;
                     self.lanes = Some(Lanes::start(
                         self.activities.clone(),
                         LaneParams {
-                            spec: spec.clone(),
+                            source: Arc::from(valid.source),
+                            destination: Arc::from(valid.destination),
                             checkpoint: self.checkpoint.clone(),
                             topic: self.records_topic(),
                         },
@@ -439,20 +421,58 @@ impl Workflow {
                     ));
                     self.lanes_spec = Some(row.spec.clone());
                 }
-                if self.status == Some(PipelineStatus::Backfill)
-                    && self.backfill_complete(&spec).await?
-                {
-                    self.set_status(PipelineStatus::Ready, generation, "backfill complete")
-                        .await?;
-                } else if let Some(status) = self.status {
-                    // Records that this generation has been acted on; never a transition,
-                    // so a periodic reconcile of a READY pipeline cannot flap.
+                Step::WriteStatus(to, reason) => self.set_status(to, generation, reason).await?,
+                Step::PauseUnset => {
+                    let why = spec.as_ref().err().cloned().unwrap_or_default();
+                    let write = StatusWrite {
+                        to: PipelineStatus::Paused,
+                        observed_generation: generation,
+                        last_error: Some(&why),
+                        reason: "paused by request; setup skipped",
+                    };
+                    self.write_status(&write).await?;
+                }
+                Step::Observe => {
+                    let status = self.status.ok_or_else(|| {
+                        ActivityError::Invariant("observing without a status".into())
+                    })?;
+                    // Records that this generation has been acted on; never a
+                    // transition, so a periodic reconcile of a READY pipeline cannot flap.
                     self.set_status(status, generation, "").await?;
                 }
+                Step::DeleteTopics => {
+                    self.delete_topics().await?;
+                    self.topics_deleted = true;
+                }
+                Step::CleanDestination => {
+                    self.teardown_reason = Some(self.clean_destination(spec.as_ref()).await?);
+                    self.destination_cleaned = true;
+                }
+                Step::Remove => {
+                    let reason = self
+                        .teardown_reason
+                        .clone()
+                        .unwrap_or_else(|| "teardown finished; pipeline removed".into());
+                    let (ctx, claim) = (self.ctx(), self.claim());
+                    let never = CancellationToken::new();
+                    self.activities
+                        .run("remove", &never, || {
+                            store::remove_pipeline(
+                                &ctx.pool,
+                                claim,
+                                &ctx.worker_id,
+                                generation,
+                                &reason,
+                            )
+                        })
+                        .await?;
+                    return Ok(Flow::Removed);
+                }
             }
-            DesiredStatus::Deleted => unreachable!("handled above"),
         }
-        Ok(Flow::Continue)
+        Err(ActivityError::Invariant(
+            "the reconcile plan did not converge within 32 steps".into(),
+        ))
     }
 
     /// Backfill is complete once every backfilled record is committed at the
@@ -470,7 +490,6 @@ impl Workflow {
             Some(c) => c,
             None => {
                 let (ctx, claim) = (self.ctx(), self.claim());
-                let DestinationConfig::Postgres(destination) = &spec.destination;
                 let topic = self.records_topic();
                 let target = WriteTarget {
                     claim,
@@ -479,10 +498,8 @@ impl Workflow {
                     spec_version: self.checkpoint.spec_version,
                 };
                 self.activities
-                    .run("read-offsets", &self.pass, || async {
-                        let pool = ctx.destinations.get(destination).await?;
-                        pool.explained(pg::committed_offset(&pool, destination, &target).await)
-                            .await
+                    .run("read-offsets", &self.pass, || {
+                        spec.destination.committed(&ctx.connectors, &target)
                     })
                     .await?
                     .unwrap_or(0)
@@ -494,20 +511,29 @@ impl Workflow {
             >= self.checkpoint.backfill_end_offset)
     }
 
+    /// Setup: discovers the streams, creates the records topic and what the
+    /// destination needs for them, and records both in the checkpoint. A changed spec
+    /// starts a new spec version: the backfill reads everything again.
     async fn setup(
         &mut self,
         spec: &ValidatedSpec,
         fingerprint: &str,
         generation: i64,
     ) -> Result<(), ActivityError> {
-        self.set_status(PipelineStatus::Setup, generation, "setting up")
-            .await?;
+        if self.status != Some(PipelineStatus::Setup) {
+            self.set_status(PipelineStatus::Setup, generation, "setting up")
+                .await?;
+        }
         let (ctx, claim) = (Arc::clone(self.ctx()), self.claim().clone());
-        let DestinationConfig::Postgres(destination) = &spec.destination;
         let topic = self.records_topic();
         let first_setup = self.checkpoint.spec_fingerprint.is_none();
-        self.activities
+        let catalog = self
+            .activities
             .run("setup", &self.pass, || async {
+                let streams = spec.source.discover(&ctx.connectors).await?;
+                if streams.is_empty() {
+                    return Err(ActivityError::config("the source offers no stream to read"));
+                }
                 // Records are kept until the pipeline is deleted: a long pause must not
                 // let unwritten records expire.
                 ctx.admin
@@ -523,10 +549,10 @@ impl Workflow {
                          own --topic-namespace"
                     )));
                 }
-                let pool = ctx.destinations.get(destination).await?;
-                let stream = sluice_protocol::catalog::generator_stream();
-                pool.explained(pg::setup(&pool, destination, &stream, &claim).await)
-                    .await
+                spec.destination
+                    .setup(&ctx.connectors, &streams, &claim)
+                    .await?;
+                Ok(streams)
             })
             .await?;
 
@@ -552,11 +578,22 @@ impl Workflow {
                     "spec changed, backfill restarts"
                 );
                 checkpoint.spec_version += 1;
+                checkpoint.streams.clear();
                 checkpoint.cursor = 0;
                 checkpoint.backfill_done = false;
                 checkpoint.records_start_offset = end;
                 checkpoint.backfill_end_offset = end;
             }
+        }
+        // A stream new to the catalog (the source gained a table) starts its backfill;
+        // the others keep their progress.
+        checkpoint.catalog = catalog;
+        if checkpoint
+            .catalog
+            .iter()
+            .any(|s| !checkpoint.progress(&s.name).backfill_done)
+        {
+            checkpoint.backfill_done = false;
         }
         checkpoint.spec_fingerprint = Some(fingerprint.to_owned());
         checkpoint.records_topic = Some(topic);
@@ -569,33 +606,32 @@ impl Workflow {
         Ok(())
     }
 
-    /// Deletes the incarnation's topic, then cleans the destination. Destination
-    /// cleanup is best effort once it fails permanently (the database is gone,
-    /// credentials revoked, the stored spec no longer opens): a deleted pipeline must
-    /// not be kept alive by its destination. Returns the reason recorded with the
-    /// removal.
-    async fn teardown(
-        &self,
-        spec: Result<&ValidatedSpec, &String>,
-    ) -> Result<String, ActivityError> {
+    /// Deletes this incarnation's topic (never another incarnation's).
+    async fn delete_topics(&self) -> Result<(), ActivityError> {
         let (ctx, claim) = (self.ctx(), self.claim());
-        // Only this incarnation's topic: a pipeline created again under the same id
-        // has its own, which this teardown must never touch.
         let topic = self.records_topic();
         self.activities
             .run("delete-topics", &self.pass, || async {
                 store::check_epoch(&ctx.pool, claim).await?;
                 Ok(ctx.admin.delete_topic(&topic).await?)
             })
-            .await?;
+            .await
+    }
+
+    /// Cleans the destination. Best effort once it fails permanently (the database is
+    /// gone, credentials revoked, the stored spec no longer opens): a deleted pipeline
+    /// must not be kept alive by its destination. Returns the reason recorded with the
+    /// removal.
+    async fn clean_destination(
+        &self,
+        spec: Result<&ValidatedSpec, &String>,
+    ) -> Result<String, ActivityError> {
+        let (ctx, claim) = (self.ctx(), self.claim());
         if self.checkpoint.spec_fingerprint.is_none() {
             return Ok("teardown finished (setup never completed; destination untouched)".into());
         }
-        let destination = match spec {
-            Ok(spec) => {
-                let DestinationConfig::Postgres(destination) = &spec.destination;
-                destination
-            }
+        let spec = match spec {
+            Ok(spec) => spec,
             Err(why) => {
                 tracing::warn!(pipeline_id = %claim.key, error = %why, "destination cleanup skipped");
                 return Ok(format!(
@@ -603,12 +639,13 @@ impl Workflow {
                 ));
             }
         };
+        let catalog = &self.checkpoint.catalog;
         let cleaned = self
             .activities
             .run("teardown", &self.pass, || async {
                 store::check_epoch(&ctx.pool, claim).await?;
-                let pool = ctx.destinations.get(destination).await?;
-                pool.explained(pg::teardown(&pool, destination, claim).await)
+                spec.destination
+                    .teardown(&ctx.connectors, catalog, claim)
                     .await
             })
             .await;

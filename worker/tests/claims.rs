@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde_json::json;
 use sluice_infra::kafka::KafkaSettings;
 use sluice_protocol::retry::RetryPolicy;
-use sluice_worker::connectors::postgres::{DestinationPools, DestinationSettings};
 use sluice_worker::membership::Assignment;
 use sluice_worker::{workflow, WorkerContext};
 use sqlx::PgPool;
@@ -24,7 +23,7 @@ fn context(pool: PgPool, assignment: Arc<Assignment>) -> Arc<WorkerContext> {
             .admin()
             .expect("an admin client needs no broker to be made"),
         kafka,
-        destinations: DestinationPools::new(DestinationSettings::default()),
+        connectors: sluice_connectors::Context::default(),
         assignment,
         topic_namespace: "sluice-test".into(),
         retry: RetryPolicy::default(),

@@ -2,8 +2,9 @@
 //! lane decides what of it to write.
 //!
 //! Every record is produced with headers naming the claim that produced it
-//! (incarnation, owner epoch), the spec version it was read under and its position in
-//! the source (for the generator: the record id). Backfill slices are produced in Kafka
+//! (incarnation, owner epoch), the spec version it was read under, the lane that read
+//! it (backfill, sync or live) and its position in the source (for the generator: the
+//! record id; for a table: its key, or its cursor column and key). Backfill slices are produced in Kafka
 //! transactions, so a slice is in the topic whole or not at all, and a new owner's
 //! producer fences its predecessor's. Two things can still put a record in the topic
 //! that must not be written, and [`select`] drops both:
@@ -11,41 +12,81 @@
 //! - a record of an older spec (in flight when the spec changed);
 //! - a replay: a slice produced again because its owner crashed (or was fenced) after
 //!   Kafka committed it but before the cursor was saved. Its positions are not past
-//!   the last written position, which the destination keeps with its offsets.
+//!   the last written position of its stream and lane, which the destination keeps with
+//!   its offsets.
+
+use std::collections::BTreeMap;
 
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use serde_json::{Map, Value};
+
+use crate::position::Position;
 
 pub const INCARNATION_HEADER: &str = "sluice-incarnation";
 pub const EPOCH_HEADER: &str = "sluice-epoch";
 pub const SPEC_VERSION_HEADER: &str = "sluice-spec-version";
 pub const POSITION_HEADER: &str = "sluice-position";
+pub const LANE_HEADER: &str = "sluice-lane";
+
+/// Which lane read a record: positions only compare within one stream and lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Backfill,
+    Sync,
+    Live,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Backfill => "backfill",
+            Self::Sync => "sync",
+            Self::Live => "live",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Backfill, Self::Sync, Self::Live]
+            .into_iter()
+            .find(|l| l.as_str() == s)
+    }
+}
 
 /// Who produced a record, under which spec, from where in the source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RecordTags {
     pub incarnation: i64,
     pub epoch: i64,
     pub spec_version: i64,
-    /// Position in the source, increasing in produce order within a spec version.
-    pub position: Option<i64>,
+    pub lane: Lane,
+    /// Position in the source, increasing in produce order within a stream, lane and
+    /// spec version.
+    pub position: Option<Position>,
 }
 
 impl RecordTags {
-    pub fn to_headers(self) -> OwnedHeaders {
-        let mut headers = OwnedHeaders::new_with_capacity(4);
-        for (key, value) in [
-            (INCARNATION_HEADER, Some(self.incarnation)),
-            (EPOCH_HEADER, Some(self.epoch)),
-            (SPEC_VERSION_HEADER, Some(self.spec_version)),
-            (POSITION_HEADER, self.position),
-        ] {
-            if let Some(value) = value {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value.to_string().as_bytes()),
-                });
-            }
+    pub fn to_headers(&self) -> OwnedHeaders {
+        let numbers = [
+            (INCARNATION_HEADER, self.incarnation),
+            (EPOCH_HEADER, self.epoch),
+            (SPEC_VERSION_HEADER, self.spec_version),
+        ];
+        let mut headers = OwnedHeaders::new_with_capacity(5);
+        for (key, value) in numbers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.to_string().as_bytes()),
+            });
+        }
+        headers = headers.insert(Header {
+            key: LANE_HEADER,
+            value: Some(self.lane.as_str().as_bytes()),
+        });
+        if let Some(position) = &self.position {
+            headers = headers.insert(Header {
+                key: POSITION_HEADER,
+                value: Some(position.to_header().as_bytes()),
+            });
         }
         headers
     }
@@ -56,28 +97,43 @@ impl RecordTags {
         let Some(headers) = headers else {
             return Ok(None);
         };
-        let mut found = [None; 4];
+        let mut numbers = [None; 3];
+        let mut lane = None;
+        let mut position = None;
         for header in headers.iter() {
+            let text = || {
+                header
+                    .value
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .ok_or_else(|| format!("header {} is not text", header.key))
+            };
             let slot = match header.key {
                 INCARNATION_HEADER => 0,
                 EPOCH_HEADER => 1,
                 SPEC_VERSION_HEADER => 2,
-                POSITION_HEADER => 3,
+                LANE_HEADER => {
+                    let t = text()?;
+                    lane = Some(Lane::parse(t).ok_or_else(|| format!("unknown lane {t:?}"))?);
+                    continue;
+                }
+                POSITION_HEADER => {
+                    position = Some(Position::from_header(text()?)?);
+                    continue;
+                }
                 _ => continue,
             };
-            let value = header
-                .value
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|v| v.parse::<i64>().ok())
-                .ok_or_else(|| format!("header {} is not a number", header.key))?;
-            found[slot] = Some(value);
+            let value = text()?
+                .parse::<i64>()
+                .map_err(|_| format!("header {} is not a number", header.key))?;
+            numbers[slot] = Some(value);
         }
-        match found {
-            [None, None, None, None] => Ok(None),
-            [Some(incarnation), Some(epoch), Some(spec_version), position] => Ok(Some(Self {
+        match (numbers, lane) {
+            ([None, None, None], None) if position.is_none() => Ok(None),
+            ([Some(incarnation), Some(epoch), Some(spec_version)], lane) => Ok(Some(Self {
                 incarnation,
                 epoch,
                 spec_version,
+                lane: lane.unwrap_or(Lane::Backfill),
                 position,
             })),
             _ => Err("incomplete Sluice headers".into()),
@@ -89,19 +145,28 @@ impl RecordTags {
 #[derive(Debug, Clone)]
 pub struct PendingRecord {
     pub offset: i64,
+    pub stream: String,
     pub tags: Option<RecordTags>,
     pub data: Map<String, Value>,
 }
 
+impl PendingRecord {
+    /// The scope its position compares within: stream and lane.
+    fn position_scope(&self, lane: Lane) -> String {
+        format!("{}/{}", self.stream, lane.as_str())
+    }
+}
+
 /// What the destination has committed for a write lane, stored with its offsets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct WriteState {
     /// Next records-topic offset to consume.
     pub next_offset: i64,
     /// Spec version of the last written record.
     pub spec_version: i64,
-    /// Source position of the last written record of that spec version (-1: none).
-    pub position: i64,
+    /// Source position of the last written record of each stream and lane, for that
+    /// spec version ("orders/backfill" → [42]).
+    pub positions: BTreeMap<String, Position>,
 }
 
 /// Why a batch cannot be written at all.
@@ -166,13 +231,13 @@ pub fn select(
     if state.spec_version != spec_version {
         // The first batch of a newer spec: its positions start afresh.
         state.spec_version = spec_version;
-        state.position = -1;
+        state.positions.clear();
     }
     let mut picked = Vec::with_capacity(batch.len());
     for (i, record) in batch.iter().enumerate() {
         state.next_offset = record.offset + 1;
         // Records from before tagging belong to the spec the lane started with.
-        let Some(tags) = record.tags else {
+        let Some(tags) = &record.tags else {
             picked.push(i);
             continue;
         };
@@ -191,10 +256,13 @@ pub fn select(
         if tags.spec_version < spec_version {
             continue;
         }
-        match tags.position {
-            Some(p) if p <= state.position => {}
+        match &tags.position {
             Some(p) => {
-                state.position = p;
+                let scope = record.position_scope(tags.lane);
+                if state.positions.get(&scope).is_some_and(|last| p <= last) {
+                    continue;
+                }
+                state.positions.insert(scope, p.clone());
                 picked.push(i);
             }
             None => picked.push(i),
@@ -207,24 +275,39 @@ pub fn select(
 mod tests {
     use super::*;
 
-    fn record(offset: i64, spec_version: i64, position: i64) -> PendingRecord {
+    fn tagged(
+        offset: i64,
+        stream: &str,
+        lane: Lane,
+        spec_version: i64,
+        position: i64,
+    ) -> PendingRecord {
         PendingRecord {
             offset,
+            stream: stream.into(),
             tags: Some(RecordTags {
                 incarnation: 7,
                 epoch: 1,
                 spec_version,
-                position: Some(position),
+                lane,
+                position: Some(Position::int(position)),
             }),
             data: Map::new(),
         }
     }
 
-    fn state(next_offset: i64, spec_version: i64, position: i64) -> WriteState {
+    fn record(offset: i64, spec_version: i64, position: i64) -> PendingRecord {
+        tagged(offset, "records", Lane::Backfill, spec_version, position)
+    }
+
+    fn state(next_offset: i64, spec_version: i64, last: Option<i64>) -> WriteState {
         WriteState {
             next_offset,
             spec_version,
-            position,
+            positions: last
+                .map(|p| ("records/backfill".to_owned(), Position::int(p)))
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -244,14 +327,32 @@ mod tests {
         .into_iter()
         .map(|(o, p)| record(o, 1, p))
         .collect();
-        let (picked, next) = select(state(10, 1, -1), 7, 1, &batch).expect("writable");
+        let (picked, next) = select(state(10, 1, None), 7, 1, &batch).expect("writable");
         assert_eq!(picked, [0, 1, 2, 6]);
-        assert_eq!(next, state(17, 1, 3));
+        assert_eq!(next, state(17, 1, Some(3)));
         // The same replay split over two batches.
-        let (picked, mid) = select(state(10, 1, -1), 7, 1, &batch[..4]).expect("writable");
+        let (picked, mid) = select(state(10, 1, None), 7, 1, &batch[..4]).expect("writable");
         assert_eq!(picked, [0, 1, 2]);
         let (picked, _) = select(mid, 7, 1, &batch[4..]).expect("writable");
         assert_eq!(picked, [2], "only position 3 is new");
+    }
+
+    #[test]
+    fn positions_compare_within_their_stream_and_lane_only() {
+        let batch = [
+            tagged(0, "orders", Lane::Backfill, 1, 5),
+            tagged(1, "customers", Lane::Backfill, 1, 1),
+            tagged(2, "orders", Lane::Sync, 1, 1),
+            tagged(3, "orders", Lane::Backfill, 1, 5),
+            tagged(4, "orders", Lane::Live, 1, 0),
+        ];
+        let (picked, next) = select(WriteState::default(), 7, 1, &batch).expect("writable");
+        assert_eq!(
+            picked,
+            [0, 1, 2, 4],
+            "only the repeated orders/backfill 5 is a replay"
+        );
+        assert_eq!(next.positions.len(), 4);
     }
 
     #[test]
@@ -262,11 +363,15 @@ mod tests {
             record(7, 1, 901),
             record(8, 2, 1),
         ];
-        let (picked, next) = select(state(5, 1, 899), 7, 2, &batch).expect("writable");
+        let (picked, next) = select(state(5, 1, Some(899)), 7, 2, &batch).expect("writable");
         assert_eq!(picked, [1, 3], "old-spec records never land");
-        assert_eq!(next, state(9, 2, 1), "positions restart with the new spec");
         assert_eq!(
-            select(state(5, 1, 899), 7, 1, &batch),
+            next,
+            state(9, 2, Some(1)),
+            "positions restart with the new spec"
+        );
+        assert_eq!(
+            select(state(5, 1, Some(899)), 7, 1, &batch),
             Err(Refusal::Superseded {
                 offset: 6,
                 spec_version: 2
@@ -277,12 +382,11 @@ mod tests {
     #[test]
     fn another_incarnations_record_refuses_the_topic() {
         let mut stranger = record(3, 1, 0);
-        stranger.tags = stranger.tags.map(|t| RecordTags {
-            incarnation: 6,
-            ..t
-        });
+        if let Some(tags) = stranger.tags.as_mut() {
+            tags.incarnation = 6;
+        }
         assert!(matches!(
-            select(state(3, 1, -1), 7, 1, &[stranger]),
+            select(state(3, 1, None), 7, 1, &[stranger]),
             Err(Refusal::ForeignIncarnation {
                 offset: 3,
                 incarnation: 6
@@ -293,12 +397,12 @@ mod tests {
     #[test]
     fn offsets_never_move_back_and_empty_batches_change_nothing() {
         assert!(matches!(
-            select(state(10, 1, -1), 7, 1, &[record(9, 1, 0)]),
+            select(state(10, 1, None), 7, 1, &[record(9, 1, 0)]),
             Err(Refusal::OffsetsBack { .. })
         ));
         assert_eq!(
-            select(state(10, 1, 4), 7, 1, &[]),
-            Ok((Vec::new(), state(10, 1, 4)))
+            select(state(10, 1, Some(4)), 7, 1, &[]),
+            Ok((Vec::new(), state(10, 1, Some(4))))
         );
     }
 
@@ -306,12 +410,13 @@ mod tests {
     fn untagged_records_are_written_as_they_come() {
         let plain = PendingRecord {
             offset: 0,
+            stream: "records".into(),
             tags: None,
             data: Map::new(),
         };
         assert_eq!(
-            select(state(0, 0, -1), 7, 0, &[plain]),
-            Ok((vec![0], state(1, 0, -1)))
+            select(state(0, 0, None), 7, 0, &[plain]),
+            Ok((vec![0], state(1, 0, None)))
         );
     }
 
@@ -321,10 +426,14 @@ mod tests {
             incarnation: 12,
             epoch: 345,
             spec_version: 2,
-            position: Some(99),
+            lane: Lane::Sync,
+            position: Some(Position::of([Value::from("2026-11-30"), Value::from(99)])),
         };
         let headers = tags.to_headers();
-        assert_eq!(RecordTags::from_headers(Some(&headers)), Ok(Some(tags)));
+        assert_eq!(
+            RecordTags::from_headers(Some(&headers)),
+            Ok(Some(tags.clone()))
+        );
         let no_position = RecordTags {
             position: None,
             ..tags

@@ -1,11 +1,13 @@
 //! Property-based fuzzing of everything a client controls before it reaches the store:
-//! protobuf Struct conversion, spec validation and the update-mask path. Whatever the
+//! protobuf Struct conversion, spec validation through the connectors' registry and the
+//! update-mask path. Whatever the
 //! input, these must return a value or a field violation — never panic — and anything
 //! they accept must validate again after a storage round trip.
 
 use proptest::prelude::*;
 use prost_types::value::Kind;
 use serde_json::{Map, Value};
+use sluice_connectors::registry;
 use sluice_protocol::conversions::{json_to_struct, struct_to_json};
 use sluice_protocol::mask::{apply_patch, parse_mask, PipelinePatch};
 use sluice_protocol::spec::{ConnectorSpec, PipelineSpec};
@@ -109,9 +111,9 @@ proptest! {
     #[test]
     fn validation_never_panics_and_accepted_specs_survive_storage(source in connector(), destination in connector()) {
         let spec = PipelineSpec { source, destination };
-        if spec.validate("pipeline.spec").is_ok() {
+        if registry().validate(&spec, "pipeline.spec").is_ok() {
             let stored = PipelineSpec::from_json(spec.to_json()).expect("a valid spec round-trips through JSON");
-            prop_assert!(stored.validate("pipeline.spec").is_ok());
+            prop_assert!(registry().validate(&stored, "pipeline.spec").is_ok());
             // And through the wire format.
             let wire = struct_to_json(&json_to_struct(&spec.source.config));
             prop_assert_eq!(wire, spec.source.config.clone());
@@ -133,7 +135,7 @@ proptest! {
         if let Ok(mask) = parse_mask(&paths, &patch) {
             if let Ok((d, spec)) = apply_patch(DesiredStatus::Active, &current, &patch, &mask) {
                 prop_assert_ne!(d, DesiredStatus::Deleted);
-                let _ = spec.validate("pipeline.spec");
+                let _ = registry().validate(&spec, "pipeline.spec");
             }
         }
     }
