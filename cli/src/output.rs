@@ -332,6 +332,7 @@ mod tests {
                     r#type: "postgres".into(),
                     config: None,
                 }),
+                ..Default::default()
             }),
             desired_status: pb::DesiredStatus::Paused as i32,
             status: pb::PipelineStatus::Ready as i32,

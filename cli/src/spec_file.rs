@@ -75,6 +75,28 @@ pub struct PipelineFile {
 pub struct SpecFile {
     pub source: ConnectorFile,
     pub destination: ConnectorFile,
+    /// The source's streams to read; empty: all.
+    #[serde(default)]
+    pub streams: Vec<String>,
+    /// "every 15m" or a cron expression.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    #[serde(default)]
+    pub retry: Option<RetryFile>,
+}
+
+/// Retry overrides, as in the API's RetryPolicy.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryFile {
+    #[serde(default)]
+    pub initial_interval_ms: i64,
+    #[serde(default)]
+    pub backoff_coefficient: f64,
+    #[serde(default)]
+    pub maximum_interval_ms: i64,
+    #[serde(default)]
+    pub maximum_attempts: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -179,6 +201,9 @@ pub fn build_create(
                         flags.destination_config.as_deref(),
                     )?,
                 },
+                streams: Vec::new(),
+                schedule: None,
+                retry: None,
             };
             (None, None, spec)
         }
@@ -192,6 +217,14 @@ pub fn build_create(
         spec: Some(pb::PipelineSpec {
             source: Some(connector_to_pb(&spec.source)),
             destination: Some(connector_to_pb(&spec.destination)),
+            streams: spec.streams.clone(),
+            schedule: spec.schedule.clone().unwrap_or_default(),
+            retry: spec.retry.as_ref().map(|r| pb::RetryPolicy {
+                initial_interval_ms: r.initial_interval_ms,
+                backoff_coefficient: r.backoff_coefficient,
+                maximum_interval_ms: r.maximum_interval_ms,
+                maximum_attempts: r.maximum_attempts,
+            }),
         }),
         desired_status: status.to_pb() as i32,
         ..Default::default()

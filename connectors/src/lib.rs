@@ -154,6 +154,16 @@ pub struct WriteTarget<'a> {
     pub spec_version: i64,
 }
 
+/// What a batch write committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The next records-topic offset to consume.
+    pub next_offset: i64,
+    /// Indices (in the batch) of the records written; the others were replays or of an
+    /// older spec.
+    pub records: Vec<usize>,
+}
+
 /// A destination connector, built from a validated config.
 #[async_trait]
 pub trait Destination: Send + Sync + Debug {
@@ -183,14 +193,14 @@ pub trait Destination: Send + Sync + Debug {
     ) -> Result<Option<i64>, ActivityError>;
 
     /// Writes a batch (dropping what [`records::select`] drops) together with the
-    /// offsets; returns the committed next offset.
+    /// offsets.
     async fn write(
         &self,
         ctx: &Context,
         target: &WriteTarget<'_>,
         streams: &[StreamSchema],
         batch: &[PendingRecord],
-    ) -> Result<i64, ActivityError>;
+    ) -> Result<Written, ActivityError>;
 
     /// Removes what this incarnation keeps at the destination (its bookkeeping; its
     /// tables only when its config asks for that and it created them).

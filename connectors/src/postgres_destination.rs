@@ -30,7 +30,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use crate::pg::{check_url, ident, Database};
 use crate::records::{select, PendingRecord, Refusal, WriteState};
 use crate::registry::DestinationKind;
-use crate::{ActivityError, Claim, Context, Destination, Position, WriteTarget};
+use crate::{ActivityError, Claim, Context, Destination, Position, WriteTarget, Written};
 
 const OFFSETS_TABLE: &str = "_sluice_offsets";
 /// Which pipeline incarnation created which table of the schema.
@@ -292,7 +292,7 @@ impl Destination for PostgresDestination {
         target: &WriteTarget<'_>,
         streams: &[StreamSchema],
         batch: &[PendingRecord],
-    ) -> Result<i64, ActivityError> {
+    ) -> Result<Written, ActivityError> {
         let db = self.database(ctx).await?;
         db.explained(write_batch(&db, &self.config, streams, target, batch).await)
             .await
@@ -891,15 +891,14 @@ async fn upsert(
     Ok(())
 }
 
-/// Writes one batch and its offsets in a single transaction. Returns the committed
-/// next offset.
+/// Writes one batch and its offsets in a single transaction.
 pub async fn write_batch(
     pool: &PgPool,
     config: &PostgresDestinationConfig,
     streams: &[StreamSchema],
     target: &WriteTarget<'_>,
     batch: &[PendingRecord],
-) -> Result<i64, ActivityError> {
+) -> Result<Written, ActivityError> {
     let offsets = qualified(config, OFFSETS_TABLE);
     let claim = target.claim;
     let mut tx = pool.begin().await?;
@@ -987,7 +986,10 @@ pub async fn write_batch(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(next.next_offset)
+    Ok(Written {
+        next_offset: next.next_offset,
+        records: picked,
+    })
 }
 
 /// Finds the record of a refused batch that the destination refuses, writing them one

@@ -27,6 +27,7 @@ pub const EPOCH_HEADER: &str = "sluice-epoch";
 pub const SPEC_VERSION_HEADER: &str = "sluice-spec-version";
 pub const POSITION_HEADER: &str = "sluice-position";
 pub const LANE_HEADER: &str = "sluice-lane";
+pub const RUN_HEADER: &str = "sluice-run";
 
 /// Which lane read a record: positions only compare within one stream and lane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,8 @@ pub struct RecordTags {
     /// Position in the source, increasing in produce order within a stream, lane and
     /// spec version.
     pub position: Option<Position>,
+    /// The run (backfill or sync) that read it, if any.
+    pub run: Option<i64>,
 }
 
 impl RecordTags {
@@ -82,6 +85,12 @@ impl RecordTags {
             key: LANE_HEADER,
             value: Some(self.lane.as_str().as_bytes()),
         });
+        if let Some(run) = self.run {
+            headers = headers.insert(Header {
+                key: RUN_HEADER,
+                value: Some(run.to_string().as_bytes()),
+            });
+        }
         if let Some(position) = &self.position {
             headers = headers.insert(Header {
                 key: POSITION_HEADER,
@@ -100,6 +109,7 @@ impl RecordTags {
         let mut numbers = [None; 3];
         let mut lane = None;
         let mut position = None;
+        let mut run = None;
         for header in headers.iter() {
             let text = || {
                 header
@@ -120,6 +130,14 @@ impl RecordTags {
                     position = Some(Position::from_header(text()?)?);
                     continue;
                 }
+                RUN_HEADER => {
+                    run = Some(
+                        text()?
+                            .parse::<i64>()
+                            .map_err(|_| "header sluice-run is not a number".to_owned())?,
+                    );
+                    continue;
+                }
                 _ => continue,
             };
             let value = text()?
@@ -135,6 +153,7 @@ impl RecordTags {
                 spec_version,
                 lane: lane.unwrap_or(Lane::Backfill),
                 position,
+                run,
             })),
             _ => Err("incomplete Sluice headers".into()),
         }
@@ -291,6 +310,7 @@ mod tests {
                 spec_version,
                 lane,
                 position: Some(Position::int(position)),
+                run: None,
             }),
             data: Map::new(),
         }
@@ -428,6 +448,7 @@ mod tests {
             spec_version: 2,
             lane: Lane::Sync,
             position: Some(Position::of([Value::from("2026-11-30"), Value::from(99)])),
+            run: Some(3),
         };
         let headers = tags.to_headers();
         assert_eq!(

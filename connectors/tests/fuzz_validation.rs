@@ -44,6 +44,9 @@ const PATHS: &[&str] = &[
     "status",
     "etag",
     "spec.source.config",
+    "spec.streams",
+    "spec.schedule",
+    "spec.retry",
     "",
     "id",
     "generation",
@@ -110,7 +113,7 @@ proptest! {
 
     #[test]
     fn validation_never_panics_and_accepted_specs_survive_storage(source in connector(), destination in connector()) {
-        let spec = PipelineSpec { source, destination };
+        let spec = PipelineSpec::new(source, destination);
         if registry().validate(&spec, "pipeline.spec").is_ok() {
             let stored = PipelineSpec::from_json(spec.to_json()).expect("a valid spec round-trips through JSON");
             prop_assert!(registry().validate(&stored, "pipeline.spec").is_ok());
@@ -129,9 +132,9 @@ proptest! {
         current_source in connector(),
         current_destination in connector(),
     ) {
-        let patch = PipelinePatch { desired_status: desired, source, destination };
+        let patch = PipelinePatch { desired_status: desired, source, destination, ..Default::default() };
         let paths: Vec<String> = paths.into_iter().map(str::to_owned).collect();
-        let current = PipelineSpec { source: current_source, destination: current_destination };
+        let current = PipelineSpec::new(current_source, current_destination);
         if let Ok(mask) = parse_mask(&paths, &patch) {
             if let Ok((d, spec)) = apply_patch(DesiredStatus::Active, &current, &patch, &mask) {
                 prop_assert_ne!(d, DesiredStatus::Deleted);

@@ -52,6 +52,7 @@ fn record(offset: i64, id: i64, amount: i64, spec_version: i64, claim: &Claim) -
             spec_version,
             lane: Lane::Backfill,
             position: Some(Position::int(id)),
+            run: None,
         }),
         data,
     }
@@ -108,7 +109,7 @@ async fn destination_batches_are_fenced_replay_proof_and_never_go_back(pool: PgP
     )
     .await
     .expect("write");
-    assert_eq!(next, 2);
+    assert_eq!(next.next_offset, 2);
     // A slice produced again (a crash after Kafka committed it, before the cursor was
     // saved) is consumed but not written: its positions are not new.
     pg::write_batch(

@@ -44,6 +44,12 @@ pub enum ApiError {
     },
     #[error("{0}")]
     NoSecretsKey(#[from] sluice_infra::secrets::NoSecretsKey),
+    /// The call is valid but the pipeline is not in a state that allows it.
+    #[error("{why}")]
+    Precondition { reason: &'static str, why: String },
+    /// Kafka did not take a pushed input in time: nothing was stored.
+    #[error("the input could not be stored (Kafka: {0}); retry later")]
+    KafkaUnavailable(String),
     /// The database did not serve the call in time (a row locked by another
     /// transaction, a statement timeout, a lost connection): retrying later may work.
     #[error("{why}; retry later")]
@@ -166,6 +172,13 @@ impl From<ApiError> for Status {
                 vec![("field".into(), format!("pipeline.spec.{}", e.field))],
             ),
             ApiError::Unavailable { reason, .. } => (Code::Unavailable, *reason, Vec::new()),
+            ApiError::Precondition { reason, .. } => {
+                (Code::FailedPrecondition, *reason, Vec::new())
+            }
+            ApiError::KafkaUnavailable(e) => {
+                tracing::warn!(error = %e, "an input could not be stored");
+                (Code::Unavailable, "KAFKA_UNAVAILABLE", Vec::new())
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "request failed");
                 (Code::Internal, "INTERNAL", Vec::new())

@@ -46,6 +46,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Destination hosts the deployment allows; specs naming others are refused.
     pub destination_hosts: sluice_protocol::hosts::HostPolicy,
+    /// Prefix of the per-pipeline topics (the inputs topics made here).
+    pub topic_namespace: String,
 }
 
 /// PEM files of the gRPC listener's TLS identity; with `client_ca`, clients must
@@ -132,7 +134,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let relay = OutboxRelay {
         pool: pool.clone(),
-        producer,
+        producer: producer.clone(),
         signals_topic: config.signals_topic.clone(),
         wakeup: Arc::clone(&wakeup),
     };
@@ -161,12 +163,20 @@ pub async fn run(
     tracing::info!(addr = %local, "control plane listening");
     on_listening(local);
 
+    let inputs = crate::service::Inputs {
+        producer: producer.clone(),
+        admin,
+        namespace: config.topic_namespace.clone(),
+        replication_factor: config.replication_factor,
+        ready: Default::default(),
+    };
     let api = PipelineApi::new(
         pool.clone(),
         partitions as u32,
         wakeup,
         config.limits,
         config.destination_hosts.clone(),
+        inputs,
     );
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {

@@ -193,6 +193,7 @@ async fn serve(cli: ServeArgs) -> ExitCode {
         signals_topic: cli.connection.signals_topic,
         signal_partitions: cli.signal_partitions,
         replication_factor: cli.connection.replication_factor,
+        topic_namespace: cli.connection.topic_namespace.clone(),
         limits: Limits {
             max_pipelines_per_tenant: cli.max_pipelines_per_tenant,
         },

@@ -56,6 +56,69 @@ pub struct PipelineApi {
     outbox_wakeup: Arc<Notify>,
     limits: Limits,
     destination_hosts: HostPolicy,
+    inputs: Inputs,
+}
+
+/// Where pushed inputs are kept: each pipeline incarnation's inputs topic, made on
+/// first use.
+pub struct Inputs {
+    pub producer: rdkafka::producer::FutureProducer,
+    pub admin: sluice_infra::kafka::Admin,
+    pub namespace: String,
+    pub replication_factor: i32,
+    /// Topics known to exist (a push does not ask Kafka's metadata every time).
+    pub ready: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Inputs {
+    /// Stores `input` in the incarnation's inputs topic and returns its offset once
+    /// Kafka has acknowledged it.
+    async fn store(
+        &self,
+        record: &PipelineRecord,
+        input: serde_json::Value,
+    ) -> Result<i64, ApiError> {
+        let topic =
+            sluice_protocol::topics::inputs_topic(&self.namespace, &record.id, record.incarnation);
+        let known = self
+            .ready
+            .lock()
+            .expect("topic set lock is never poisoned")
+            .contains(&topic);
+        if !known {
+            // Inputs are kept until the pipeline is deleted, like its records: a long
+            // pause must not let unapplied inputs expire.
+            self.admin
+                .ensure_topic(
+                    &topic,
+                    1,
+                    self.replication_factor,
+                    &[("retention.ms", "-1")],
+                )
+                .await
+                .map_err(|e| ApiError::KafkaUnavailable(e.to_string()))?;
+            self.ready
+                .lock()
+                .expect("topic set lock is never poisoned")
+                .insert(topic.clone());
+        }
+        let payload = sluice_protocol::message::ConnectorMessage::SourceInput {
+            source_input: input,
+        }
+        .to_bytes();
+        let delivery = self
+            .producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .partition(0)
+                    .key(&record.id)
+                    .payload(&payload),
+                rdkafka::util::Timeout::After(std::time::Duration::from_secs(10)),
+            )
+            .await
+            .map_err(|(e, _)| ApiError::KafkaUnavailable(e.to_string()))?;
+        Ok(delivery.offset)
+    }
 }
 
 impl PipelineApi {
@@ -65,6 +128,7 @@ impl PipelineApi {
         outbox_wakeup: Arc<Notify>,
         limits: Limits,
         destination_hosts: HostPolicy,
+        inputs: Inputs,
     ) -> Self {
         Self {
             pool,
@@ -72,7 +136,213 @@ impl PipelineApi {
             outbox_wakeup,
             limits,
             destination_hosts,
+            inputs,
         }
+    }
+
+    /// The pipeline, locked, unless it is deleted.
+    async fn lock_live(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        target: &PipelineRef,
+        raw_id: &str,
+    ) -> Result<PipelineRecord, ApiError> {
+        let current = store::lock_pipeline(tx, target)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(raw_id.to_owned()))?;
+        if current.desired_status == DesiredStatus::Deleted {
+            return Err(ApiError::Deleted(raw_id.to_owned()));
+        }
+        Ok(current)
+    }
+
+    async fn trigger_sync(
+        &self,
+        caller: &Caller,
+        req: pb::TriggerSyncRequest,
+    ) -> Result<pb::Pipeline, ApiError> {
+        let target = caller.resolve(&req.pipeline_id, "pipeline_id")?;
+        let request_id = parse_request_id(&req.request_id)?;
+        let request_hash = request_digest(&req);
+        let mut tx = self.pool.begin().await?;
+        if let Some(rid) = request_id {
+            let request_target = format!("{}/{}", target.tenant, target.name);
+            if let Some(replayed) = replay(
+                &mut tx,
+                &caller.tenant,
+                rid,
+                ("TriggerSync", &request_target, &request_hash),
+            )
+            .await?
+            {
+                return Ok(replayed);
+            }
+        }
+        let current = self.lock_live(&mut tx, &target, &req.pipeline_id).await?;
+        store::request_sync(&mut tx, &current).await?;
+        let response = record_to_pb(&current, registry());
+        if let Some(rid) = request_id {
+            store::save_response(&mut tx, &caller.tenant, rid, response.encode_to_vec()).await?;
+        }
+        tx.commit().await?;
+        self.outbox_wakeup.notify_one();
+        tracing::info!(tenant = %current.tenant, pipeline = %current.name, token = %caller.token_id, "sync requested");
+        Ok(response)
+    }
+
+    async fn list_runs(
+        &self,
+        caller: &Caller,
+        req: pb::ListRunsRequest,
+    ) -> Result<pb::ListRunsResponse, ApiError> {
+        let target = caller.resolve(&req.pipeline_id, "pipeline_id")?;
+        let page_size = match req.page_size {
+            n if n < 0 => {
+                return Err(FieldViolation::new("page_size", "must not be negative").into())
+            }
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let before = if req.page_token.is_empty() {
+            None
+        } else {
+            let invalid =
+                || FieldViolation::new("page_token", "is not a token returned by ListRuns");
+            let bytes = URL_SAFE_NO_PAD
+                .decode(&req.page_token)
+                .map_err(|_| invalid())?;
+            let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+            Some(text.parse::<i64>().map_err(|_| invalid())?)
+        };
+        let record = store::fetch_pipeline(&self.pool, &target)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(req.pipeline_id.clone()))?;
+        let mut runs = store::list_runs(
+            &self.pool,
+            &record.id,
+            record.incarnation,
+            before,
+            i64::from(page_size) + 1,
+        )
+        .await?;
+        let next_page_token = if runs.len() > page_size as usize {
+            runs.truncate(page_size as usize);
+            runs.last()
+                .map(|r| URL_SAFE_NO_PAD.encode(r.number.to_string()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let timestamp = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: t.timestamp_subsec_nanos() as i32,
+        };
+        Ok(pb::ListRunsResponse {
+            runs: runs
+                .into_iter()
+                .map(|r| pb::Run {
+                    number: r.number,
+                    trigger: r.trigger,
+                    start_time: Some(timestamp(r.start_time)),
+                    end_time: r.end_time.map(timestamp),
+                    records_read: r.records_read,
+                    records_written: r.records_written,
+                    outcome: r.outcome,
+                    error: r.error.unwrap_or_default(),
+                })
+                .collect(),
+            next_page_token,
+        })
+    }
+
+    async fn push_source_input(
+        &self,
+        caller: &Caller,
+        req: pb::PushSourceInputRequest,
+    ) -> Result<pb::PushSourceInputResponse, ApiError> {
+        let target = caller.resolve(&req.pipeline_id, "pipeline_id")?;
+        let input = req
+            .input
+            .as_ref()
+            .map(sluice_protocol::conversions::value_to_json)
+            .filter(|v| !v.is_null())
+            .ok_or_else(|| FieldViolation::new("input", "is required"))?;
+        let record = store::fetch_pipeline(&self.pool, &target)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(req.pipeline_id.clone()))?;
+        if record.desired_status == DesiredStatus::Deleted {
+            return Err(ApiError::Deleted(req.pipeline_id));
+        }
+        // The source says whether it can take the input, before anything is stored.
+        let spec = registry().validate(&record.spec, "pipeline.spec")?;
+        let records = spec
+            .source
+            .input_records(&input)
+            .map_err(|why| FieldViolation::new("input", why))?;
+        if records.is_empty() {
+            return Err(FieldViolation::new("input", "stands for no record of this source").into());
+        }
+        let sequence = self.inputs.store(&record, input).await?;
+        tracing::debug!(tenant = %record.tenant, pipeline = %record.name, sequence, "input stored");
+        Ok(pb::PushSourceInputResponse { sequence })
+    }
+
+    async fn reset(
+        &self,
+        caller: &Caller,
+        req: pb::ResetPipelineRequest,
+    ) -> Result<pb::Pipeline, ApiError> {
+        let target = caller.resolve(&req.pipeline_id, "pipeline_id")?;
+        if req.streams.iter().any(String::is_empty) {
+            return Err(FieldViolation::new("streams", "names must not be empty").into());
+        }
+        let mut tx = self.pool.begin().await?;
+        let current = self.lock_live(&mut tx, &target, &req.pipeline_id).await?;
+        check_etag(&current, &req.pipeline_id, &req.etag)?;
+        if current.desired_status != DesiredStatus::Paused {
+            return Err(ApiError::Precondition {
+                reason: "PIPELINE_NOT_PAUSED",
+                why: format!(
+                    "pipeline {:?} is not paused: pause it first (a reset takes effect on the next resume)",
+                    req.pipeline_id
+                ),
+            });
+        }
+        let streams = (!req.streams.is_empty()).then_some(req.streams.as_slice());
+        let record = store::request_reset(&mut tx, &current.id, streams).await?;
+        tx.commit().await?;
+        self.outbox_wakeup.notify_one();
+        tracing::info!(tenant = %record.tenant, pipeline = %record.name, token = %caller.token_id, streams = ?req.streams, "reset requested");
+        Ok(record_to_pb(&record, registry()))
+    }
+
+    fn connectors(&self) -> pb::ListConnectorsResponse {
+        let as_struct = |v: serde_json::Value| match v {
+            serde_json::Value::Object(map) => {
+                Some(sluice_protocol::conversions::json_to_struct(&map))
+            }
+            _ => None,
+        };
+        let mut connectors = Vec::new();
+        for k in registry().sources() {
+            connectors.push(pb::Connector {
+                side: "source".into(),
+                r#type: k.name().into(),
+                summary: k.summary().into(),
+                config_schema: as_struct(k.config_schema()),
+                secret_fields: k.secret_fields().iter().map(|f| f.key.to_owned()).collect(),
+            });
+        }
+        for k in registry().destinations() {
+            connectors.push(pb::Connector {
+                side: "destination".into(),
+                r#type: k.name().into(),
+                summary: k.summary().into(),
+                config_schema: as_struct(k.config_schema()),
+                secret_fields: k.secret_fields().iter().map(|f| f.key.to_owned()).collect(),
+            });
+        }
+        pb::ListConnectorsResponse { connectors }
     }
 
     /// Validates a whole spec as stored, through the connectors' registry (the same
@@ -544,6 +814,60 @@ impl PipelineService for PipelineApi {
             self.events(&caller, request.into_inner().pipeline_id)
                 .await?,
         ))
+    }
+
+    async fn trigger_sync(
+        &self,
+        request: Request<pb::TriggerSyncRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let caller = self.caller(&request, "TriggerSync", Access::Write).await?;
+        Ok(Response::new(
+            self.trigger_sync(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let caller = self.caller(&request, "ListRuns", Access::Read).await?;
+        Ok(Response::new(
+            self.list_runs(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn push_source_input(
+        &self,
+        request: Request<pb::PushSourceInputRequest>,
+    ) -> Result<Response<pb::PushSourceInputResponse>, Status> {
+        let caller = self
+            .caller(&request, "PushSourceInput", Access::Write)
+            .await?;
+        Ok(Response::new(
+            self.push_source_input(&caller, request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn reset_pipeline(
+        &self,
+        request: Request<pb::ResetPipelineRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let caller = self
+            .caller(&request, "ResetPipeline", Access::Write)
+            .await?;
+        Ok(Response::new(
+            self.reset(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_connectors(
+        &self,
+        request: Request<pb::ListConnectorsRequest>,
+    ) -> Result<Response<pb::ListConnectorsResponse>, Status> {
+        self.caller(&request, "ListConnectors", Access::Read)
+            .await?;
+        Ok(Response::new(self.connectors()))
     }
 }
 

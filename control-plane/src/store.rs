@@ -255,3 +255,102 @@ pub async fn pipeline_has_history(pool: &PgPool, id: &str) -> Result<bool, Store
     .await?;
     Ok(row.try_get::<bool, _>(0)?)
 }
+
+/// Counts a sync request up and queues the signal that wakes the owner.
+pub async fn request_sync(
+    tx: &mut Transaction<'_, Postgres>,
+    record: &PipelineRecord,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE pipelines SET sync_requests = sync_requests + 1 WHERE id = $1")
+        .bind(&record.id)
+        .execute(&mut **tx)
+        .await?;
+    insert_signal(tx, record).await
+}
+
+/// Adds streams to the pipeline's pending reset (None: all streams), bumping the
+/// generation so that a client can wait for the worker to have applied it.
+pub async fn request_reset(
+    tx: &mut Transaction<'_, Postgres>,
+    id: &str,
+    streams: Option<&[String]>,
+) -> Result<PipelineRecord, StoreError> {
+    let current: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT reset_request FROM pipelines WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut **tx)
+            .await?;
+    // An empty list means every stream; a request for all streams absorbs any other.
+    let merged = match (current, streams) {
+        (_, None) => serde_json::json!([]),
+        (Some(serde_json::Value::Array(a)), _) if a.is_empty() => serde_json::json!([]),
+        (Some(serde_json::Value::Array(a)), Some(new)) => {
+            let mut names: std::collections::BTreeSet<String> = a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect();
+            names.extend(new.iter().cloned());
+            serde_json::json!(names)
+        }
+        (_, Some(new)) => serde_json::json!(new),
+    };
+    let sql = format!(
+        "UPDATE pipelines SET reset_request = $2, generation = generation + 1, \
+         update_time = now() WHERE id = $1 RETURNING {PIPELINE_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id)
+        .bind(merged)
+        .fetch_one(&mut **tx)
+        .await?;
+    let record = record_from_row(&row)?;
+    insert_signal(tx, &record).await?;
+    Ok(record)
+}
+
+/// One run of a pipeline, as ListRuns shows it.
+pub struct RunRow {
+    pub number: i64,
+    pub trigger: String,
+    pub start_time: chrono::DateTime<chrono::Utc>,
+    pub end_time: Option<chrono::DateTime<chrono::Utc>>,
+    pub records_read: i64,
+    pub records_written: i64,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+/// Runs of an incarnation of a pipeline, newest first, before run `before`.
+pub async fn list_runs(
+    pool: &PgPool,
+    id: &str,
+    incarnation: i64,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<RunRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT number, trigger, start_time, end_time, records_read, records_written, outcome, error \
+         FROM pipeline_runs WHERE pipeline_id = $1 AND incarnation = $2 \
+           AND ($3::bigint IS NULL OR number < $3) ORDER BY number DESC LIMIT $4",
+    )
+    .bind(id)
+    .bind(incarnation)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(RunRow {
+                number: r.try_get(0)?,
+                trigger: r.try_get(1)?,
+                start_time: r.try_get(2)?,
+                end_time: r.try_get(3)?,
+                records_read: r.try_get(4)?,
+                records_written: r.try_get(5)?,
+                outcome: r.try_get(6)?,
+                error: r.try_get(7)?,
+            })
+        })
+        .collect()
+}

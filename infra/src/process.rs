@@ -53,6 +53,13 @@ pub struct ConnectionArgs {
     /// secrets are stored encrypted with it. Control plane and workers need the same.
     #[arg(long, env = "SLUICE_SECRETS_KEY_FILE", value_name = "FILE")]
     pub secrets_key_file: Option<std::path::PathBuf>,
+    /// Prefix of the topics and Kafka transactional ids Sluice creates per pipeline
+    /// (records and inputs topics). All processes of a deployment use the same;
+    /// deployments sharing a Kafka cluster need different ones (like their signals
+    /// topics and worker groups).
+    #[arg(long, env = "SLUICE_TOPIC_NAMESPACE", default_value = sluice_protocol::topics::DEFAULT_TOPIC_NAMESPACE,
+          value_parser = parse_namespace)]
+    pub topic_namespace: String,
     /// Replication factor of the topics this process creates.
     #[arg(long, env = "SLUICE_REPLICATION_FACTOR", default_value_t = 1,
           value_parser = clap::value_parser!(i32).range(1..=16))]
@@ -165,6 +172,10 @@ pub fn parse_properties_file(text: &str) -> Result<Vec<(String, String)>, String
                 .ok_or_else(|| format!("line {} is not KEY=VALUE", n + 1))
         })
         .collect()
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    sluice_protocol::topics::validate_topic_namespace(s).map(|()| s.to_owned())
 }
 
 /// Parses a `KEY=VALUE` flag value (librdkafka pass-through properties).

@@ -24,7 +24,7 @@ pub enum StoreError {
 /// The columns [`record_from_row`] expects, in a form that can be spliced into queries.
 pub const PIPELINE_COLUMNS: &str = "id, tenant, name, spec, desired_status, status, generation, \
      observed_generation, owner, owner_epoch, last_error, partition, incarnation, \
-     pending_activity, create_time, update_time";
+     pending_activity, sync_requests, reset_request, create_time, update_time";
 
 /// Limits on every session of Sluice's own database, so that no session waits for ever
 /// behind another: a process stopped in the middle of a transaction (SIGSTOP, a VM
@@ -150,6 +150,12 @@ pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
             .map(serde_json::from_value)
             .transpose()
             .map_err(|e| corrupt("pending_activity", &e))?,
+        sync_requests: row.try_get("sync_requests")?,
+        reset_request: row
+            .try_get::<Option<serde_json::Value>, _>("reset_request")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| corrupt("reset_request", &e))?,
         create_time: SystemTime::from(create_time),
         update_time: SystemTime::from(update_time),
     })

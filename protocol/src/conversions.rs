@@ -8,7 +8,7 @@ use serde_json::{Map, Number, Value};
 
 use crate::mask::PipelinePatch;
 use crate::pb;
-use crate::spec::{ConnectorSpec, PipelineSpec};
+use crate::spec::{ConnectorSpec, PipelineSpec, RetrySpec};
 use crate::status::{derive_phase, DesiredStatus, PipelineStatus};
 use crate::FieldViolation;
 
@@ -34,6 +34,11 @@ pub struct PipelineRecord {
     pub incarnation: i64,
     /// The activity the owning worker is retrying, if any.
     pub pending_activity: Option<PendingActivity>,
+    /// Sync runs asked for with TriggerSync, all told.
+    pub sync_requests: i64,
+    /// Streams to read again from the start once applied (empty: all), if a reset is
+    /// pending.
+    pub reset_request: Option<Vec<String>>,
     pub create_time: SystemTime,
     pub update_time: SystemTime,
 }
@@ -86,7 +91,7 @@ pub fn struct_to_json(s: &prost_types::Struct) -> Map<String, Value> {
         .collect()
 }
 
-fn value_to_json(v: &prost_types::Value) -> Value {
+pub fn value_to_json(v: &prost_types::Value) -> Value {
     match &v.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::NumberValue(n)) => {
@@ -157,6 +162,41 @@ pub fn spec_from_pb(
     Ok(PipelineSpec {
         source: connector_from_pb(source),
         destination: connector_from_pb(destination),
+        streams: spec.streams.clone(),
+        schedule: Some(spec.schedule.clone()).filter(|s| !s.is_empty()),
+        retry: spec
+            .retry
+            .as_ref()
+            .map(|r| retry_from_pb(r, path))
+            .transpose()?,
+    })
+}
+
+pub fn retry_from_pb(r: &pb::RetryPolicy, path: &str) -> Result<RetrySpec, FieldViolation> {
+    let positive = |v: i64, name: &str| -> Result<Option<u64>, FieldViolation> {
+        match v {
+            0 => Ok(None),
+            v if v > 0 => Ok(Some(v as u64)),
+            _ => Err(FieldViolation::new(
+                format!("{path}.retry.{name}"),
+                "must not be negative",
+            )),
+        }
+    };
+    Ok(RetrySpec {
+        initial_interval_ms: positive(r.initial_interval_ms, "initial_interval_ms")?,
+        backoff_coefficient: Some(r.backoff_coefficient).filter(|c| *c != 0.0),
+        maximum_interval_ms: positive(r.maximum_interval_ms, "maximum_interval_ms")?,
+        maximum_attempts: match r.maximum_attempts {
+            0 => None,
+            n if n > 0 => Some(n as u32),
+            _ => {
+                return Err(FieldViolation::new(
+                    format!("{path}.retry.maximum_attempts"),
+                    "must not be negative",
+                ))
+            }
+        },
     })
 }
 
@@ -164,6 +204,14 @@ pub fn spec_to_pb(spec: &PipelineSpec) -> pb::PipelineSpec {
     pb::PipelineSpec {
         source: Some(connector_to_pb(&spec.source)),
         destination: Some(connector_to_pb(&spec.destination)),
+        streams: spec.streams.clone(),
+        schedule: spec.schedule.clone().unwrap_or_default(),
+        retry: spec.retry.as_ref().map(|r| pb::RetryPolicy {
+            initial_interval_ms: r.initial_interval_ms.map_or(0, |v| v as i64),
+            backoff_coefficient: r.backoff_coefficient.unwrap_or(0.0),
+            maximum_interval_ms: r.maximum_interval_ms.map_or(0, |v| v as i64),
+            maximum_attempts: r.maximum_attempts.map_or(0, |v| v as i32),
+        }),
     }
 }
 
@@ -227,6 +275,22 @@ pub fn patch_from_pb(p: &pb::Pipeline) -> Result<PipelinePatch, FieldViolation> 
             .as_ref()
             .and_then(|s| s.destination.as_ref())
             .map(connector_from_pb),
+        streams: p
+            .spec
+            .as_ref()
+            .map(|s| s.streams.clone())
+            .unwrap_or_default(),
+        schedule: p
+            .spec
+            .as_ref()
+            .map(|s| s.schedule.clone())
+            .filter(|s| !s.is_empty()),
+        retry: p
+            .spec
+            .as_ref()
+            .and_then(|s| s.retry.as_ref())
+            .map(|r| retry_from_pb(r, "pipeline.spec"))
+            .transpose()?,
     })
 }
 
@@ -271,6 +335,7 @@ mod tests {
         let partial = pb::PipelineSpec {
             source: Some(pb::ConnectorSpec::default()),
             destination: None,
+            ..Default::default()
         };
         let err = spec_from_pb(Some(&partial), "pipeline.spec").expect_err("missing");
         assert_eq!(err.field, "pipeline.spec.destination");

@@ -14,6 +14,7 @@ pub mod mask;
 pub mod message;
 pub mod partition;
 pub mod retry;
+pub mod schedule;
 pub mod secrets;
 pub mod signal;
 pub mod spec;

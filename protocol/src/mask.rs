@@ -1,7 +1,7 @@
 //! Update masks (AIP-134) on domain types: which fields an `UpdatePipeline` changes and
 //! the merged result, which is then validated exactly like a create.
 
-use crate::spec::{ConnectorSpec, PipelineSpec};
+use crate::spec::{ConnectorSpec, PipelineSpec, RetrySpec};
 use crate::status::DesiredStatus;
 use crate::FieldViolation;
 
@@ -11,13 +11,27 @@ pub enum MaskPath {
     DesiredStatus,
     SpecSource,
     SpecDestination,
+    SpecStreams,
+    SpecSchedule,
+    SpecRetry,
 }
+
+const SPEC_PATHS: [MaskPath; 5] = [
+    MaskPath::SpecSource,
+    MaskPath::SpecDestination,
+    MaskPath::SpecStreams,
+    MaskPath::SpecSchedule,
+    MaskPath::SpecRetry,
+];
 
 pub const UPDATABLE_PATHS: &[&str] = &[
     "desired_status",
     "spec",
     "spec.source",
     "spec.destination",
+    "spec.streams",
+    "spec.schedule",
+    "spec.retry",
     "*",
 ];
 
@@ -40,6 +54,11 @@ pub struct PipelinePatch {
     pub desired_status: Option<DesiredStatus>,
     pub source: Option<ConnectorSpec>,
     pub destination: Option<ConnectorSpec>,
+    /// Empty: all streams (a masked empty list clears a selection).
+    pub streams: Vec<String>,
+    /// None: no schedule (a masked empty schedule clears it).
+    pub schedule: Option<String>,
+    pub retry: Option<RetrySpec>,
 }
 
 /// Parses the mask's paths; an absent (empty) mask means "every field the patch sets".
@@ -63,20 +82,28 @@ pub fn parse_mask(
         if patch.destination.is_some() {
             push(MaskPath::SpecDestination);
         }
+        if !patch.streams.is_empty() {
+            push(MaskPath::SpecStreams);
+        }
+        if patch.schedule.is_some() {
+            push(MaskPath::SpecSchedule);
+        }
+        if patch.retry.is_some() {
+            push(MaskPath::SpecRetry);
+        }
     }
     for path in paths {
         match path.as_str() {
             "desired_status" => push(MaskPath::DesiredStatus),
-            "spec" => {
-                push(MaskPath::SpecSource);
-                push(MaskPath::SpecDestination);
-            }
+            "spec" => SPEC_PATHS.into_iter().for_each(&mut push),
             "spec.source" => push(MaskPath::SpecSource),
             "spec.destination" => push(MaskPath::SpecDestination),
+            "spec.streams" => push(MaskPath::SpecStreams),
+            "spec.schedule" => push(MaskPath::SpecSchedule),
+            "spec.retry" => push(MaskPath::SpecRetry),
             "*" => {
                 push(MaskPath::DesiredStatus);
-                push(MaskPath::SpecSource);
-                push(MaskPath::SpecDestination);
+                SPEC_PATHS.into_iter().for_each(&mut push);
             }
             p if OUTPUT_ONLY.contains(&p) => {
                 return Err(FieldViolation::new(
@@ -150,6 +177,9 @@ pub fn apply_patch(
                     )
                 })?
             }
+            MaskPath::SpecStreams => spec.streams = patch.streams.clone(),
+            MaskPath::SpecSchedule => spec.schedule = patch.schedule.clone(),
+            MaskPath::SpecRetry => spec.retry = patch.retry.clone(),
         }
     }
     Ok((desired, spec))
@@ -168,10 +198,7 @@ mod tests {
     }
 
     fn spec() -> PipelineSpec {
-        PipelineSpec {
-            source: connector("generator"),
-            destination: connector("postgres"),
-        }
+        PipelineSpec::new(connector("generator"), connector("postgres"))
     }
 
     #[test]
@@ -207,7 +234,7 @@ mod tests {
         let patch = PipelinePatch {
             desired_status: Some(DesiredStatus::Paused),
             source: Some(connector("other")),
-            destination: None,
+            ..Default::default()
         };
         let mask = parse_mask(&["desired_status".into()], &patch).expect("ok");
         let (d, s) = apply_patch(DesiredStatus::Active, &spec(), &patch, &mask).expect("ok");
@@ -218,6 +245,32 @@ mod tests {
         let (d, s) = apply_patch(DesiredStatus::Active, &spec(), &patch, &mask).expect("ok");
         assert_eq!(d, DesiredStatus::Active);
         assert_eq!(s.source.connector_type, "other");
+    }
+
+    #[test]
+    fn schedule_streams_and_retry_are_patched_on_their_own() {
+        let mut current = spec();
+        current.schedule = Some("every 1h".into());
+        current.streams = vec!["orders".into()];
+        let patch = PipelinePatch {
+            schedule: Some("every 5m".into()),
+            ..Default::default()
+        };
+        let mask = parse_mask(&[], &patch).expect("inferred");
+        assert_eq!(mask, vec![MaskPath::SpecSchedule]);
+        let (_, s) = apply_patch(DesiredStatus::Active, &current, &patch, &mask).expect("ok");
+        assert_eq!(s.schedule.as_deref(), Some("every 5m"));
+        assert_eq!(s.streams, ["orders"], "streams untouched");
+        // A masked empty list clears the selection: all streams.
+        let mask = parse_mask(&["spec.streams".into()], &PipelinePatch::default()).expect("ok");
+        let (_, s) = apply_patch(
+            DesiredStatus::Active,
+            &current,
+            &PipelinePatch::default(),
+            &mask,
+        )
+        .expect("ok");
+        assert!(s.streams.is_empty());
     }
 
     #[test]

@@ -8,10 +8,22 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ConnectorMessage {
-    Record { record: RecordMessage },
-    SourceState { source_state: SourceStateMessage },
-    Log { log: LogMessage },
-    Trace { trace: TraceMessage },
+    Record {
+        record: RecordMessage,
+    },
+    /// An input pushed to a pipeline (`PushSourceInput`), as the source takes it.
+    SourceInput {
+        source_input: Value,
+    },
+    SourceState {
+        source_state: SourceStateMessage,
+    },
+    Log {
+        log: LogMessage,
+    },
+    Trace {
+        trace: TraceMessage,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,6 +12,8 @@ pub struct RetryPolicy {
     pub jitter: f64,
     /// Give up after this long; None retries until the activity succeeds or is cancelled.
     pub max_elapsed: Option<Duration>,
+    /// Give up after this many attempts; None: no limit.
+    pub max_attempts: Option<u32>,
 }
 
 impl Default for RetryPolicy {
@@ -22,6 +24,7 @@ impl Default for RetryPolicy {
             max_interval: Duration::from_secs(100),
             jitter: 0.2,
             max_elapsed: None,
+            max_attempts: None,
         }
     }
 }

@@ -246,12 +246,12 @@ pub fn open_spec(
     failure
 }
 
-/// A fingerprint of what the spec says, secrets left out: the SHA-256 of the redacted
-/// spec's JSON. Workers keep it in the checkpoint to tell whether the spec changed
-/// since setup ran, without storing the spec (and its opened secrets) there. A changed
-/// password alone keeps the fingerprint.
+/// A fingerprint of the data a spec moves, secrets left out: the SHA-256 of the
+/// redacted connectors and streams. Workers keep it in the checkpoint to tell whether
+/// the spec changed since setup ran, without storing the spec (and its opened secrets)
+/// there. A changed password, schedule or retry policy keeps the fingerprint.
 pub fn spec_fingerprint(spec: &PipelineSpec, fields: &dyn SecretFields) -> String {
-    let json = redact_spec(spec, fields).to_json().to_string();
+    let json = redact_spec(spec, fields).data_spec().to_string();
     Sha256::digest(json.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -25,9 +25,63 @@ pub struct ConnectorSpec {
 pub struct PipelineSpec {
     pub source: ConnectorSpec,
     pub destination: ConnectorSpec,
+    /// The source's streams to read; empty: all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<String>,
+    /// When sync runs start after the backfill (see [`crate::schedule::Schedule`]);
+    /// None: only on request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Overrides of the worker's retry policy for this pipeline's activities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+}
+
+/// Temporal's retry options, each optional (None: the worker's default).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetrySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_coefficient: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_interval_ms: Option<u64>,
+    /// Attempts before the pipeline goes to ERROR; None (or 0): unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_attempts: Option<u32>,
+}
+
+impl RetrySpec {
+    /// The worker's policy with these overrides.
+    pub fn apply(&self, base: crate::retry::RetryPolicy) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy {
+            initial_interval: self
+                .initial_interval_ms
+                .map_or(base.initial_interval, std::time::Duration::from_millis),
+            multiplier: self.backoff_coefficient.unwrap_or(base.multiplier),
+            max_interval: self
+                .maximum_interval_ms
+                .map_or(base.max_interval, std::time::Duration::from_millis),
+            max_attempts: self
+                .maximum_attempts
+                .filter(|n| *n > 0)
+                .or(base.max_attempts),
+            ..base
+        }
+    }
 }
 
 impl PipelineSpec {
+    pub fn new(source: ConnectorSpec, destination: ConnectorSpec) -> Self {
+        Self {
+            source,
+            destination,
+            streams: Vec::new(),
+            schedule: None,
+            retry: None,
+        }
+    }
+
     /// The size rule every spec obeys, whatever its connectors; `prefix` is the path
     /// of the spec in the request (e.g. `pipeline.spec`).
     pub fn check_size(&self, prefix: &str) -> Result<(), FieldViolation> {
@@ -39,6 +93,71 @@ impl PipelineSpec {
             ));
         }
         Ok(())
+    }
+
+    /// The rules of the connector-independent fields: size, stream names, schedule,
+    /// retry policy.
+    pub fn check_common(&self, prefix: &str) -> Result<(), FieldViolation> {
+        self.check_size(prefix)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for name in &self.streams {
+            if name.is_empty() || name.len() > 255 {
+                return Err(FieldViolation::new(
+                    format!("{prefix}.streams"),
+                    "names must be 1-255 characters",
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(FieldViolation::new(
+                    format!("{prefix}.streams"),
+                    format!("names {name:?} twice"),
+                ));
+            }
+        }
+        if let Some(schedule) = &self.schedule {
+            crate::schedule::Schedule::parse(schedule)
+                .map_err(|why| FieldViolation::new(format!("{prefix}.schedule"), why))?;
+        }
+        if let Some(retry) = &self.retry {
+            let field = |name: &str| format!("{prefix}.retry.{name}");
+            if let Some(ms) = retry.initial_interval_ms {
+                if !(1..=3_600_000).contains(&ms) {
+                    return Err(FieldViolation::new(
+                        field("initial_interval_ms"),
+                        "must be 1 ms to 1 hour",
+                    ));
+                }
+            }
+            if let Some(c) = retry.backoff_coefficient {
+                if !(1.0..=10.0).contains(&c) {
+                    return Err(FieldViolation::new(
+                        field("backoff_coefficient"),
+                        "must be between 1 and 10",
+                    ));
+                }
+            }
+            if let Some(ms) = retry.maximum_interval_ms {
+                if !(1..=86_400_000).contains(&ms)
+                    || retry.initial_interval_ms.is_some_and(|i| ms < i)
+                {
+                    return Err(FieldViolation::new(
+                        field("maximum_interval_ms"),
+                        "must be 1 ms to 1 day, and not below initial_interval_ms",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What defines the data a pipeline moves (its connectors and streams), without
+    /// when it syncs or how it retries: a change here reads the source again.
+    pub fn data_spec(&self) -> Value {
+        serde_json::json!({
+            "source": self.source,
+            "destination": self.destination,
+            "streams": self.streams,
+        })
     }
 
     pub fn to_json(&self) -> Value {

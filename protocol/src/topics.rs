@@ -15,6 +15,12 @@ pub fn records_topic(namespace: &str, pipeline_key: &str, incarnation: i64) -> S
     format!("{namespace}.pipeline.{pipeline_key}.i{incarnation}.records")
 }
 
+/// The topic that keeps the inputs pushed to an incarnation of a pipeline
+/// (`PushSourceInput`) until its live lane applies them.
+pub fn inputs_topic(namespace: &str, pipeline_key: &str, incarnation: i64) -> String {
+    format!("{namespace}.pipeline.{pipeline_key}.i{incarnation}.inputs")
+}
+
 /// The records topic of pipelines set up before topics were named per incarnation.
 pub fn legacy_records_topic(pipeline_key: &str) -> String {
     format!("sluice.pipeline.{pipeline_key}.records")

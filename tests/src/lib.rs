@@ -274,6 +274,7 @@ impl Deployment {
             .args(&self.control_plane_args)
             .env("DATABASE_URL", self.process_database_url())
             .env("SLUICE_SIGNALS_TOPIC", &self.signals_topic)
+            .env("SLUICE_TOPIC_NAMESPACE", &self.topic_namespace)
             .stdout(Stdio::piped())
             .stderr(self.log_file("control-plane")?)
             .kill_on_drop(true)
@@ -526,6 +527,7 @@ pub fn generator_pipeline(
                     json!({"count": count, "seed": seed, "slice_size": 500}),
                 )),
                 destination: Some(connector("postgres", destination)),
+                ..Default::default()
             }),
             desired_status: desired as i32,
             ..Default::default()
@@ -646,6 +648,7 @@ pub fn set_destination(id: &str, config: Value) -> pb::UpdatePipelineRequest {
             spec: Some(pb::PipelineSpec {
                 source: None,
                 destination: Some(connector("postgres", config)),
+                ..Default::default()
             }),
             ..Default::default()
         }),
@@ -713,6 +716,7 @@ pub fn pipeline_request(
             spec: Some(pb::PipelineSpec {
                 source: Some(connector("generator", source)),
                 destination: Some(connector("postgres", destination)),
+                ..Default::default()
             }),
             desired_status: desired as i32,
             ..Default::default()
@@ -729,6 +733,7 @@ pub fn set_source(id: &str, config: Value) -> pb::UpdatePipelineRequest {
             spec: Some(pb::PipelineSpec {
                 source: Some(connector("generator", config)),
                 destination: None,
+                ..Default::default()
             }),
             ..Default::default()
         }),

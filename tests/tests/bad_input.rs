@@ -157,6 +157,7 @@ async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
             spec: Some(pb::PipelineSpec {
                 source: Some(connector("generator", json!({"count": "many"}))),
                 destination: None,
+                ..Default::default()
             }),
             ..Default::default()
         }),

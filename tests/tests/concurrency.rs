@@ -16,6 +16,7 @@ fn set_count(id: &str, count: u64, etag: &str) -> pb::UpdatePipelineRequest {
             spec: Some(pb::PipelineSpec {
                 source: Some(connector("generator", json!({"count": count}))),
                 destination: None,
+                ..Default::default()
             }),
             ..Default::default()
         }),

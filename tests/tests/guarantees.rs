@@ -357,6 +357,7 @@ async fn a_spec_change_reaches_ready_with_an_empty_source_or_a_new_table() -> Re
                 spec: Some(pb::PipelineSpec {
                     source: Some(connector("generator", generator_config(0, 1, 100, 0))),
                     destination: Some(connector("postgres", d.destination(&empty_table, false))),
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),

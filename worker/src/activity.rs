@@ -93,6 +93,17 @@ where
         if !err.is_retryable() {
             return Err(err);
         }
+        if policy.max_attempts.is_some_and(|max| attempt_no >= max) {
+            // The workflow turns a failure returned here into ERROR, retryable or not.
+            let failure_type = match &err {
+                ActivityError::Failed { failure_type, .. } => *failure_type,
+                _ => sluice_protocol::message::FailureType::SystemError,
+            };
+            return Err(ActivityError::Failed {
+                failure_type,
+                message: format!("{name} gave up after {attempt_no} attempts: {err}"),
+            });
+        }
         let delay = retry_delay(policy, attempt_no);
         if policy
             .max_elapsed

@@ -5,11 +5,12 @@
 //! are tagged with it, the records topic and the transactional producer are named by
 //! its incarnation) and the destination (offsets and table ownership carry it).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use sluice_protocol::conversions::PendingActivity;
+use sluice_protocol::retry::RetryPolicy;
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::{run_observed, ActivityError, RetryNotice, RetryObserver};
@@ -27,15 +28,26 @@ pub struct Activities {
     /// The activity last reported as retrying (shared by the clones the lanes hold),
     /// so that its report is cleared once it ends however it ends.
     reported: Arc<Mutex<Option<&'static str>>>,
+    /// The retry policy: the worker's, with the pipeline spec's overrides.
+    policy: Arc<RwLock<RetryPolicy>>,
 }
 
 impl Activities {
     pub fn new(ctx: Arc<WorkerContext>, claim: Claim) -> Self {
+        let ctx_policy = ctx.retry;
         Self {
             ctx,
             claim: Arc::new(claim),
             reported: Arc::default(),
+            policy: Arc::new(RwLock::new(ctx_policy)),
         }
+    }
+
+    /// Applies a pipeline spec's retry overrides (None: the worker's policy).
+    pub fn set_retry(&self, spec: Option<&sluice_protocol::spec::RetrySpec>) {
+        let base = self.ctx.retry;
+        *self.policy.write().expect("policy lock is never poisoned") =
+            spec.map_or(base, |r| r.apply(base));
     }
 
     pub fn claim(&self) -> &Claim {
@@ -57,10 +69,11 @@ impl Activities {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ActivityError>>,
     {
+        let policy = *self.policy.read().expect("policy lock is never poisoned");
         let result = run_observed(
             name,
             &self.claim.key,
-            &self.ctx.retry,
+            &policy,
             self.ctx.attempt_timeout,
             cancel,
             Some(self),

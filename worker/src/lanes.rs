@@ -1,10 +1,16 @@
-//! The data lanes of an ACTIVE pipeline: the backfill lane (source slices → records
-//! topic, each slice in one Kafka transaction, the stream's position persisted only
-//! after the transaction committed) and the write lane (records topic → destination,
-//! rows and offsets committed together). Both stop at a safe point when their
-//! cancellation token fires. The lanes know connectors only by their traits.
+//! The lanes of an ACTIVE pipeline, all through the connector traits:
+//!
+//! - the **read lane** backfills every stream, then runs syncs on the pipeline's
+//!   schedule or when asked (TriggerSync); each slice goes to the records topic in one
+//!   Kafka transaction, and the stream's position is saved only after it committed;
+//! - the **live lane** applies the inputs pushed to the pipeline (PushSourceInput),
+//!   stored in its inputs topic, the same way;
+//! - the **write lane** writes the records topic to the destination, rows and offsets
+//!   committed together.
+//!
+//! Every lane stops at a safe point when its cancellation token fires.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -12,17 +18,19 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
 use sluice_connectors::records::{Lane, PendingRecord, RecordTags};
-use sluice_connectors::{Destination, ReadMode, Source, SourceRecord, WriteTarget};
+use sluice_connectors::{Destination, Position, ReadMode, Source, SourceRecord, WriteTarget};
 use sluice_protocol::catalog::StreamSchema;
 use sluice_protocol::message::{ConnectorMessage, FailureType};
+use sluice_protocol::schedule::Schedule;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::ActivityError;
 use crate::claim::Activities;
-use crate::store::{save_checkpoint, Checkpoint};
+use crate::store::{self, Checkpoint, RunState, StreamProgress};
 use crate::WorkerContext;
 
 /// Records topics have one partition: ordering per pipeline is total, and the
@@ -35,9 +43,12 @@ const BATCH_LINGER: Duration = Duration::from_millis(50);
 /// ... for at most this long after its first record.
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(1);
 
-/// Longest a backfill transaction may stay open before the broker aborts it: bounds
-/// how long a stopped owner's open transaction can hold back the write lane (which
-/// reads committed records only).
+/// Inputs the live lane applies in one transaction, at most.
+const LIVE_BATCH: usize = 500;
+
+/// Longest a lane's transaction may stay open before the broker aborts it: bounds how
+/// long a stopped owner's open transaction can hold back the write lane (which reads
+/// committed records only).
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
@@ -52,6 +63,8 @@ pub struct Lanes {
     tasks: Vec<JoinHandle<()>>,
     /// Next records-topic offset the destination has committed (-1 until known).
     pub committed: watch::Receiver<i64>,
+    /// How many syncs were asked for (TriggerSync), all told.
+    sync_requests: watch::Sender<i64>,
 }
 
 pub struct LaneParams {
@@ -60,6 +73,38 @@ pub struct LaneParams {
     pub checkpoint: Checkpoint,
     /// The records topic setup created.
     pub topic: String,
+    /// The topic pushed inputs wait in.
+    pub inputs_topic: String,
+    /// The streams the spec selects (empty: all).
+    pub streams: Vec<String>,
+    pub schedule: Option<Schedule>,
+    pub sync_requests: i64,
+}
+
+/// The streams of `discovered` the spec selects, in the spec's order (all, when it
+/// names none); a name the source does not offer is a configuration error.
+pub fn select_streams(
+    discovered: Vec<StreamSchema>,
+    selected: &[String],
+) -> Result<Vec<StreamSchema>, ActivityError> {
+    if selected.is_empty() {
+        return Ok(discovered);
+    }
+    selected
+        .iter()
+        .map(|name| {
+            discovered
+                .iter()
+                .find(|s| &s.name == name)
+                .cloned()
+                .ok_or_else(|| {
+                    ActivityError::config(format!(
+                        "spec.streams names {name:?}, which the source does not offer (it offers: {})",
+                        discovered.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                    ))
+                })
+        })
+        .collect()
 }
 
 impl Lanes {
@@ -81,20 +126,41 @@ impl Lanes {
         let events = lane_tx;
         let cancel = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(-1);
+        let (sync_requests, requests) = watch::channel(params.sync_requests);
+        let catalog = Arc::new(RwLock::new(params.checkpoint.catalog.clone()));
         let write = WriteLane {
-            destination: params.destination,
+            destination: Arc::clone(&params.destination),
             topic: params.topic.clone(),
-            catalog: params.checkpoint.catalog.clone(),
+            catalog: Arc::clone(&catalog),
             records_start_offset: params.checkpoint.records_start_offset,
             spec_version: params.checkpoint.spec_version,
         };
-        let backfill = tokio::spawn(backfill_lane(
+        let live = tokio::spawn(live_lane(
             activities.clone(),
-            BackfillLane {
+            LiveLane {
+                source: Arc::clone(&params.source),
+                inputs_topic: params.inputs_topic,
+                records_topic: params.topic.clone(),
+                catalog: Arc::clone(&catalog),
+                spec_version: params.checkpoint.spec_version,
+                after: params.checkpoint.live_after,
+            },
+            cancel.clone(),
+            events.clone(),
+        ));
+        let read = tokio::spawn(read_lane(
+            activities.clone(),
+            ReadLane {
                 source: params.source,
+                destination: params.destination,
                 topic: params.topic,
                 checkpoint: params.checkpoint,
+                catalog,
+                streams: params.streams,
+                schedule: params.schedule,
             },
+            requests,
+            committed.clone(),
             cancel.clone(),
             events.clone(),
         ));
@@ -107,12 +173,22 @@ impl Lanes {
         ));
         Self {
             cancel,
-            tasks: vec![backfill, write, forward],
+            tasks: vec![read, live, write, forward],
             committed,
+            sync_requests,
         }
     }
 
-    /// Stops both lanes at their next safe point and waits for them.
+    /// Tells the read lane how many syncs were asked for, all told.
+    pub fn request_syncs(&self, requests: i64) {
+        self.sync_requests.send_if_modified(|current| {
+            let changed = *current != requests;
+            *current = requests;
+            changed
+        });
+    }
+
+    /// Stops every lane at its next safe point and waits for them.
     pub async fn stop(self) {
         self.cancel.cancel();
         for task in self.tasks {
@@ -121,153 +197,511 @@ impl Lanes {
     }
 }
 
-struct BackfillLane {
-    source: Arc<dyn Source>,
-    topic: String,
-    checkpoint: Checkpoint,
-}
-
-/// Reads every stream of the catalog after its checkpointed position, slice by slice;
-/// each slice goes to the records topic in one transaction, and the stream's position
-/// is saved only once the transaction committed.
-async fn backfill_lane(
-    activities: Activities,
-    mut lane: BackfillLane,
-    cancel: CancellationToken,
-    events: mpsc::UnboundedSender<LaneEvent>,
-) {
-    if lane.checkpoint.backfill_done {
-        return;
-    }
-    let fail = |e: ActivityError| {
+fn failing(events: &mpsc::UnboundedSender<LaneEvent>) -> impl Fn(ActivityError) + '_ {
+    move |e: ActivityError| {
         if !matches!(e, ActivityError::Cancelled) {
             let _ = events.send(LaneEvent::Failed(e));
         }
-    };
-    let claim = activities.claim().clone();
-    let ctx = Arc::clone(activities.ctx());
-    // One producer for the lane's life; the mutex only lets the retried activity
-    // closure reach it.
-    let producer = tokio::sync::Mutex::new(SliceProducer::new(Arc::clone(&ctx), &claim));
-    let never = CancellationToken::new();
-    let save = |checkpoint: Checkpoint| {
-        let (activities, ctx, claim, never) = (&activities, &ctx, &claim, &never);
-        async move {
-            // Not cancellable: a committed slice is always recorded.
-            activities
-                .run("checkpoint", never, || {
-                    save_checkpoint(&ctx.pool, claim, &checkpoint)
-                })
-                .await
-        }
-    };
-    for stream in lane.checkpoint.catalog.clone() {
-        let mut progress = lane.checkpoint.progress(&stream.name);
-        if progress.backfill_done {
-            continue;
-        }
-        if !progress.sync_started {
-            // Where the first sync starts, taken before the backfill reads anything,
-            // so changes made while it runs are synced afterwards.
-            let start = activities
-                .run("sync-start", &cancel, || {
-                    lane.source.sync_start(&ctx.connectors, &stream)
-                })
-                .await;
-            progress.sync_after = match start {
-                Ok(start) => start,
-                Err(e) => return fail(e),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+struct ReadLane {
+    source: Arc<dyn Source>,
+    destination: Arc<dyn Destination>,
+    topic: String,
+    checkpoint: Checkpoint,
+    /// Shared with the write lane, which writes by it.
+    catalog: Arc<RwLock<Vec<StreamSchema>>>,
+    streams: Vec<String>,
+    schedule: Option<Schedule>,
+}
+
+/// What the read lane's activities need.
+struct Reader<'a> {
+    activities: &'a Activities,
+    ctx: &'a WorkerContext,
+    claim: &'a sluice_connectors::Claim,
+    producer: &'a tokio::sync::Mutex<SliceProducer>,
+    cancel: &'a CancellationToken,
+    never: CancellationToken,
+}
+
+impl Reader<'_> {
+    /// Saves a part of the checkpoint; not cancellable (a committed slice is always
+    /// recorded).
+    async fn save(&self, patch: Value) -> Result<(), ActivityError> {
+        self.activities
+            .run("checkpoint", &self.never, || {
+                store::merge_checkpoint(&self.ctx.pool, self.claim, patch.clone())
+            })
+            .await
+    }
+
+    /// Starts a run and records it as the one in progress.
+    async fn start_run(&self, trigger: &str) -> Result<RunState, ActivityError> {
+        let number = self
+            .activities
+            .run("start-run", self.cancel, || {
+                store::start_run(&self.ctx.pool, self.claim, trigger)
+            })
+            .await?;
+        let run = RunState {
+            number,
+            trigger: trigger.to_owned(),
+            end_offset: None,
+        };
+        self.save(json!({ "run": run })).await?;
+        tracing::info!(pipeline_id = %self.claim.key, run = number, trigger, "run started");
+        Ok(run)
+    }
+
+    /// Reads one stream in `mode` from its saved position to the end, a transaction
+    /// per slice; returns the offset past the last record produced, if any.
+    async fn read_stream(
+        &self,
+        source: &dyn Source,
+        topic: &str,
+        stream: &StreamSchema,
+        progress: &mut StreamProgress,
+        mode: ReadMode,
+        tags: &RecordTags,
+    ) -> Result<Option<i64>, ActivityError> {
+        let mut end = None;
+        loop {
+            let (after, done) = match mode {
+                ReadMode::Backfill => (progress.backfill_after.clone(), progress.backfill_done),
+                ReadMode::Sync => (progress.sync_after.clone(), false),
             };
-            progress.sync_started = true;
-            lane.checkpoint
-                .streams
-                .insert(stream.name.clone(), progress.clone());
-            if let Err(e) = save(lane.checkpoint.clone()).await {
-                return fail(e);
+            if done {
+                return Ok(end);
             }
-        }
-        while !progress.backfill_done {
             // Safe point: between slices nothing is in flight.
-            if cancel.is_cancelled() {
-                return;
+            if self.cancel.is_cancelled() {
+                return Err(ActivityError::Cancelled);
             }
-            // A worker that lost the pipeline must not produce another slice. (Should
-            // it still, its transaction is fenced once the new owner's producer
-            // starts, and the write lane drops a replayed slice.)
-            if let Err(e) = activities
-                .run("check-owner", &cancel, || {
-                    crate::store::check_epoch(&ctx.pool, &claim)
+            // A worker that lost the pipeline must not produce another slice. (Should it
+            // still, its transaction is fenced once the new owner's producer starts,
+            // and the write lane drops a replayed slice.)
+            self.activities
+                .run("check-owner", self.cancel, || {
+                    store::check_epoch(&self.ctx.pool, self.claim)
                 })
-                .await
-            {
-                return fail(e);
-            }
-            let slice_started = tokio::time::Instant::now();
-            let slice = activities
-                .run("read-slice", &cancel, || {
-                    lane.source.read(
-                        &ctx.connectors,
-                        &stream,
-                        ReadMode::Backfill,
-                        progress.backfill_after.as_ref(),
-                        lane.source.slice_size(),
+                .await?;
+            let started = tokio::time::Instant::now();
+            let slice = self
+                .activities
+                .run("read-slice", self.cancel, || {
+                    source.read(
+                        &self.ctx.connectors,
+                        stream,
+                        mode,
+                        after.as_ref(),
+                        source.slice_size(),
                     )
                 })
-                .await;
-            let slice = match slice {
-                Ok(s) => s,
-                Err(e) => return fail(e),
+                .await?;
+            // Positions carry the stream's reset count first: a stream read again
+            // after a reset is never taken for a replay of its earlier reads.
+            let encoded: Vec<EncodedRecord> = slice
+                .records
+                .iter()
+                .map(|r| {
+                    let mut position = vec![Value::from(progress.resets)];
+                    position.extend(r.position.0.iter().cloned());
+                    encode_record(stream, r, Position(position), tags)
+                })
+                .collect();
+            let produced = self
+                .activities
+                .run("produce-slice", self.cancel, || async {
+                    self.producer.lock().await.produce(topic, &encoded).await
+                })
+                .await?;
+            end = end.max(produced);
+            if let Some(last) = slice.records.last() {
+                match mode {
+                    ReadMode::Backfill => progress.backfill_after = Some(last.position.clone()),
+                    ReadMode::Sync => progress.sync_after = Some(last.position.clone()),
+                }
+            }
+            if mode == ReadMode::Backfill {
+                progress.backfill_done = slice.done;
+            }
+            let patch = match produced {
+                Some(end) if mode == ReadMode::Backfill => json!({ "backfill_end_offset": end }),
+                _ => json!({}),
             };
+            let progress_now = progress.clone();
+            self.activities
+                .run("checkpoint", &self.never, || {
+                    store::save_stream_progress(
+                        &self.ctx.pool,
+                        self.claim,
+                        &stream.name,
+                        &progress_now,
+                        patch.clone(),
+                    )
+                })
+                .await?;
+            if let Some(run) = tags.run {
+                // A metric: a failure to count is not a failure to read.
+                let _ = store::count_run(
+                    &self.ctx.pool,
+                    self.claim,
+                    run,
+                    slice.records.len() as i64,
+                    0,
+                )
+                .await;
+            }
+            if slice.done || (mode == ReadMode::Sync && slice.records.is_empty()) {
+                return Ok(end);
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(ActivityError::Cancelled),
+                _ = tokio::time::sleep_until(started + source.pace(slice.records.len())) => {}
+            }
+        }
+    }
+}
+
+/// Backfills every stream, then runs syncs: on the schedule, and whenever one is
+/// asked for. A run ends once the destination has committed everything it read.
+async fn read_lane(
+    activities: Activities,
+    mut lane: ReadLane,
+    mut requests: watch::Receiver<i64>,
+    mut committed: watch::Receiver<i64>,
+    cancel: CancellationToken,
+    events: mpsc::UnboundedSender<LaneEvent>,
+) {
+    let fail = failing(&events);
+    let claim = activities.claim().clone();
+    let ctx = Arc::clone(activities.ctx());
+    let producer = tokio::sync::Mutex::new(SliceProducer::new(Arc::clone(&ctx), &claim, "read"));
+    let reader = Reader {
+        activities: &activities,
+        ctx: &ctx,
+        claim: &claim,
+        producer: &producer,
+        cancel: &cancel,
+        never: CancellationToken::new(),
+    };
+    let result: Result<(), ActivityError> = async {
+        if !lane.checkpoint.backfill_done {
+            let run = match lane.checkpoint.run.clone() {
+                Some(run) => run,
+                None => {
+                    let trigger = if lane.checkpoint.backfill_end_offset > 0
+                        || lane.checkpoint.streams.values().any(|p| p.resets > 0)
+                    {
+                        "reset"
+                    } else {
+                        "initial"
+                    };
+                    reader.start_run(trigger).await?
+                }
+            };
+            lane.checkpoint.run = Some(run.clone());
             let tags = RecordTags {
                 incarnation: claim.incarnation,
                 epoch: claim.epoch,
                 spec_version: lane.checkpoint.spec_version,
                 lane: Lane::Backfill,
                 position: None,
+                run: Some(run.number),
             };
-            let encoded: Vec<EncodedRecord> = slice
-                .records
-                .iter()
-                .map(|r| encode_record(&stream, r, &tags))
-                .collect();
-            let produced = activities
-                .run("produce-slice", &cancel, || async {
-                    producer.lock().await.produce(&lane.topic, &encoded).await
-                })
-                .await;
-            let end_offset = match produced {
-                Ok(end) => end,
-                Err(e) => return fail(e),
+            let streams = lane.checkpoint.catalog.clone();
+            for stream in &streams {
+                let mut progress = lane.checkpoint.progress(&stream.name);
+                if progress.backfill_done {
+                    continue;
+                }
+                if !progress.sync_started {
+                    // Where the first sync starts, taken before the backfill reads
+                    // anything, so changes made while it runs are synced afterwards.
+                    progress.sync_after = activities
+                        .run("sync-start", &cancel, || {
+                            lane.source.sync_start(&ctx.connectors, stream)
+                        })
+                        .await?;
+                    progress.sync_started = true;
+                }
+                let end = reader
+                    .read_stream(lane.source.as_ref(), &lane.topic, stream, &mut progress, ReadMode::Backfill, &tags)
+                    .await?;
+                if let Some(end) = end {
+                    lane.checkpoint.backfill_end_offset = lane.checkpoint.backfill_end_offset.max(end);
+                }
+                lane.checkpoint.streams.insert(stream.name.clone(), progress);
+            }
+            lane.checkpoint.backfill_done = true;
+            let run = RunState {
+                end_offset: Some(lane.checkpoint.backfill_end_offset),
+                ..run
             };
-            if let Some(last) = slice.records.last() {
-                progress.backfill_after = Some(last.position.clone());
-            }
-            progress.backfill_done = slice.done;
-            let mut checkpoint = lane.checkpoint.clone();
-            checkpoint
-                .streams
-                .insert(stream.name.clone(), progress.clone());
-            if let Some(end) = end_offset {
-                checkpoint.backfill_end_offset = checkpoint.backfill_end_offset.max(end);
-            }
-            if let Err(e) = save(checkpoint.clone()).await {
-                return fail(e);
-            }
-            lane.checkpoint = checkpoint;
-            if !progress.backfill_done {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep_until(slice_started + lane.source.pace(slice.records.len())) => {}
+            lane.checkpoint.run = Some(run.clone());
+            reader
+                .save(json!({ "backfill_done": true, "run": run }))
+                .await?;
+            tracing::info!(pipeline_id = %claim.key, "backfill produced every record");
+            let _ = events.send(LaneEvent::BackfillDone(lane.checkpoint.clone()));
+        }
+        loop {
+            // A run whose reading ended succeeds once the destination has it all.
+            if let Some(run) = lane.checkpoint.run.clone() {
+                if let Some(end) = run.end_offset {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
+                        r = committed.wait_for(|c| *c >= end) => { r.map_err(|_| ActivityError::Cancelled)?; }
+                    }
+                    activities
+                        .run("end-run", &reader.never, || {
+                            store::end_run(&ctx.pool, &claim, run.number, "succeeded", None)
+                        })
+                        .await?;
+                    lane.checkpoint.run = None;
+                    reader.save(json!({ "run": null })).await?;
+                    tracing::info!(pipeline_id = %claim.key, run = run.number, "run succeeded");
                 }
             }
+            // The next sync: a run left half done, one asked for, or the schedule's.
+            let trigger = match lane.checkpoint.run.clone() {
+                Some(run) => run.trigger,
+                None => {
+                    let last = lane.checkpoint.last_sync_ms.unwrap_or_else(now_ms);
+                    let due = lane.schedule.as_ref().and_then(|s| {
+                        let last = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(last)?;
+                        s.next_after(last)
+                    });
+                    let sleep = due.map(|d| {
+                        (d - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO)
+                    });
+                    let asked = |r: &i64| *r > lane.checkpoint.syncs_served;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
+                        r = requests.wait_for(asked) => { r.map_err(|_| ActivityError::Cancelled)?; "manual".to_owned() }
+                        _ = tokio::time::sleep(sleep.unwrap_or(Duration::MAX)), if sleep.is_some() => "schedule".to_owned(),
+                    }
+                }
+            };
+            let run = match lane.checkpoint.run.clone() {
+                Some(run) => run,
+                None => reader.start_run(&trigger).await?,
+            };
+            let served = (*requests.borrow()).max(lane.checkpoint.syncs_served);
+            lane.checkpoint.syncs_served = if trigger == "manual" { served } else { lane.checkpoint.syncs_served };
+            lane.checkpoint.last_sync_ms = Some(now_ms());
+            lane.checkpoint.run = Some(run.clone());
+            reader
+                .save(json!({
+                    "syncs_served": lane.checkpoint.syncs_served,
+                    "last_sync_ms": lane.checkpoint.last_sync_ms,
+                    "run": run,
+                }))
+                .await?;
+            // The source may have changed its shape: new streams (read from the start)
+            // and new fields (new columns at the destination) are taken up first.
+            let discovered = activities
+                .run("discover", &cancel, || lane.source.discover(&ctx.connectors))
+                .await?;
+            let streams = select_streams(discovered, &lane.streams)?;
+            if streams != lane.checkpoint.catalog {
+                activities
+                    .run("setup", &cancel, || {
+                        lane.destination.setup(&ctx.connectors, &streams, &claim)
+                    })
+                    .await?;
+                reader.save(json!({ "catalog": streams })).await?;
+                *lane.catalog.write().expect("catalog lock is never poisoned") = streams.clone();
+                lane.checkpoint.catalog = streams.clone();
+                tracing::info!(pipeline_id = %claim.key, "the source's catalog changed; destination updated");
+            }
+            let mut end: Option<i64> = None;
+            for stream in &streams {
+                let mut progress = lane.checkpoint.progress(&stream.name);
+                let mut tags = RecordTags {
+                    incarnation: claim.incarnation,
+                    epoch: claim.epoch,
+                    spec_version: lane.checkpoint.spec_version,
+                    lane: Lane::Backfill,
+                    position: None,
+                    run: Some(run.number),
+                };
+                if !progress.backfill_done {
+                    if !progress.sync_started {
+                        progress.sync_after = activities
+                            .run("sync-start", &cancel, || {
+                                lane.source.sync_start(&ctx.connectors, stream)
+                            })
+                            .await?;
+                        progress.sync_started = true;
+                    }
+                    end = end.max(
+                        reader
+                            .read_stream(lane.source.as_ref(), &lane.topic, stream, &mut progress, ReadMode::Backfill, &tags)
+                            .await?,
+                    );
+                }
+                tags.lane = Lane::Sync;
+                if progress.sync_after.is_some() {
+                    end = end.max(
+                        reader
+                            .read_stream(lane.source.as_ref(), &lane.topic, stream, &mut progress, ReadMode::Sync, &tags)
+                            .await?,
+                    );
+                }
+                lane.checkpoint.streams.insert(stream.name.clone(), progress);
+            }
+            // Nothing new: the run has succeeded as soon as the destination is where
+            // it already was.
+            let end = end.unwrap_or_else(|| *committed.borrow());
+            let run = RunState {
+                end_offset: Some(end),
+                ..run
+            };
+            lane.checkpoint.run = Some(run.clone());
+            reader.save(json!({ "run": run })).await?;
         }
     }
-    lane.checkpoint.backfill_done = true;
-    if let Err(e) = save(lane.checkpoint.clone()).await {
-        return fail(e);
+    .await;
+    if let Err(e) = result {
+        fail(e);
     }
-    tracing::info!(pipeline_id = %claim.key, "backfill produced every record");
-    let _ = events.send(LaneEvent::BackfillDone(lane.checkpoint));
+}
+
+struct LiveLane {
+    source: Arc<dyn Source>,
+    inputs_topic: String,
+    records_topic: String,
+    catalog: Arc<RwLock<Vec<StreamSchema>>>,
+    spec_version: i64,
+    /// The next inputs-topic offset to apply.
+    after: i64,
+}
+
+/// Applies pushed inputs in order: each batch of inputs becomes records in one
+/// transaction, and the next input's offset is saved only after it committed. Inputs
+/// pushed while the pipeline was paused wait in the topic and are applied after it
+/// resumes; a batch produced again after a crash is dropped by the write lane (its
+/// positions, the inputs' offsets, are not new).
+async fn live_lane(
+    activities: Activities,
+    mut lane: LiveLane,
+    cancel: CancellationToken,
+    events: mpsc::UnboundedSender<LaneEvent>,
+) {
+    let fail = failing(&events);
+    let claim = activities.claim().clone();
+    let ctx = Arc::clone(activities.ctx());
+    let consumer = activities
+        .run("open-inputs-consumer", &cancel, || async {
+            topic_consumer(&ctx, &lane.inputs_topic, lane.after)
+        })
+        .await;
+    let consumer = match consumer {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let producer = tokio::sync::Mutex::new(SliceProducer::new(Arc::clone(&ctx), &claim, "live"));
+    let never = CancellationToken::new();
+    let result: Result<(), ActivityError> = async {
+        loop {
+            // Safe point: no input is open while waiting for the first.
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                m = consumer.recv() => m,
+            };
+            let mut inputs = Vec::new();
+            match first {
+                Ok(m) => inputs.push(pending_input(&m)?),
+                Err(e) => {
+                    consumer_error(&claim.key, &lane.inputs_topic, e)?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+            let deadline = tokio::time::Instant::now() + BATCH_LINGER;
+            while inputs.len() < LIVE_BATCH {
+                tokio::select! {
+                    biased;
+                    m = consumer.recv() => match m {
+                        Ok(m) => inputs.push(pending_input(&m)?),
+                        Err(e) => { consumer_error(&claim.key, &lane.inputs_topic, e)?; break; }
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            let tags = RecordTags {
+                incarnation: claim.incarnation,
+                epoch: claim.epoch,
+                spec_version: lane.spec_version,
+                lane: Lane::Live,
+                position: None,
+                run: None,
+            };
+            let catalog = lane.catalog.read().expect("catalog lock is never poisoned").clone();
+            let mut encoded = Vec::new();
+            for (offset, input) in &inputs {
+                let records = lane.source.input_records(input).map_err(|why| ActivityError::Failed {
+                    failure_type: FailureType::DataError,
+                    message: format!("input at inputs-topic offset {offset} cannot be applied: {why}"),
+                })?;
+                for (i, (stream_name, data)) in records.into_iter().enumerate() {
+                    let stream = catalog.iter().find(|s| s.name == stream_name).ok_or_else(|| ActivityError::Failed {
+                        failure_type: FailureType::DataError,
+                        message: format!(
+                            "input at inputs-topic offset {offset} is for stream {stream_name:?}, which the pipeline does not read"
+                        ),
+                    })?;
+                    let position = Position::of([Value::from(*offset), Value::from(i as i64)]);
+                    let record = SourceRecord { data, position: position.clone() };
+                    encoded.push(encode_record(stream, &record, position, &tags));
+                }
+            }
+            activities
+                .run("produce-inputs", &cancel, || async {
+                    producer.lock().await.produce(&lane.records_topic, &encoded).await
+                })
+                .await?;
+            let next = inputs.last().map_or(lane.after, |(o, _)| o + 1);
+            activities
+                .run("checkpoint", &never, || {
+                    store::merge_checkpoint(&ctx.pool, &claim, json!({ "live_after": next }))
+                })
+                .await?;
+            lane.after = next;
+        }
+    }
+    .await;
+    tokio::task::spawn_blocking(move || drop(consumer));
+    if let Err(e) = result {
+        fail(e);
+    }
+}
+
+/// A pushed input as stored in the inputs topic: its offset and the input.
+fn pending_input(
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<(i64, Value), ActivityError> {
+    let poison = |why: String| ActivityError::Failed {
+        failure_type: FailureType::DataError,
+        message: format!(
+            "input at inputs-topic offset {} cannot be read: {why}",
+            message.offset()
+        ),
+    };
+    match ConnectorMessage::from_bytes(message.payload().unwrap_or_default()) {
+        Ok(ConnectorMessage::SourceInput { source_input }) => Ok((message.offset(), source_input)),
+        Ok(other) => Err(poison(format!("not a source input: {other:?}"))),
+        Err(e) => Err(poison(e.to_string())),
+    }
 }
 
 /// A record ready to be produced: key, connector-message payload and tags.
@@ -277,16 +711,17 @@ struct EncodedRecord {
     tags: RecordTags,
 }
 
-fn encode_record(stream: &StreamSchema, record: &SourceRecord, tags: &RecordTags) -> EncodedRecord {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
+fn encode_record(
+    stream: &StreamSchema,
+    record: &SourceRecord,
+    position: Position,
+    tags: &RecordTags,
+) -> EncodedRecord {
     let key = stream
         .primary_key
         .iter()
         .map(|k| match record.data.get(k) {
-            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(Value::String(s)) => s.clone(),
             Some(v) => v.to_string(),
             None => String::new(),
         })
@@ -294,17 +729,17 @@ fn encode_record(stream: &StreamSchema, record: &SourceRecord, tags: &RecordTags
         .join("\u{1f}");
     EncodedRecord {
         key,
-        payload: ConnectorMessage::record(&stream.name, record.data.clone(), now_ms).to_bytes(),
+        payload: ConnectorMessage::record(&stream.name, record.data.clone(), now_ms()).to_bytes(),
         tags: RecordTags {
-            position: Some(record.position.clone()),
+            position: Some(position),
             ..tags.clone()
         },
     }
 }
 
-/// The transactional producer of one pipeline incarnation's backfill. Its
-/// transactional id names the incarnation, so the producer a new owner starts fences
-/// this one: Kafka aborts its open transaction and refuses its later commits.
+/// The transactional producer of one lane of a pipeline incarnation. Its transactional
+/// id names the incarnation, so the producer a new owner starts fences this one: Kafka
+/// aborts its open transaction and refuses its later commits.
 struct SliceProducer {
     ctx: Arc<WorkerContext>,
     transactional_id: String,
@@ -312,9 +747,11 @@ struct SliceProducer {
 }
 
 impl SliceProducer {
-    fn new(ctx: Arc<WorkerContext>, claim: &sluice_connectors::Claim) -> Self {
+    /// `lane` names the lane ("read", "live"): each lane of an incarnation has its
+    /// own transactional id, so the lanes never fence each other.
+    fn new(ctx: Arc<WorkerContext>, claim: &sluice_connectors::Claim, lane: &str) -> Self {
         let transactional_id = format!(
-            "{}.backfill.{}.i{}",
+            "{}.{lane}.{}.i{}",
             ctx.topic_namespace, claim.key, claim.incarnation
         );
         Self {
@@ -457,6 +894,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Fenced when a newer producer of the same transactional id took over; every other
+/// Fenced when a newer producer of the same transactional id took over; every other
 /// Kafka failure is retried.
 fn kafka_transaction_error(e: KafkaError) -> ActivityError {
     let code = match &e {
@@ -476,7 +914,8 @@ fn kafka_transaction_error(e: KafkaError) -> ActivityError {
 struct WriteLane {
     destination: Arc<dyn Destination>,
     topic: String,
-    catalog: Vec<StreamSchema>,
+    /// Shared with the read lane, which updates it when the source's shape changes.
+    catalog: Arc<RwLock<Vec<StreamSchema>>>,
     records_start_offset: i64,
     spec_version: i64,
 }
@@ -488,11 +927,7 @@ async fn write_lane(
     events: mpsc::UnboundedSender<LaneEvent>,
     committed: watch::Sender<i64>,
 ) {
-    let fail = |e: ActivityError| {
-        if !matches!(e, ActivityError::Cancelled) {
-            let _ = events.send(LaneEvent::Failed(e));
-        }
-    };
+    let fail = failing(&events);
     let ctx = Arc::clone(activities.ctx());
     let claim = activities.claim().clone();
     let target = WriteTarget {
@@ -516,7 +951,7 @@ async fn write_lane(
     committed.send_replace(state.next_offset);
     let consumer = activities
         .run("open-records-consumer", &cancel, || async {
-            records_consumer(&ctx, &lane.topic, state.next_offset)
+            topic_consumer(&ctx, &lane.topic, state.next_offset)
         })
         .await;
     let consumer = match consumer {
@@ -579,14 +1014,30 @@ async fn consume_and_write(
         // Rows and offset commit atomically; cancelling mid-attempt rolls the
         // transaction back, and the batch is read again from the stored offset.
         let written = activities
-            .run("write-batch", cancel, || {
+            .run("write-batch", cancel, || async {
+                let catalog = lane
+                    .catalog
+                    .read()
+                    .expect("catalog lock is never poisoned")
+                    .clone();
                 lane.destination
-                    .write(&ctx.connectors, target, &lane.catalog, &batch)
+                    .write(&ctx.connectors, target, &catalog, &batch)
+                    .await
             })
             .await;
         match written {
-            Ok(next) => {
-                committed.send_replace(next);
+            Ok(written) => {
+                committed.send_replace(written.next_offset);
+                // Runs count what they wrote (a metric: best effort).
+                let mut per_run: std::collections::BTreeMap<i64, i64> = Default::default();
+                for i in &written.records {
+                    if let Some(run) = batch[*i].tags.as_ref().and_then(|t| t.run) {
+                        *per_run.entry(run).or_default() += 1;
+                    }
+                }
+                for (run, n) in per_run {
+                    let _ = store::count_run(&ctx.pool, target.claim, run, 0, n).await;
+                }
             }
             Err(ActivityError::Cancelled) => return Ok(()),
             Err(e) => return Err(e),
@@ -632,7 +1083,8 @@ fn pending_record(
     }
 }
 
-fn records_consumer(
+/// A consumer of partition 0 of `topic` from `start`, reading committed records only.
+fn topic_consumer(
     ctx: &WorkerContext,
     topic: &str,
     start: i64,

@@ -25,12 +25,7 @@ struct Cli {
     /// in the destination config always works).
     #[arg(long, env = "SLUICE_DESTINATION_CA_DIR", value_name = "DIR")]
     destination_ca_dir: Option<std::path::PathBuf>,
-    /// Prefix of the records topics and Kafka transactional ids the workers create. All
-    /// workers of a deployment use the same; deployments sharing a Kafka cluster need
-    /// different ones (like their signals topics and groups).
-    #[arg(long, env = "SLUICE_TOPIC_NAMESPACE", default_value = sluice_protocol::topics::DEFAULT_TOPIC_NAMESPACE,
-          value_parser = parse_namespace)]
-    topic_namespace: String,
+
     /// Unique id of this worker, shown as a pipeline's owner (default: random).
     #[arg(long, env = "SLUICE_WORKER_ID")]
     worker_id: Option<String>,
@@ -94,7 +89,7 @@ async fn main() -> ExitCode {
         attempt_timeout: Duration::from_millis(cli.attempt_timeout_ms),
         destination_ca_dir: cli.destination_ca_dir.filter(|d| !d.as_os_str().is_empty()),
         destination_hosts,
-        topic_namespace: cli.topic_namespace,
+        topic_namespace: cli.connection.topic_namespace.clone(),
     };
     match run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,8 +98,4 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn parse_namespace(s: &str) -> Result<String, String> {
-    sluice_protocol::topics::validate_topic_namespace(s).map(|()| s.to_owned())
 }

@@ -37,6 +37,8 @@ pub struct Observed {
     pub lane_failed: bool,
     pub topics_deleted: bool,
     pub destination_cleaned: bool,
+    /// An operator asked for a reset (ResetPipeline) the worker has not applied.
+    pub reset_pending: bool,
 }
 
 /// What to do next.
@@ -57,6 +59,9 @@ pub enum Step {
     PauseUnset,
     /// Record that the generation was acted on (no transition).
     Observe,
+    /// Apply a requested reset (lanes stopped): the named streams read again from the
+    /// start.
+    Reset,
     DeleteTopics,
     CleanDestination,
     Remove,
@@ -88,6 +93,14 @@ pub fn plan(o: &Observed) -> Step {
     if o.status == Some(Error) && o.observed_current {
         return if o.lanes == LanesState::Stopped {
             Step::Wait
+        } else {
+            Step::StopLanes
+        };
+    }
+    // A reset is applied with the lanes stopped, before anything else starts them.
+    if o.reset_pending {
+        return if o.lanes == LanesState::Stopped {
+            Step::Reset
         } else {
             Step::StopLanes
         };
@@ -178,6 +191,7 @@ mod tests {
             lane_failed: false,
             topics_deleted: false,
             destination_cleaned: false,
+            reset_pending: false,
         }
     }
 
@@ -390,6 +404,29 @@ mod tests {
                 },
                 Step::Remove,
             ),
+            // A reset: lanes stop, then it is applied; a deletion skips it.
+            (
+                Observed {
+                    reset_pending: true,
+                    lanes: LanesState::Current,
+                    ..base(D::Active, Some(Ready))
+                },
+                Step::StopLanes,
+            ),
+            (
+                Observed {
+                    reset_pending: true,
+                    ..base(D::Paused, Some(Paused))
+                },
+                Step::Reset,
+            ),
+            (
+                Observed {
+                    reset_pending: true,
+                    ..base(D::Deleted, Some(Teardown))
+                },
+                Step::DeleteTopics,
+            ),
         ];
         for (observed, expected) in cases {
             assert_eq!(plan(&observed), expected, "{observed:?}");
@@ -428,6 +465,10 @@ mod tests {
                 o.observed_current = true;
             }
             Step::Observe => o.observed_current = true,
+            Step::Reset => {
+                o.reset_pending = false;
+                o.backfill_complete = None;
+            }
             Step::DeleteTopics => o.topics_deleted = true,
             Step::CleanDestination => o.destination_cleaned = true,
             Step::Remove | Step::Wait => return false,
@@ -456,6 +497,7 @@ mod tests {
                                 lane_failed: bit(4),
                                 topics_deleted: bit(5),
                                 destination_cleaned: bit(6),
+                                reset_pending: bit(7),
                             });
                         }
                     }

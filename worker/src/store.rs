@@ -52,10 +52,32 @@ pub struct Checkpoint {
     /// starts there (records of an earlier spec below it are not read at all).
     #[serde(default)]
     pub records_start_offset: i64,
+    /// The next offset of the inputs topic the live lane applies.
+    #[serde(default)]
+    pub live_after: i64,
+    /// How many sync requests (TriggerSync) have been served.
+    #[serde(default)]
+    pub syncs_served: i64,
+    /// When the last sync run started (ms since the epoch): the schedule counts from it.
+    #[serde(default)]
+    pub last_sync_ms: Option<i64>,
+    /// The run in progress, if any.
+    #[serde(default)]
+    pub run: Option<RunState>,
     /// The generator's cursor in checkpoints written before streams had their own
     /// progress (the next record id); read once, then kept in `streams`.
     #[serde(default, skip_serializing)]
     pub cursor: u64,
+}
+
+/// A run in progress: which one, and (once its reading ended) the records-topic offset
+/// the destination must reach for it to have succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunState {
+    pub number: i64,
+    pub trigger: String,
+    #[serde(default)]
+    pub end_offset: Option<i64>,
 }
 
 /// Where one stream's reads are.
@@ -72,6 +94,10 @@ pub struct StreamProgress {
     /// Whether the sync start was taken (before the backfill began).
     #[serde(default)]
     pub sync_started: bool,
+    /// How often the stream was reset: positions carry it first, so a stream read
+    /// again after a reset is never taken for a replay of its earlier reads.
+    #[serde(default)]
+    pub resets: u32,
 }
 
 impl Checkpoint {
@@ -158,6 +184,140 @@ pub async fn save_checkpoint(
             .bind(&claim.key)
             .bind(claim.epoch)
             .bind(value)
+            .execute(pool)
+            .await?;
+    if done.rows_affected() == 0 {
+        return Err(ActivityError::Fenced);
+    }
+    Ok(())
+}
+
+/// Merges `patch` (top-level keys of the checkpoint) into the stored checkpoint,
+/// leaving the other keys as they are: lanes that run side by side each write their
+/// own part. Fenced like every write.
+pub async fn merge_checkpoint(
+    pool: &PgPool,
+    claim: &Claim,
+    patch: serde_json::Value,
+) -> Result<(), ActivityError> {
+    let done = sqlx::query(
+        "UPDATE pipelines SET checkpoint = checkpoint || $3::jsonb WHERE id = $1 AND owner_epoch = $2",
+    )
+    .bind(&claim.key)
+    .bind(claim.epoch)
+    .bind(patch)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(ActivityError::Fenced);
+    }
+    Ok(())
+}
+
+/// Saves one stream's progress without touching the others'.
+pub async fn save_stream_progress(
+    pool: &PgPool,
+    claim: &Claim,
+    stream: &str,
+    progress: &StreamProgress,
+    patch: serde_json::Value,
+) -> Result<(), ActivityError> {
+    let value = serde_json::to_value(progress).expect("progress is plain JSON");
+    let done = sqlx::query(
+        "UPDATE pipelines SET checkpoint = jsonb_set(checkpoint || $5::jsonb,            ARRAY['streams', $3], $4::jsonb, true)          WHERE id = $1 AND owner_epoch = $2",
+    )
+    .bind(&claim.key)
+    .bind(claim.epoch)
+    .bind(stream)
+    .bind(value)
+    .bind(patch)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(ActivityError::Fenced);
+    }
+    Ok(())
+}
+
+/// Starts run number max + 1 of the claim's incarnation.
+pub async fn start_run(pool: &PgPool, claim: &Claim, trigger: &str) -> Result<i64, ActivityError> {
+    let number: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO pipeline_runs (pipeline_id, incarnation, number, trigger)          SELECT $1, $2, COALESCE((SELECT max(number) FROM pipeline_runs                                   WHERE pipeline_id = $1 AND incarnation = $2), 0) + 1, $4          WHERE EXISTS (SELECT 1 FROM pipelines WHERE id = $1 AND owner_epoch = $3)          RETURNING number",
+    )
+    .bind(&claim.key)
+    .bind(claim.incarnation)
+    .bind(claim.epoch)
+    .bind(trigger)
+    .fetch_optional(pool)
+    .await?;
+    number.ok_or(ActivityError::Fenced)
+}
+
+/// Adds to a run's counts (best effort: a metric, not bookkeeping).
+pub async fn count_run(
+    pool: &PgPool,
+    claim: &Claim,
+    number: i64,
+    read: i64,
+    written: i64,
+) -> Result<(), ActivityError> {
+    sqlx::query(
+        "UPDATE pipeline_runs SET records_read = records_read + $4,            records_written = records_written + $5          WHERE pipeline_id = $1 AND incarnation = $2 AND number = $3",
+    )
+    .bind(&claim.key)
+    .bind(claim.incarnation)
+    .bind(number)
+    .bind(read)
+    .bind(written)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Ends a run (succeeded, failed or cancelled) unless it ended already.
+pub async fn end_run(
+    pool: &PgPool,
+    claim: &Claim,
+    number: i64,
+    outcome: &str,
+    error: Option<&str>,
+) -> Result<(), ActivityError> {
+    sqlx::query(
+        "UPDATE pipeline_runs SET outcome = $4, error = $5, end_time = clock_timestamp()          WHERE pipeline_id = $1 AND incarnation = $2 AND number = $3 AND outcome = 'running'",
+    )
+    .bind(&claim.key)
+    .bind(claim.incarnation)
+    .bind(number)
+    .bind(outcome)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Fails every running run of the claim's incarnation (the pipeline went to ERROR).
+pub async fn fail_running_runs(
+    pool: &PgPool,
+    claim: &Claim,
+    error: &str,
+) -> Result<(), ActivityError> {
+    sqlx::query(
+        "UPDATE pipeline_runs SET outcome = 'failed', error = $3, end_time = clock_timestamp()          WHERE pipeline_id = $1 AND incarnation = $2 AND outcome = 'running'",
+    )
+    .bind(&claim.key)
+    .bind(claim.incarnation)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Clears the reset request the worker has applied (fenced).
+pub async fn clear_reset(pool: &PgPool, claim: &Claim) -> Result<(), ActivityError> {
+    let done =
+        sqlx::query("UPDATE pipelines SET reset_request = NULL WHERE id = $1 AND owner_epoch = $2")
+            .bind(&claim.key)
+            .bind(claim.epoch)
             .execute(pool)
             .await?;
     if done.rows_affected() == 0 {

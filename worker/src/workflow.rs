@@ -8,17 +8,18 @@ use std::sync::Arc;
 use sluice_connectors::{registry, ValidatedSpec, WriteTarget};
 use sluice_infra::store::get_pipeline;
 use sluice_protocol::conversions::PipelineRecord;
+use sluice_protocol::schedule::Schedule;
 use sluice_protocol::secrets::spec_fingerprint;
 use sluice_protocol::spec::PipelineSpec;
 use sluice_protocol::status::PipelineStatus;
-use sluice_protocol::topics::{legacy_records_topic, records_topic};
+use sluice_protocol::topics::{inputs_topic, legacy_records_topic, records_topic};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::{run_activity, ActivityError};
 use crate::claim::{Activities, Claim};
-use crate::lanes::{LaneEvent, LaneParams, Lanes, RECORDS_PARTITION};
+use crate::lanes::{select_streams, LaneEvent, LaneParams, Lanes, RECORDS_PARTITION};
 use crate::plan::{plan, LanesState, Observed, Step};
 use crate::store::{self, Checkpoint, StatusWrite, LEGACY_FINGERPRINT};
 use crate::WorkerContext;
@@ -226,6 +227,9 @@ async fn run(
                 tracing::warn!(pipeline_id = id, error = %message, "pipeline failed");
                 wf.stop_lanes().await;
                 wf.pass = stop.child_token();
+                // A run in progress ends with the pipeline (best effort: the status
+                // write below is what matters).
+                let _ = store::fail_running_runs(&ctx.pool, &claim, &message).await;
                 let write = StatusWrite {
                     to: PipelineStatus::Error,
                     observed_generation: row.generation,
@@ -352,6 +356,10 @@ impl Workflow {
             .validate(&row.spec, "spec")
             .map_err(|v| format!("stored spec is invalid: {v}"));
         let fingerprint = spec_fingerprint(&row.spec, registry());
+        self.activities.set_retry(row.spec.retry.as_ref());
+        if let Some(lanes) = &self.lanes {
+            lanes.request_syncs(row.sync_requests);
+        }
         let mut backfill_complete = None;
         // Far more than any path needs: a plan that keeps asking is a bug, not a wait.
         for _ in 0..32 {
@@ -371,6 +379,7 @@ impl Workflow {
                 lane_failed: self.lane_failure.is_some(),
                 topics_deleted: self.topics_deleted,
                 destination_cleaned: self.destination_cleaned,
+                reset_pending: row.reset_request.is_some(),
             };
             let step = plan(&observed);
             tracing::debug!(pipeline_id = %self.claim().key, ?step, "reconcile step");
@@ -391,7 +400,8 @@ impl Workflow {
                     let valid = spec
                         .as_ref()
                         .map_err(|why| ActivityError::config(why.clone()))?;
-                    self.setup(valid, &fingerprint, generation).await?;
+                    self.setup(valid, &row.spec.streams, &fingerprint, generation)
+                        .await?;
                     self.setup_ran = true;
                 }
                 Step::CheckBackfill => {
@@ -407,7 +417,15 @@ impl Workflow {
                     // The lanes resume from the stored checkpoint, which the backfill lane
                     // advanced while it ran.
                     self.checkpoint = self.load_checkpoint().await?;
+                    let schedule = row
+                        .spec
+                        .schedule
+                        .as_deref()
+                        .map(Schedule::parse)
+                        .transpose()
+                        .map_err(|why| ActivityError::config(format!("spec.schedule: {why}")))?;
                     self.lanes_seq += 1;
+                    let claim = self.claim();
                     self.lanes = Some(Lanes::start(
                         self.activities.clone(),
                         LaneParams {
@@ -415,6 +433,14 @@ impl Workflow {
                             destination: Arc::from(valid.destination),
                             checkpoint: self.checkpoint.clone(),
                             topic: self.records_topic(),
+                            inputs_topic: inputs_topic(
+                                &self.ctx().topic_namespace,
+                                &claim.key,
+                                claim.incarnation,
+                            ),
+                            streams: row.spec.streams.clone(),
+                            schedule,
+                            sync_requests: row.sync_requests,
                         },
                         self.lanes_seq,
                         self.lane_events_tx.clone(),
@@ -439,6 +465,12 @@ impl Workflow {
                     // Records that this generation has been acted on; never a
                     // transition, so a periodic reconcile of a READY pipeline cannot flap.
                     self.set_status(status, generation, "").await?;
+                }
+                Step::Reset => {
+                    let streams = row.reset_request.clone().unwrap_or_default();
+                    self.reset(&streams).await?;
+                    // The reset is acted on; the pass goes on from the new checkpoint.
+                    backfill_complete = None;
                 }
                 Step::DeleteTopics => {
                     self.delete_topics().await?;
@@ -517,6 +549,7 @@ impl Workflow {
     async fn setup(
         &mut self,
         spec: &ValidatedSpec,
+        selected: &[String],
         fingerprint: &str,
         generation: i64,
     ) -> Result<(), ActivityError> {
@@ -526,19 +559,23 @@ impl Workflow {
         }
         let (ctx, claim) = (Arc::clone(self.ctx()), self.claim().clone());
         let topic = self.records_topic();
+        let inputs = inputs_topic(&ctx.topic_namespace, &claim.key, claim.incarnation);
         let first_setup = self.checkpoint.spec_fingerprint.is_none();
         let catalog = self
             .activities
             .run("setup", &self.pass, || async {
-                let streams = spec.source.discover(&ctx.connectors).await?;
+                let streams =
+                    select_streams(spec.source.discover(&ctx.connectors).await?, selected)?;
                 if streams.is_empty() {
                     return Err(ActivityError::config("the source offers no stream to read"));
                 }
-                // Records are kept until the pipeline is deleted: a long pause must not
-                // let unwritten records expire.
-                ctx.admin
-                    .ensure_topic(&topic, 1, ctx.replication_factor, &[("retention.ms", "-1")])
-                    .await?;
+                // Records (and pushed inputs) are kept until the pipeline is deleted: a
+                // long pause must not let unwritten records expire.
+                for t in [&topic, &inputs] {
+                    ctx.admin
+                        .ensure_topic(t, 1, ctx.replication_factor, &[("retention.ms", "-1")])
+                        .await?;
+                }
                 // A topic this incarnation has not recorded yet holds nothing of it; one
                 // with records belongs to someone else (a deployment sharing the Kafka
                 // cluster under the same topic namespace) and is never written to.
@@ -606,16 +643,64 @@ impl Workflow {
         Ok(())
     }
 
-    /// Deletes this incarnation's topic (never another incarnation's).
+    /// Deletes this incarnation's topics (never another incarnation's).
     async fn delete_topics(&self) -> Result<(), ActivityError> {
         let (ctx, claim) = (self.ctx(), self.claim());
         let topic = self.records_topic();
+        let inputs = inputs_topic(&ctx.topic_namespace, &claim.key, claim.incarnation);
         self.activities
             .run("delete-topics", &self.pass, || async {
                 store::check_epoch(&ctx.pool, claim).await?;
-                Ok(ctx.admin.delete_topic(&topic).await?)
+                ctx.admin.delete_topic(&topic).await?;
+                Ok(ctx.admin.delete_topic(&inputs).await?)
             })
             .await
+    }
+
+    /// Applies a reset: the named streams (all, when none is named) read again from
+    /// the start, their sync positions taken anew; a run in progress is cancelled.
+    /// Rows at the destination stay and are overwritten as the backfill reaches them.
+    async fn reset(&mut self, streams: &[String]) -> Result<(), ActivityError> {
+        let (ctx, claim) = (Arc::clone(self.ctx()), self.claim().clone());
+        let mut checkpoint = self.load_checkpoint().await?;
+        let names: Vec<String> = if streams.is_empty() {
+            checkpoint.catalog.iter().map(|s| s.name.clone()).collect()
+        } else {
+            streams.to_vec()
+        };
+        for name in &names {
+            let progress = checkpoint.progress(name);
+            checkpoint.streams.insert(
+                name.clone(),
+                store::StreamProgress {
+                    resets: progress.resets + 1,
+                    ..store::StreamProgress::default()
+                },
+            );
+        }
+        if !names.is_empty() {
+            checkpoint.backfill_done = false;
+        }
+        let cancelled = checkpoint.run.take();
+        self.activities
+            .run("reset", &self.pass, || async {
+                if let Some(run) = &cancelled {
+                    store::end_run(
+                        &ctx.pool,
+                        &claim,
+                        run.number,
+                        "cancelled",
+                        Some("reset by request"),
+                    )
+                    .await?;
+                }
+                store::save_checkpoint(&ctx.pool, &claim, &checkpoint).await?;
+                store::clear_reset(&ctx.pool, &claim).await
+            })
+            .await?;
+        tracing::info!(pipeline_id = %claim.key, streams = ?names, "reset applied");
+        self.checkpoint = checkpoint;
+        Ok(())
     }
 
     /// Cleans the destination. Best effort once it fails permanently (the database is
