@@ -207,6 +207,92 @@ Example:
         /// Pipeline id.
         id: String,
     },
+
+    /// List the connector types this deployment knows, with their config schemas.
+    #[command(after_help = "\
+The table shows each type and the config keys that hold secrets; -o json adds the
+full JSON schema of every config.
+
+Examples:
+  sluicectl connectors
+  sluicectl connectors -o json | jq '.[] | select(.type == \"postgres\")'")]
+    Connectors,
+
+    /// Show a pipeline's runs (its backfill and every sync), newest first.
+    #[command(after_help = "\
+Each run shows its trigger (initial, reset, schedule, manual), records read from the
+source and written to the destination, and its outcome (running, succeeded, failed,
+cancelled) with the error of a failed run.
+
+Example:
+  sluicectl runs orders-sync --limit 10")]
+    Runs {
+        /// Pipeline id.
+        id: String,
+        /// Show at most this many runs.
+        #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+    },
+
+    /// Start a sync run now, without waiting for the pipeline's schedule.
+    #[command(after_help = "\
+The run reads what changed at the source since the last one. A pipeline still in its
+backfill runs it after the backfill; a paused one once it resumes. With --request-id
+(a UUID), a retried command starts no second run.
+
+Example:
+  sluicectl sync orders-sync --request-id 6f1c0b0e-3f5e-4a40-9b0a-0c5d2f0e9a11")]
+    Sync {
+        /// Pipeline id.
+        id: String,
+        /// Makes the call idempotent: the same id never starts a second run.
+        #[arg(long, value_name = "UUID")]
+        request_id: Option<String>,
+    },
+
+    /// Push inputs (e.g. webhook events) to a pipeline's live lane.
+    #[command(after_help = "\
+Each input is stored before the command returns, also while the pipeline is paused,
+and applied exactly once while it is ACTIVE. --input takes one JSON value; --file takes
+JSON Lines (one input per line; \"-\" reads standard input). Prints the sequence
+number each input was stored under.
+
+Examples:
+  sluicectl push stripe-sync --input '{\"type\": \"customer.updated\", \"data\": {\"object\": {...}}}'
+  sluicectl push orders-sync -f events.jsonl")]
+    Push {
+        /// Pipeline id.
+        id: String,
+        /// One input, as JSON.
+        #[arg(
+            long,
+            value_name = "JSON",
+            conflicts_with = "file",
+            required_unless_present = "file"
+        )]
+        input: Option<String>,
+        /// Inputs as JSON Lines.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+
+    /// Forget the source progress of a paused pipeline so its next resume reads again.
+    #[command(after_help = "\
+Only while the pipeline is paused (desired PAUSED), else the call fails with
+FAILED_PRECONDITION. Without --stream every stream is reset. Rows already at the
+destination stay and are overwritten as the new backfill reaches them.
+
+Example:
+  sluicectl pause orders-sync --wait
+  sluicectl reset orders-sync --stream public.orders
+  sluicectl resume orders-sync --wait")]
+    Reset {
+        /// Pipeline id.
+        id: String,
+        /// A stream to reset (repeatable); none: all.
+        #[arg(long = "stream", value_name = "NAME")]
+        streams: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]

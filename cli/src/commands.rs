@@ -34,6 +34,15 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         Command::Create(args) => Some(plan_create(args)?),
         _ => None,
     };
+    let push_inputs = match &cli.command {
+        Command::Push {
+            input: Some(text), ..
+        } => vec![parse_input(text, "--input")?],
+        Command::Push {
+            file: Some(path), ..
+        } => read_inputs(path)?,
+        _ => Vec::new(),
+    };
     let connection = config::resolve(Overrides {
         config: cli.config.clone(),
         server: cli.server.clone(),
@@ -75,7 +84,106 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
                 .events;
             Ok(output::render_events(&events, format))
         }
+        Command::Connectors => {
+            let connectors = client
+                .list_connectors(pb::ListConnectorsRequest {})
+                .await?
+                .into_inner()
+                .connectors;
+            Ok(output::render_connectors(&connectors, format))
+        }
+        Command::Runs { id, limit } => {
+            let runs = client
+                .list_runs(pb::ListRunsRequest {
+                    pipeline_id: id,
+                    page_size: i32::try_from(limit).unwrap_or(i32::MAX),
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner()
+                .runs;
+            Ok(output::render_runs(&runs, format))
+        }
+        Command::Sync { id, request_id } => {
+            let p = client
+                .trigger_sync(pb::TriggerSyncRequest {
+                    pipeline_id: id,
+                    request_id: request_id.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            Ok(output::render_pipeline(&p, format))
+        }
+        Command::Push { id, .. } => {
+            let total = push_inputs.len();
+            let mut sequences = Vec::with_capacity(total);
+            for input in push_inputs {
+                let stored = client
+                    .push_source_input(pb::PushSourceInputRequest {
+                        pipeline_id: id.clone(),
+                        input: Some(sluice_protocol::conversions::json_to_value(&input)),
+                    })
+                    .await;
+                match stored {
+                    Ok(stored) => sequences.push(stored.into_inner().sequence),
+                    Err(status) => {
+                        // What was stored stays stored: say how far the push got.
+                        eprintln!(
+                            "pushed {} of {total} inputs before input {} failed",
+                            sequences.len(),
+                            sequences.len() + 1
+                        );
+                        return Err(status.into());
+                    }
+                }
+            }
+            Ok(output::render_pushed(&id, &sequences, format))
+        }
+        Command::Reset { id, streams } => {
+            let p = client
+                .reset_pipeline(pb::ResetPipelineRequest {
+                    pipeline_id: id,
+                    streams,
+                    etag: String::new(),
+                })
+                .await?
+                .into_inner();
+            Ok(output::render_pipeline(&p, format))
+        }
     }
+}
+
+fn parse_input(text: &str, origin: &str) -> Result<serde_json::Value, CliError> {
+    serde_json::from_str(text).map_err(|e| CliError::BadInput {
+        origin: origin.to_owned(),
+        message: format!("not valid JSON: {e}"),
+    })
+}
+
+/// Reads JSON Lines inputs (blank lines skipped); "-" is standard input.
+fn read_inputs(path: &Path) -> Result<Vec<serde_json::Value>, CliError> {
+    let (text, origin) = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|source| CliError::ReadSpec {
+                origin: "standard input".into(),
+                source,
+            })?;
+        (text, "<stdin>".to_owned())
+    } else {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadSpec {
+            origin: origin.clone(),
+            source,
+        })?;
+        (text, origin)
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(n, line)| parse_input(line, &format!("{origin}:{}", n + 1)))
+        .collect()
 }
 
 /// A bearer token sent over plaintext is readable by anyone on the path; that is fine

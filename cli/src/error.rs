@@ -22,6 +22,8 @@ pub enum CliError {
     },
     #[error("cannot use config file {origin}: {message}")]
     ReadConfig { origin: String, message: String },
+    #[error("{origin}: {message}")]
+    BadInput { origin: String, message: String },
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("invalid --server url {url:?}: {source}")]
@@ -67,6 +69,7 @@ impl CliError {
             | Self::ReadSpec { .. }
             | Self::InvalidServer { .. }
             | Self::ReadConfig { .. }
+            | Self::BadInput { .. }
             | Self::Tls(_) => EXIT_USAGE,
             Self::Unreachable { .. }
             | Self::Rpc(_)

@@ -300,6 +300,121 @@ pub fn render_events(events: &[pb::PipelineEvent], format: OutputFormat) -> Stri
     }
 }
 
+#[derive(Serialize)]
+struct ConnectorInfo {
+    side: String,
+    r#type: String,
+    summary: String,
+    secret_fields: Vec<String>,
+    config_schema: serde_json::Map<String, serde_json::Value>,
+}
+
+pub fn render_connectors(connectors: &[pb::Connector], format: OutputFormat) -> String {
+    let views: Vec<ConnectorInfo> = connectors
+        .iter()
+        .map(|c| ConnectorInfo {
+            side: c.side.clone(),
+            r#type: c.r#type.clone(),
+            summary: c.summary.clone(),
+            secret_fields: c.secret_fields.clone(),
+            config_schema: c
+                .config_schema
+                .as_ref()
+                .map(sluice_protocol::conversions::struct_to_json)
+                .unwrap_or_default(),
+        })
+        .collect();
+    match format {
+        OutputFormat::Json => to_json(&views),
+        OutputFormat::Table => {
+            let mut table = new_table();
+            table.set_header(["SIDE", "TYPE", "CONFIG KEYS", "SECRETS", "SUMMARY"]);
+            for c in &views {
+                let keys = c
+                    .config_schema
+                    .get("properties")
+                    .and_then(|p| p.as_object())
+                    .map(|p| p.keys().cloned().collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default();
+                table.add_row([
+                    c.side.as_str(),
+                    c.r#type.as_str(),
+                    or_dash(&keys),
+                    or_dash(&c.secret_fields.join(", ")),
+                    or_dash(&c.summary),
+                ]);
+            }
+            table.to_string()
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RunView {
+    number: i64,
+    trigger: String,
+    start_time: Option<String>,
+    end_time: Option<String>,
+    records_read: i64,
+    records_written: i64,
+    outcome: String,
+    error: String,
+}
+
+pub fn render_runs(runs: &[pb::Run], format: OutputFormat) -> String {
+    let views: Vec<RunView> = runs
+        .iter()
+        .map(|r| RunView {
+            number: r.number,
+            trigger: r.trigger.clone(),
+            start_time: timestamp(r.start_time.as_ref()),
+            end_time: timestamp(r.end_time.as_ref()),
+            records_read: r.records_read,
+            records_written: r.records_written,
+            outcome: r.outcome.clone(),
+            error: r.error.clone(),
+        })
+        .collect();
+    match format {
+        OutputFormat::Json => to_json(&views),
+        OutputFormat::Table => {
+            let mut table = new_table();
+            table.set_header([
+                "RUN", "TRIGGER", "STARTED", "ENDED", "READ", "WRITTEN", "OUTCOME", "ERROR",
+            ]);
+            for r in &views {
+                table.add_row([
+                    r.number.to_string().as_str(),
+                    &r.trigger,
+                    or_dash(r.start_time.as_deref().unwrap_or("")),
+                    or_dash(r.end_time.as_deref().unwrap_or("")),
+                    &r.records_read.to_string(),
+                    &r.records_written.to_string(),
+                    &r.outcome,
+                    or_dash(&r.error),
+                ]);
+            }
+            table.to_string()
+        }
+    }
+}
+
+pub fn render_pushed(id: &str, sequences: &[i64], format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Json => {
+            to_json(&serde_json::json!({ "pipeline": id, "sequences": sequences }))
+        }
+        OutputFormat::Table => match sequences {
+            [] => format!("no input to push to {id}"),
+            [one] => format!("input stored for {id} as sequence {one}"),
+            [first, .., last] => format!(
+                "{} inputs stored for {id}, sequences {first} to {last}",
+                sequences.len()
+            ),
+        },
+    }
+}
+
 pub fn render_removed(id: &str, format: OutputFormat) -> String {
     match format {
         OutputFormat::Json => to_json(&RemovedView {

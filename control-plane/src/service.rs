@@ -308,6 +308,21 @@ impl PipelineApi {
                 ),
             });
         }
+        if !req.streams.is_empty() {
+            // Names the worker would not find are refused here, not ignored there.
+            let read = store::catalog_streams(&mut tx, &current.id).await?;
+            if let Some(unknown) = req.streams.iter().find(|s| !read.contains(s)) {
+                let why = if read.is_empty() {
+                    format!("{unknown:?}: the pipeline has not discovered its streams yet; reset all of them (name none)")
+                } else {
+                    format!(
+                        "{unknown:?} is not a stream this pipeline reads (it reads: {})",
+                        read.join(", ")
+                    )
+                };
+                return Err(FieldViolation::new("streams", &why).into());
+            }
+        }
         let streams = (!req.streams.is_empty()).then_some(req.streams.as_slice());
         let record = store::request_reset(&mut tx, &current.id, streams).await?;
         tx.commit().await?;

@@ -268,6 +268,20 @@ pub async fn request_sync(
     insert_signal(tx, record).await
 }
 
+/// The names of the streams the pipeline's last setup discovered (its checkpoint's
+/// catalog); empty before the first setup.
+pub async fn catalog_streams(
+    tx: &mut Transaction<'_, Postgres>,
+    id: &str,
+) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT s->>'name' FROM pipelines,          jsonb_array_elements(COALESCE(checkpoint->'catalog', '[]'::jsonb)) s WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
 /// Adds streams to the pipeline's pending reset (None: all streams), bumping the
 /// generation so that a client can wait for the worker to have applied it.
 pub async fn request_reset(

@@ -118,7 +118,7 @@ pub fn json_to_struct(map: &Map<String, Value>) -> prost_types::Struct {
     }
 }
 
-fn json_to_value(v: &Value) -> prost_types::Value {
+pub fn json_to_value(v: &Value) -> prost_types::Value {
     let kind = match v {
         Value::Null => Kind::NullValue(0),
         Value::Bool(b) => Kind::BoolValue(*b),

@@ -361,6 +361,7 @@ impl Workflow {
             lanes.request_syncs(row.sync_requests);
         }
         let mut backfill_complete = None;
+        let mut reset_pending = row.reset_request.is_some();
         // Far more than any path needs: a plan that keeps asking is a bug, not a wait.
         for _ in 0..32 {
             let observed = Observed {
@@ -379,7 +380,7 @@ impl Workflow {
                 lane_failed: self.lane_failure.is_some(),
                 topics_deleted: self.topics_deleted,
                 destination_cleaned: self.destination_cleaned,
-                reset_pending: row.reset_request.is_some(),
+                reset_pending,
             };
             let step = plan(&observed);
             tracing::debug!(pipeline_id = %self.claim().key, ?step, "reconcile step");
@@ -470,6 +471,7 @@ impl Workflow {
                     let streams = row.reset_request.clone().unwrap_or_default();
                     self.reset(&streams).await?;
                     // The reset is acted on; the pass goes on from the new checkpoint.
+                    reset_pending = false;
                     backfill_complete = None;
                 }
                 Step::DeleteTopics => {
