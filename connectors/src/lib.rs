@@ -13,12 +13,14 @@
 
 pub mod error;
 pub mod generator;
+pub mod http;
 pub mod pg;
 pub mod position;
 pub mod postgres_destination;
 pub mod postgres_source;
 pub mod records;
 pub mod registry;
+pub mod stripe_source;
 
 use std::fmt::Debug;
 use std::path::PathBuf;

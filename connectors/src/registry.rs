@@ -60,6 +60,7 @@ static REGISTRY: Registry = Registry {
     sources: &[
         &crate::generator::GeneratorKind,
         &crate::postgres_source::PostgresSourceKind,
+        &crate::stripe_source::StripeSourceKind,
     ],
     destinations: &[&crate::postgres_destination::PostgresDestinationKind],
 };

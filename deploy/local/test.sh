@@ -19,6 +19,8 @@ export DATABASE_URL KAFKA_BOOTSTRAP_SERVERS
 
 echo "[sluice-test] building binaries"
 "$script_dir/build-deps.sh"
+# The stripe source's tests run against stripe-mock.
+"$script_dir/stripe-mock.sh"
 cargo build --workspace --bins --locked
 echo "[sluice-test] running tests"
 # The end-to-end tests keep each process's log under target/e2e-logs; a fresh run

@@ -784,3 +784,66 @@ impl Deployment {
         .is_ok()
     }
 }
+
+/// stripe-mock (Stripe's mock of its API, installed by deploy/local/stripe-mock.sh) on
+/// a port of its own; stopped when dropped.
+pub struct StripeMock {
+    pub url: String,
+    _child: Child,
+}
+
+impl StripeMock {
+    pub async fn start(d: &Deployment) -> Result<Self> {
+        let bin = std::env::var_os("SLUICE_STRIPE_MOCK")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join(".local/bin/stripe-mock"));
+        if !bin.exists() {
+            bail!(
+                "{} is missing: run deploy/local/stripe-mock.sh",
+                bin.display()
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(bin)
+            .args(["-http-port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(d.log_file("stripe-mock")?)
+            .kill_on_drop(true)
+            .spawn()?;
+        let addr = format!("127.0.0.1:{port}");
+        wait_for("stripe-mock to listen", Duration::from_secs(30), || {
+            let addr = addr.clone();
+            async move { Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ())) }
+        })
+        .await?;
+        Ok(Self {
+            url: format!("http://{addr}"),
+            _child: child,
+        })
+    }
+
+    /// GETs `path` (e.g. "/v1/customers") and returns the JSON body.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.url.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!(
+                    "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer sk_test_e2e\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let text = String::from_utf8(response)?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .context("an HTTP response")?;
+        Ok(serde_json::from_str(body)?)
+    }
+}

@@ -707,3 +707,189 @@ async fn run_and_input_calls_refuse_bad_input() -> Result<()> {
     }
     d.shutdown().await
 }
+
+/// stripe-mock → postgres, the seeds' own scenario: customers, products and prices
+/// land in typed columns; a `customer.updated` event pushed through the live lane
+/// updates its row, a `product.deleted` marks its row, an event about an object no
+/// stream holds changes nothing; a sync finds no object created since the backfill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_objects_land_typed_and_events_update_them() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let stripe = StripeMock::start(&d).await?;
+    let key = "sk_test_e2e-secret-stripe";
+    let mut create = request(
+        "stripe",
+        connector("stripe", json!({"api_key": key, "base_url": stripe.url})),
+        json!({"url": d.database_url, "table_prefix": "stripe_"}),
+        DesiredStatus::Active,
+    );
+    create
+        .pipeline
+        .as_mut()
+        .and_then(|p| p.spec.as_mut())
+        .context("a spec")?
+        .streams = vec!["customers".into(), "products".into(), "prices".into()];
+    let created = client.create_pipeline(create).await?.into_inner();
+    let shown = serde_json::to_string(&format!("{:?}", created.spec))?;
+    ensure!(!shown.contains(key), "the API key is shown");
+    wait_converged(&mut client, "stripe", PipelineStatus::Ready, CONVERGE).await?;
+
+    for (stream, table) in [
+        ("customers", "stripe_customers"),
+        ("products", "stripe_products"),
+        ("prices", "stripe_prices"),
+    ] {
+        let listed = stripe.get(&format!("/v1/{stream}")).await?;
+        let objects = listed["data"].as_array().context("a list")?;
+        ensure!(!objects.is_empty(), "stripe-mock lists no {stream}");
+        for o in objects {
+            let id = o["id"].as_str().context("an id")?;
+            let row = sqlx::query(&format!(
+                "SELECT extract(epoch FROM created)::bigint AS created, livemode, metadata \
+                 FROM public.{table} WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(&d.pool)
+            .await?
+            .with_context(|| format!("{stream} {id} did not land in {table}"))?;
+            ensure!(row.try_get::<i64, _>("created")? == o["created"].as_i64().context("created")?);
+            ensure!(
+                row.try_get::<bool, _>("livemode")?
+                    == o["livemode"].as_bool().context("livemode")?
+            );
+            ensure!(row.try_get::<Value, _>("metadata")? == o["metadata"]);
+        }
+    }
+    let price = stripe.get("/v1/prices").await?["data"][0].clone();
+    let (amount, active): (i64, bool) =
+        sqlx::query_as("SELECT unit_amount, active FROM public.stripe_prices WHERE id = $1")
+            .bind(price["id"].as_str())
+            .fetch_one(&d.pool)
+            .await?;
+    ensure!(
+        Some(amount) == price["unit_amount"].as_i64() && Some(active) == price["active"].as_bool()
+    );
+    let types: Vec<(String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns \
+         WHERE table_name = 'stripe_customers'",
+    )
+    .fetch_all(&d.pool)
+    .await?;
+    for (column, ty) in [
+        ("created", "timestamp with time zone"),
+        ("balance", "bigint"),
+        ("delinquent", "boolean"),
+        ("metadata", "jsonb"),
+    ] {
+        ensure!(
+            types.iter().any(|(c, t)| c == column && t == ty),
+            "stripe_customers.{column} is not {ty}: {types:?}"
+        );
+    }
+    ensure!(
+        !d.table_exists("stripe_invoices").await?,
+        "a stream the spec does not select was read"
+    );
+
+    // Events through the live lane.
+    let mut customer = stripe.get("/v1/customers").await?["data"][0].clone();
+    let id = customer["id"].as_str().context("an id")?.to_owned();
+    customer["email"] = json!("updated@example.com");
+    customer["name"] = json!("Updated Name");
+    let product = stripe.get("/v1/products").await?["data"][0].clone();
+    for event in [
+        json!({"object": "event", "type": "payment_intent.created",
+               "data": {"object": {"id": "pi_1", "object": "payment_intent"}}}),
+        json!({"object": "event", "type": "customer.updated", "data": {"object": customer}}),
+        json!({"object": "event", "type": "product.deleted",
+               "data": {"object": {"id": product["id"], "object": "product", "deleted": true}}}),
+    ] {
+        client
+            .push_source_input(pb::PushSourceInputRequest {
+                pipeline_id: "stripe".into(),
+                input: Some(sluice_protocol::conversions::json_to_value(&event)),
+            })
+            .await?;
+    }
+    let not_an_event = client
+        .push_source_input(pb::PushSourceInputRequest {
+            pipeline_id: "stripe".into(),
+            input: Some(sluice_protocol::conversions::json_to_value(
+                &json!({"type": "customer.updated"}),
+            )),
+        })
+        .await
+        .expect_err("an event without data.object");
+    ensure!(
+        not_an_event.code() == Code::InvalidArgument,
+        "{not_an_event:?}"
+    );
+    wait_for("the updated customer", CONVERGE, || async {
+        let row: Option<(Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT email, name FROM public.stripe_customers WHERE id = $1")
+                .bind(&id)
+                .fetch_optional(&d.pool)
+                .await?;
+        Ok((row
+            == Some((
+                Some("updated@example.com".into()),
+                Some("Updated Name".into()),
+            )))
+        .then_some(()))
+    })
+    .await?;
+    wait_for("the deleted product", CONVERGE, || async {
+        let deleted: Option<bool> =
+            sqlx::query_scalar("SELECT deleted FROM public.stripe_products WHERE id = $1")
+                .bind(product["id"].as_str())
+                .fetch_one(&d.pool)
+                .await?;
+        Ok((deleted == Some(true)).then_some(()))
+    })
+    .await?;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM public.stripe_customers")
+        .fetch_one(&d.pool)
+        .await?;
+    ensure!(count == 1, "{count} customers");
+
+    // A sync: stripe-mock's objects are all older than the backfill.
+    client
+        .trigger_sync(pb::TriggerSyncRequest {
+            pipeline_id: "stripe".into(),
+            request_id: String::new(),
+        })
+        .await?;
+    let sync = wait_run(&client, "stripe", 2, CONVERGE).await?;
+    ensure!(sync.records_read == 0, "{sync:?}");
+    let p = get(&mut client, "stripe").await?;
+    ensure!(p.status == PipelineStatus::Ready as i32, "{p:?}");
+    d.shutdown().await
+}
+
+/// A key Stripe refuses ends in ERROR at setup, saying so, and never shows the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripe_key_refused_ends_in_error() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let stripe = StripeMock::start(&d).await?;
+    // stripe-mock refuses a key that does not look like one.
+    let key = "e2e-secret-not-a-key";
+    client
+        .create_pipeline(request(
+            "badkey",
+            connector("stripe", json!({"api_key": key, "base_url": stripe.url})),
+            json!({"url": d.database_url, "table_prefix": "bad_"}),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    let p = wait_converged(&mut client, "badkey", PipelineStatus::Error, CONVERGE).await?;
+    ensure!(
+        p.last_error.contains("stripe answered 401") && !p.last_error.contains(key),
+        "{:?}",
+        p.last_error
+    );
+    d.shutdown().await
+}

@@ -654,12 +654,12 @@ async fn live_lane(
                     message: format!("input at inputs-topic offset {offset} cannot be applied: {why}"),
                 })?;
                 for (i, (stream_name, data)) in records.into_iter().enumerate() {
-                    let stream = catalog.iter().find(|s| s.name == stream_name).ok_or_else(|| ActivityError::Failed {
-                        failure_type: FailureType::DataError,
-                        message: format!(
-                            "input at inputs-topic offset {offset} is for stream {stream_name:?}, which the pipeline does not read"
-                        ),
-                    })?;
+                    // Inputs for a stream the pipeline does not read (a webhook relays
+                    // every event) change nothing.
+                    let Some(stream) = catalog.iter().find(|s| s.name == stream_name) else {
+                        tracing::debug!(pipeline_id = %claim.key, offset, stream = %stream_name, "input for a stream not read; skipped");
+                        continue;
+                    };
                     let position = Position::of([Value::from(*offset), Value::from(i as i64)]);
                     let record = SourceRecord { data, position: position.clone() };
                     encoded.push(encode_record(stream, &record, position, &tags));
