@@ -14,6 +14,7 @@
 pub mod error;
 pub mod generator;
 pub mod http;
+pub mod jsonl;
 pub mod pg;
 pub mod position;
 pub mod postgres_destination;
@@ -54,6 +55,8 @@ pub struct Context {
     pub worker_id: String,
     /// Where a destination's `sslrootcert=<name>` CA files are looked up.
     pub ca_dir: Option<PathBuf>,
+    /// The directory file connectors (jsonl) read and write in; None: none allowed.
+    pub files_dir: Option<PathBuf>,
     /// Which hosts connectors may connect to.
     pub hosts: HostPolicy,
     /// Longest statement (the activity attempt timeout).
@@ -117,6 +120,12 @@ pub trait Source: Send + Sync + Debug {
         _stream: &StreamSchema,
     ) -> Result<Option<Position>, ActivityError> {
         Ok(None)
+    }
+
+    /// Whether a stream's syncs start where its backfill ended (a file read on as it
+    /// grows), rather than at [`Source::sync_start`].
+    fn sync_follows_backfill(&self) -> bool {
+        false
     }
 
     /// The records a pushed input (`PushSourceInput`) stands for, as (stream, record).

@@ -28,6 +28,11 @@ pub const SPEC_VERSION_HEADER: &str = "sluice-spec-version";
 pub const POSITION_HEADER: &str = "sluice-position";
 pub const LANE_HEADER: &str = "sluice-lane";
 pub const RUN_HEADER: &str = "sluice-run";
+/// Every tag in one header (one header costs the producer and the consumer far less
+/// than six): `v1;<incarnation>;<epoch>;<spec version>;<lane>;<run or ->;<position>`,
+/// the position last, as JSON (it may hold `;`). Records produced before it carry one
+/// header per tag, which are still read.
+pub const TAGS_HEADER: &str = "sluice-tags";
 
 /// Which lane read a record: positions only compare within one stream and lane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +74,57 @@ pub struct RecordTags {
 
 impl RecordTags {
     pub fn to_headers(&self) -> OwnedHeaders {
+        let run = self.run.map_or_else(|| "-".to_owned(), |r| r.to_string());
+        let position = self
+            .position
+            .as_ref()
+            .map_or_else(String::new, Position::to_header);
+        let value = format!(
+            "v1;{};{};{};{};{run};{position}",
+            self.incarnation,
+            self.epoch,
+            self.spec_version,
+            self.lane.as_str()
+        );
+        OwnedHeaders::new_with_capacity(1).insert(Header {
+            key: TAGS_HEADER,
+            value: Some(value.as_bytes()),
+        })
+    }
+
+    fn from_compact(value: Option<&[u8]>) -> Result<Self, String> {
+        let text = value
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .ok_or_else(|| format!("header {TAGS_HEADER} is not text"))?;
+        let bad = || format!("header {TAGS_HEADER} is malformed: {text:?}");
+        let mut parts = text.splitn(7, ';');
+        if parts.next() != Some("v1") {
+            return Err(bad());
+        }
+        let mut number =
+            || -> Result<i64, String> { parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad) };
+        let (incarnation, epoch, spec_version) = (number()?, number()?, number()?);
+        let lane = parts.next().and_then(Lane::parse).ok_or_else(bad)?;
+        let run = match parts.next().ok_or_else(bad)? {
+            "-" => None,
+            r => Some(r.parse::<i64>().map_err(|_| bad())?),
+        };
+        let position = match parts.next().ok_or_else(bad)? {
+            "" => None,
+            p => Some(Position::from_header(p)?),
+        };
+        Ok(Self {
+            incarnation,
+            epoch,
+            spec_version,
+            lane,
+            position,
+            run,
+        })
+    }
+
+    /// One header per tag, as records were produced before [`TAGS_HEADER`].
+    pub fn to_legacy_headers(&self) -> OwnedHeaders {
         let numbers = [
             (INCARNATION_HEADER, self.incarnation),
             (EPOCH_HEADER, self.epoch),
@@ -106,6 +162,9 @@ impl RecordTags {
         let Some(headers) = headers else {
             return Ok(None);
         };
+        if let Some(tags) = headers.iter().find(|h| h.key == TAGS_HEADER) {
+            return Self::from_compact(tags.value).map(Some);
+        }
         let mut numbers = [None; 3];
         let mut lane = None;
         let mut position = None;
@@ -469,5 +528,42 @@ mod tests {
             value: Some("x".as_bytes()),
         });
         assert!(RecordTags::from_headers(Some(&broken)).is_err());
+    }
+
+    #[test]
+    fn compact_tags_hold_any_position_and_legacy_headers_still_read() {
+        let tags = RecordTags {
+            incarnation: 1,
+            epoch: 2,
+            spec_version: 3,
+            lane: Lane::Live,
+            position: Some(Position::of([
+                Value::from("a;b;c"),
+                Value::Null,
+                Value::from(-5),
+            ])),
+            run: None,
+        };
+        assert_eq!(
+            RecordTags::from_headers(Some(&tags.to_headers())),
+            Ok(Some(tags.clone()))
+        );
+        assert_eq!(tags.to_headers().count(), 1);
+        assert_eq!(
+            RecordTags::from_headers(Some(&tags.to_legacy_headers())),
+            Ok(Some(tags))
+        );
+        for bad in [
+            "v2;1;2;3;live;-;",
+            "v1;1;2;x;live;-;",
+            "v1;1;2;3;fast;-;",
+            "v1;1;2;3",
+        ] {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: TAGS_HEADER,
+                value: Some(bad.as_bytes()),
+            });
+            assert!(RecordTags::from_headers(Some(&headers)).is_err(), "{bad}");
+        }
     }
 }

@@ -61,8 +61,12 @@ static REGISTRY: Registry = Registry {
         &crate::generator::GeneratorKind,
         &crate::postgres_source::PostgresSourceKind,
         &crate::stripe_source::StripeSourceKind,
+        &crate::jsonl::JsonlSourceKind,
     ],
-    destinations: &[&crate::postgres_destination::PostgresDestinationKind],
+    destinations: &[
+        &crate::postgres_destination::PostgresDestinationKind,
+        &crate::jsonl::JsonlDestinationKind,
+    ],
 };
 
 /// The registry of every connector.

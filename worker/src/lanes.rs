@@ -10,9 +10,11 @@
 //!
 //! Every lane stops at a safe point when its cancellation token fires.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -50,6 +52,30 @@ const LIVE_BATCH: usize = 500;
 /// long a stopped owner's open transaction can hold back the write lane (which reads
 /// committed records only).
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Time the lanes spent per stage, for the run log: reading the source, producing to
+/// Kafka (transactions included), consuming records (waiting included) and writing
+/// to the destination.
+#[derive(Debug, Default)]
+pub struct Stages {
+    read: AtomicU64,
+    produce: AtomicU64,
+    consume: AtomicU64,
+    write: AtomicU64,
+}
+
+impl Stages {
+    fn add(counter: &AtomicU64, since: tokio::time::Instant) {
+        let nanos = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        counter.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Seconds per stage: read, produce, consume, write.
+    fn seconds(&self) -> [f64; 4] {
+        [&self.read, &self.produce, &self.consume, &self.write]
+            .map(|c| c.load(Ordering::Relaxed) as f64 / 1e9)
+    }
+}
 
 #[derive(Debug)]
 pub enum LaneEvent {
@@ -128,7 +154,9 @@ impl Lanes {
         let (committed_tx, committed) = watch::channel(-1);
         let (sync_requests, requests) = watch::channel(params.sync_requests);
         let catalog = Arc::new(RwLock::new(params.checkpoint.catalog.clone()));
+        let stages = Arc::new(Stages::default());
         let write = WriteLane {
+            stages: Arc::clone(&stages),
             destination: Arc::clone(&params.destination),
             topic: params.topic.clone(),
             catalog: Arc::clone(&catalog),
@@ -158,6 +186,7 @@ impl Lanes {
                 catalog,
                 streams: params.streams,
                 schedule: params.schedule,
+                stages,
             },
             requests,
             committed.clone(),
@@ -220,10 +249,12 @@ struct ReadLane {
     catalog: Arc<RwLock<Vec<StreamSchema>>>,
     streams: Vec<String>,
     schedule: Option<Schedule>,
+    stages: Arc<Stages>,
 }
 
 /// What the read lane's activities need.
 struct Reader<'a> {
+    stages: &'a Stages,
     activities: &'a Activities,
     ctx: &'a WorkerContext,
     claim: &'a sluice_connectors::Claim,
@@ -306,6 +337,7 @@ impl Reader<'_> {
                     )
                 })
                 .await?;
+            Stages::add(&self.stages.read, started);
             // Positions carry the stream's reset count first: a stream read again
             // after a reset is never taken for a replay of its earlier reads.
             let encoded: Vec<EncodedRecord> = slice
@@ -317,12 +349,14 @@ impl Reader<'_> {
                     encode_record(stream, r, Position(position), tags)
                 })
                 .collect();
+            let producing = tokio::time::Instant::now();
             let produced = self
                 .activities
                 .run("produce-slice", self.cancel, || async {
                     self.producer.lock().await.produce(topic, &encoded).await
                 })
                 .await?;
+            Stages::add(&self.stages.produce, producing);
             end = end.max(produced);
             if let Some(last) = slice.records.last() {
                 match mode {
@@ -332,6 +366,10 @@ impl Reader<'_> {
             }
             if mode == ReadMode::Backfill {
                 progress.backfill_done = slice.done;
+                if slice.done && source.sync_follows_backfill() {
+                    progress.sync_after =
+                        Some(progress.backfill_after.clone().unwrap_or(Position::int(0)));
+                }
             }
             let patch = match produced {
                 Some(end) if mode == ReadMode::Backfill => json!({ "backfill_end_offset": end }),
@@ -386,6 +424,7 @@ async fn read_lane(
     let ctx = Arc::clone(activities.ctx());
     let producer = tokio::sync::Mutex::new(SliceProducer::new(Arc::clone(&ctx), &claim, "read"));
     let reader = Reader {
+        stages: &lane.stages,
         activities: &activities,
         ctx: &ctx,
         claim: &claim,
@@ -468,7 +507,16 @@ async fn read_lane(
                         .await?;
                     lane.checkpoint.run = None;
                     reader.save(json!({ "run": null })).await?;
-                    tracing::info!(pipeline_id = %claim.key, run = run.number, "run succeeded");
+                    let [read_s, produce_s, consume_s, write_s] = lane.stages.seconds();
+                    tracing::info!(
+                        pipeline_id = %claim.key,
+                        run = run.number,
+                        read_s = format!("{read_s:.2}"),
+                        produce_s = format!("{produce_s:.2}"),
+                        consume_s = format!("{consume_s:.2}"),
+                        write_s = format!("{write_s:.2}"),
+                        "run succeeded (stage times since the lanes started)"
+                    );
                 }
             }
             // The next sync: a run left half done, one asked for, or the schedule's.
@@ -729,7 +777,7 @@ fn encode_record(
         .join("\u{1f}");
     EncodedRecord {
         key,
-        payload: ConnectorMessage::record(&stream.name, record.data.clone(), now_ms()).to_bytes(),
+        payload: ConnectorMessage::record_bytes(&stream.name, &record.data, now_ms()),
         tags: RecordTags {
             position: Some(position),
             ..tags.clone()
@@ -852,7 +900,10 @@ async fn produce_in_order(
     topic: &str,
     records: &[EncodedRecord],
 ) -> Result<i64, KafkaError> {
-    let mut deliveries = Vec::with_capacity(records.len());
+    // Only the last delivery is awaited: with idempotence the partition keeps the
+    // produce order, so its offset + 1 ends the slice, and the transaction's commit
+    // fails unless every record of it was delivered.
+    let mut last = None;
     for r in records {
         let mut record = FutureRecord::to(topic)
             .partition(RECORDS_PARTITION)
@@ -862,7 +913,7 @@ async fn produce_in_order(
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {
-                    deliveries.push(delivery);
+                    last = Some(delivery);
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -873,15 +924,14 @@ async fn produce_in_order(
             }
         }
     }
-    let mut end = -1;
-    for delivery in deliveries {
-        match delivery.await {
-            Ok(Ok(d)) => end = end.max(d.offset + 1),
-            Ok(Err((e, _))) => return Err(e),
-            Err(_) => return Err(KafkaError::Canceled),
-        }
+    match last {
+        None => Ok(-1),
+        Some(delivery) => match delivery.await {
+            Ok(Ok(d)) => Ok(d.offset + 1),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(KafkaError::Canceled),
+        },
     }
-    Ok(end)
 }
 
 /// Runs a blocking librdkafka call (transactions block the calling thread).
@@ -912,6 +962,7 @@ fn kafka_transaction_error(e: KafkaError) -> ActivityError {
 }
 
 struct WriteLane {
+    stages: Arc<Stages>,
     destination: Arc<dyn Destination>,
     topic: String,
     /// Shared with the read lane, which updates it when the source's shape changes.
@@ -969,7 +1020,9 @@ async fn write_lane(
     }
 }
 
-/// The write loop; returns Ok when cancelled at a safe point.
+/// The write loop; returns Ok when cancelled at a safe point. While a batch is being
+/// written, the next one is consumed and decoded, so the destination's round trips
+/// and the consumer's work overlap.
 async fn consume_and_write(
     activities: &Activities,
     lane: &WriteLane,
@@ -981,23 +1034,38 @@ async fn consume_and_write(
     let ctx = activities.ctx();
     let id = target.claim.key.as_str();
     let batch_size = lane.destination.batch_size();
+    let mut batch: Vec<PendingRecord> = Vec::with_capacity(batch_size);
     loop {
-        // Safe point: no batch is open while waiting for the first record.
-        let first = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            m = consumer.recv() => m,
-        };
-        let mut batch = Vec::with_capacity(batch_size);
-        match first {
-            Ok(m) => batch.push(pending_record(&m)?),
-            Err(e) => {
-                consumer_error(id, &lane.topic, e)?;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        let consuming = tokio::time::Instant::now();
+        if batch.is_empty() {
+            // Safe point: no batch is open while waiting for the first record.
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                m = consumer.recv() => m,
+            };
+            match first {
+                Ok(m) => batch.push(pending_record(&m)?),
+                Err(e) => {
+                    consumer_error(id, &lane.topic, e)?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
             }
         }
         let deadline = tokio::time::Instant::now() + BATCH_MAX_WAIT;
         while batch.len() < batch_size {
+            // Records already fetched are taken without arming a timer.
+            match consumer.recv().now_or_never() {
+                Some(Ok(m)) => {
+                    batch.push(pending_record(&m)?);
+                    continue;
+                }
+                Some(Err(e)) => {
+                    consumer_error(id, &lane.topic, e)?;
+                    break;
+                }
+                None => {}
+            }
             let linger = deadline.min(tokio::time::Instant::now() + BATCH_LINGER);
             tokio::select! {
                 biased;
@@ -1011,10 +1079,13 @@ async fn consume_and_write(
                 _ = tokio::time::sleep_until(linger) => break,
             }
         }
+        Stages::add(&lane.stages.consume, consuming);
+        let writing = tokio::time::Instant::now();
         // Rows and offset commit atomically; cancelling mid-attempt rolls the
         // transaction back, and the batch is read again from the stored offset.
-        let written = activities
-            .run("write-batch", cancel, || async {
+        let mut next = Vec::with_capacity(batch_size);
+        let written = {
+            let write = activities.run("write-batch", cancel, || async {
                 let catalog = lane
                     .catalog
                     .read()
@@ -1023,8 +1094,20 @@ async fn consume_and_write(
                 lane.destination
                     .write(&ctx.connectors, target, &catalog, &batch)
                     .await
-            })
-            .await;
+            });
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut write => break r,
+                    m = consumer.recv(), if next.len() < batch_size => match m {
+                        Ok(m) => next.push(pending_record(&m)?),
+                        Err(e) => consumer_error(id, &lane.topic, e)?,
+                    },
+                }
+            }
+        };
+        Stages::add(&lane.stages.write, writing);
         match written {
             Ok(written) => {
                 committed.send_replace(written.next_offset);
@@ -1042,6 +1125,7 @@ async fn consume_and_write(
             Err(ActivityError::Cancelled) => return Ok(()),
             Err(e) => return Err(e),
         }
+        batch = next;
     }
 }
 
@@ -1071,14 +1155,14 @@ fn pending_record(
     };
     let tags = RecordTags::from_headers(message.headers()).map_err(poison)?;
     let payload = message.payload().unwrap_or_default();
-    match ConnectorMessage::from_bytes(payload) {
-        Ok(ConnectorMessage::Record { record }) => Ok(PendingRecord {
+    match ConnectorMessage::record_from_bytes(payload) {
+        Ok(Ok(record)) => Ok(PendingRecord {
             offset: message.offset(),
             stream: record.stream,
             tags,
             data: record.data,
         }),
-        Ok(other) => Err(poison(format!("not a record message: {other:?}"))),
+        Ok(Err(other)) => Err(poison(format!("not a record message: {other:?}"))),
         Err(e) => Err(poison(e.to_string())),
     }
 }
@@ -1108,6 +1192,9 @@ fn topic_consumer(
         // worker that runs many pipelines.
         .set("queued.max.messages.kbytes", "2048")
         .set("fetch.wait.max.ms", "100")
+        // With so small a queue, the default backoff (1 s) after the queue fills would
+        // stall a backlog's consumption for a second each time it does.
+        .set("fetch.queue.backoff.ms", "10")
         .create()?;
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, RECORDS_PARTITION, Offset::Offset(start.max(0)))?;

@@ -43,6 +43,8 @@ pub struct Config {
     pub attempt_timeout: Duration,
     /// Where destination CA files (`sslrootcert=<name>`) are looked up.
     pub destination_ca_dir: Option<std::path::PathBuf>,
+    /// Where the file connectors read and write.
+    pub files_dir: Option<std::path::PathBuf>,
     /// Which hosts destinations may connect to.
     pub destination_hosts: sluice_protocol::hosts::HostPolicy,
     /// Prefix of the records topics and Kafka transactional ids this deployment's
@@ -110,6 +112,7 @@ pub async fn run(
         connectors: sluice_connectors::Context {
             worker_id: config.worker_id.clone(),
             ca_dir: config.destination_ca_dir.clone(),
+            files_dir: config.files_dir.clone(),
             hosts: config.destination_hosts.clone(),
             statement_timeout: config.attempt_timeout,
             pg_pools: Default::default(),
