@@ -15,6 +15,7 @@ pub mod error;
 pub mod generator;
 pub mod http;
 pub mod jsonl;
+pub mod kafka_topic;
 pub mod pg;
 pub mod position;
 pub mod postgres_destination;

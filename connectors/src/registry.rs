@@ -62,10 +62,12 @@ static REGISTRY: Registry = Registry {
         &crate::postgres_source::PostgresSourceKind,
         &crate::stripe_source::StripeSourceKind,
         &crate::jsonl::JsonlSourceKind,
+        &crate::kafka_topic::KafkaSourceKind,
     ],
     destinations: &[
         &crate::postgres_destination::PostgresDestinationKind,
         &crate::jsonl::JsonlDestinationKind,
+        &crate::kafka_topic::KafkaDestinationKind,
     ],
 };
 

@@ -1059,3 +1059,175 @@ async fn a_jsonl_destination_holds_each_record_once_across_a_kill() -> Result<()
     }
     d.shutdown().await
 }
+
+/// Messages of `topic` as committed transactions show them, from the beginning, until
+/// `count` arrived (or nothing more does).
+fn consume_committed(
+    bootstrap: &str,
+    topic: &str,
+    count: usize,
+) -> Result<Vec<(Option<String>, Value)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("e2e-reader"))
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut quiet_since = std::time::Instant::now();
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                quiet_since = std::time::Instant::now();
+                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                let value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+                out.push((key, value));
+            }
+            Some(Err(e)) => bail!("consuming {topic}: {e}"),
+            None if out.len() >= count && quiet_since.elapsed() > Duration::from_secs(3) => break,
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// kafka → postgres: the messages of a three-partition topic arrive once each, those
+/// produced later after a TriggerSync. generator → kafka with the worker killed (-9)
+/// midway: a read_committed consumer of the destination topic sees each record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_topics_in_and_out_exactly_once() -> Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("w1").await?;
+    let bootstrap = d.infra.kafka_bootstrap_servers.clone();
+    let admin = sluice_infra::kafka::KafkaSettings::new(&bootstrap).admin()?;
+    let input = unique("kin");
+    admin.ensure_topic(&input, 3, 1, &[]).await?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()?;
+    let produce = |from: i64, to: i64| {
+        let producer = producer.clone();
+        let input = input.clone();
+        async move {
+            for i in from..to {
+                let payload = json!({"id": i, "name": format!("m{i}")}).to_string();
+                producer
+                    .send(
+                        FutureRecord::to(&input)
+                            .key(&i.to_string())
+                            .payload(&payload),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    produce(0, 3000).await?;
+    client
+        .create_pipeline(request(
+            "kin",
+            connector(
+                "kafka",
+                json!({"bootstrap_servers": bootstrap, "topics": [input], "slice_size": 700}),
+            ),
+            json!({"url": d.database_url, "table_prefix": "k_"}),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(&mut client, "kin", PipelineStatus::Ready, CONVERGE).await?;
+    let table = format!("k_{input}");
+    let check = |n: i64| {
+        let pool = d.pool.clone();
+        let table = table.clone();
+        async move {
+            let (rows, ids, places): (i64, i64, i64) = sqlx::query_as(&format!(
+                "SELECT count(*), count(DISTINCT (value->>'id')::bigint), count(DISTINCT (partition, \"offset\")) \
+                 FROM public.{table} WHERE value->>'name' = 'm' || (value->>'id') AND key = value->>'id'"
+            ))
+            .fetch_one(&pool)
+            .await?;
+            ensure!(
+                (rows, ids, places) == (n, n, n),
+                "{table}: {rows} rows, {ids} ids, {places} places; want {n}"
+            );
+            anyhow::Ok(())
+        }
+    };
+    check(3000).await?;
+    produce(3000, 3150).await?;
+    client
+        .trigger_sync(pb::TriggerSyncRequest {
+            pipeline_id: "kin".into(),
+            request_id: String::new(),
+        })
+        .await?;
+    let sync = wait_run(&client, "kin", 2, CONVERGE).await?;
+    ensure!(sync.records_read == 150, "{sync:?}");
+    check(3150).await?;
+
+    let output = unique("kout");
+    let count = 5000u64;
+    client
+        .create_pipeline(pb::CreatePipelineRequest {
+            pipeline_id: "kout".into(),
+            pipeline: Some(pb::Pipeline {
+                spec: Some(pb::PipelineSpec {
+                    source: Some(connector(
+                        "generator",
+                        generator_config(count, 6, 250, 1500),
+                    )),
+                    destination: Some(connector(
+                        "kafka",
+                        json!({"bootstrap_servers": bootstrap, "topic": output, "batch_size": 100}),
+                    )),
+                    ..Default::default()
+                }),
+                desired_status: DesiredStatus::Active as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?;
+    wait_converged(&mut client, "kout", PipelineStatus::Backfill, CONVERGE).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    d.take_worker_named("w1")?.kill().await?;
+    d.start_worker("w2").await?;
+    wait_converged(&mut client, "kout", PipelineStatus::Ready, CONVERGE).await?;
+    let messages = tokio::task::spawn_blocking({
+        let bootstrap = bootstrap.clone();
+        let output = output.clone();
+        move || consume_committed(&bootstrap, &output, count as usize)
+    })
+    .await??;
+    let mut ids: Vec<u64> = messages
+        .iter()
+        .filter_map(|(_, v)| v["id"].as_u64())
+        .collect();
+    ids.sort_unstable();
+    ensure!(
+        ids == (0..count).collect::<Vec<_>>(),
+        "{} messages for {count} records (duplicates or gaps)",
+        messages.len()
+    );
+    for (key, value) in &messages {
+        let id = value["id"].as_u64().context("an id")?;
+        ensure!(
+            key.as_deref() == Some(id.to_string().as_str()),
+            "key {key:?} for id {id}"
+        );
+        ensure!(Value::Object(sluice_protocol::catalog::generator_record(6, id)) == *value);
+    }
+    for t in [&input, &output] {
+        admin.delete_topic(t).await?;
+    }
+    d.shutdown().await
+}
