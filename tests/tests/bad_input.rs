@@ -53,7 +53,7 @@ async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
         .as_mut()
         .and_then(|p| p.spec.as_mut())
         .expect("spec")
-        .source = Some(connector("kafka", json!({})));
+        .source = Some(connector("mysql", json!({})));
     cases.push((req, Code::InvalidArgument, "pipeline.spec.source.type"));
     let mut req = generator_pipeline("x2", 10, 0, dest.clone(), DesiredStatus::Active);
     req.pipeline

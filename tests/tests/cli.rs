@@ -106,7 +106,7 @@ async fn operator_workflow_through_sluicectl() -> Result<()> {
             "--id",
             "bad-one",
             "--source-type",
-            "kafka",
+            "mysql",
             "--destination-type",
             "postgres",
         ])
