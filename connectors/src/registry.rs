@@ -100,7 +100,7 @@ impl Registry {
         spec: &PipelineSpec,
         prefix: &str,
     ) -> Result<ValidatedSpec, FieldViolation> {
-        spec.check_size(prefix)?;
+        spec.check_common(prefix)?;
         let source_path = format!("{prefix}.source");
         let source = match spec.source.connector_type.as_str() {
             "" => {

@@ -27,7 +27,15 @@ impl Schedule {
         }
         let fields = text.split_whitespace().count();
         let expression = match fields {
-            5 => format!("0 {text}"),
+            5 => {
+                // Classic cron numbers weekdays 0-7 with Sunday as 0 (and 7); the
+                // cron crate, 1-7 with Sunday as 1.
+                let mut parts: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+                parts[4] = classic_weekdays(&parts[4]).ok_or_else(|| {
+                    format!("{text:?}: day of week {:?} is not 0-7 or a name", parts[4])
+                })?;
+                format!("0 {}", parts.join(" "))
+            }
             6 | 7 => text.to_owned(),
             _ => {
                 return Err(format!(
@@ -47,6 +55,42 @@ impl Schedule {
             Self::Cron(schedule) => schedule.after(&last).next(),
         }
     }
+}
+
+/// A classic cron day-of-week field (0-7, Sunday 0 or 7; names; lists, ranges,
+/// steps) in the cron crate's numbering (1-7, Sunday 1). Step values stay as they are.
+fn classic_weekdays(field: &str) -> Option<String> {
+    let mut out = String::new();
+    for part in field.split(',') {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => (r, Some(s)),
+            None => (part, None),
+        };
+        let day = |d: &str| -> Option<String> {
+            match d.parse::<u8>() {
+                Ok(n) if n <= 7 => Some(((n % 7) + 1).to_string()),
+                Ok(_) => None,
+                Err(_) => Some(d.to_owned()),
+            }
+        };
+        let mapped = match range.split_once('-') {
+            // 5-7 ("Friday to Sunday") would wrap in the crate's numbering.
+            Some((a, b)) if b == "7" && a.parse::<u8>().is_ok() => {
+                format!("{}-7,1", day(a)?)
+            }
+            Some((a, b)) => format!("{}-{}", day(a)?, day(b)?),
+            None => day(range)?,
+        };
+        out.push_str(&mapped);
+        if let Some(s) = step {
+            out.push('/');
+            out.push_str(s);
+        }
+    }
+    Some(out)
 }
 
 /// "90s", "15m", "1h30m", "2d".
@@ -97,7 +141,27 @@ mod tests {
             cron.next_after(t0),
             Utc.with_ymd_and_hms(2026, 11, 30, 10, 15, 0).single()
         );
+        // Weekdays as classic cron numbers them (2026-11-29 is a Sunday).
+        let sunday = Utc
+            .with_ymd_and_hms(2026, 11, 29, 10, 0, 0)
+            .single()
+            .expect("valid");
+        let weekdays = Schedule::parse("0 9 * * 1-5").expect("cron");
+        assert_eq!(
+            weekdays.next_after(sunday),
+            Utc.with_ymd_and_hms(2026, 11, 30, 9, 0, 0).single()
+        );
+        for sundays in ["0 9 * * 0", "0 9 * * 7", "0 9 * * SUN", "0 9 * * 5-7"] {
+            let next = Schedule::parse(sundays).expect("cron").next_after(t0);
+            let want = if sundays.ends_with("5-7") {
+                Utc.with_ymd_and_hms(2026, 12, 4, 9, 0, 0).single()
+            } else {
+                Utc.with_ymd_and_hms(2026, 12, 6, 9, 0, 0).single()
+            };
+            assert_eq!(next, want, "{sundays}");
+        }
         for bad in [
+            "* * * * 8",
             "every",
             "every 10",
             "every 5x",
