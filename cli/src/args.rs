@@ -284,7 +284,7 @@ destination stay and are overwritten as the new backfill reaches them.
 
 Example:
   sluicectl pause orders-sync --wait
-  sluicectl reset orders-sync --stream public.orders
+  sluicectl reset orders-sync --stream orders
   sluicectl resume orders-sync --wait")]
     Reset {
         /// Pipeline id.
