@@ -543,6 +543,16 @@ async fn revoked_privileges_end_in_error_and_a_grant_plus_resume_recovers() -> R
         .await?;
     wait_converged(&mut client, "refused", PipelineStatus::Ready, CONVERGE).await?;
     audit.check_exact(&d.pool, 8, count, None).await?;
+    // The backfill run failed with the pipeline; the recovery is a run of its own.
+    let all = runs(&mut client, "refused").await?;
+    ensure!(
+        all.len() == 2
+            && all[1].outcome == "failed"
+            && all[1].error.contains("permission denied")
+            && all[0].trigger == "retry"
+            && all[0].outcome == "succeeded",
+        "runs: {all:?}"
+    );
     let events = history(&mut client, "refused").await?;
     ensure!(
         events.iter().filter(|e| *e == "ERROR").count() == 1,

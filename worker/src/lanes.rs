@@ -79,7 +79,7 @@ impl Stages {
 
 #[derive(Debug)]
 pub enum LaneEvent {
-    BackfillDone(Checkpoint),
+    BackfillDone(Box<Checkpoint>),
     Failed(ActivityError),
 }
 
@@ -287,7 +287,8 @@ impl Reader<'_> {
             trigger: trigger.to_owned(),
             end_offset: None,
         };
-        self.save(json!({ "run": run })).await?;
+        self.save(json!({ "run": run, "next_trigger": null }))
+            .await?;
         tracing::info!(pipeline_id = %self.claim.key, run = number, trigger, "run started");
         Ok(run)
     }
@@ -437,14 +438,10 @@ async fn read_lane(
             let run = match lane.checkpoint.run.clone() {
                 Some(run) => run,
                 None => {
-                    let trigger = if lane.checkpoint.backfill_end_offset > 0
-                        || lane.checkpoint.streams.values().any(|p| p.resets > 0)
-                    {
-                        "reset"
-                    } else {
-                        "initial"
-                    };
-                    reader.start_run(trigger).await?
+                    // Whoever made a backfill necessary said why (a reset, a changed
+                    // spec, a retry after ERROR); otherwise it is the first.
+                    let trigger = lane.checkpoint.next_trigger.take();
+                    reader.start_run(trigger.as_deref().unwrap_or("initial")).await?
                 }
             };
             lane.checkpoint.run = Some(run.clone());
@@ -490,7 +487,7 @@ async fn read_lane(
                 .save(json!({ "backfill_done": true, "run": run }))
                 .await?;
             tracing::info!(pipeline_id = %claim.key, "backfill produced every record");
-            let _ = events.send(LaneEvent::BackfillDone(lane.checkpoint.clone()));
+            let _ = events.send(LaneEvent::BackfillDone(Box::new(lane.checkpoint.clone())));
         }
         loop {
             // A run whose reading ended succeeds once the destination has it all.
@@ -522,6 +519,10 @@ async fn read_lane(
             // The next sync: a run left half done, one asked for, or the schedule's.
             let trigger = match lane.checkpoint.run.clone() {
                 Some(run) => run.trigger,
+                // A sync that failed with the pipeline runs again once it recovers.
+                None if lane.checkpoint.next_trigger.is_some() => {
+                    lane.checkpoint.next_trigger.take().unwrap_or_default()
+                }
                 None => {
                     let last = lane.checkpoint.last_sync_ms.unwrap_or_else(now_ms);
                     let due = lane.schedule.as_ref().and_then(|s| {

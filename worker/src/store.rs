@@ -64,6 +64,10 @@ pub struct Checkpoint {
     /// The run in progress, if any.
     #[serde(default)]
     pub run: Option<RunState>,
+    /// The trigger of the next run, set by what makes one necessary ("reset",
+    /// "spec-change", "retry" after ERROR); None: the first backfill is "initial".
+    #[serde(default)]
+    pub next_trigger: Option<String>,
     /// The generator's cursor in checkpoints written before streams had their own
     /// progress (the next record id); read once, then kept in `streams`.
     #[serde(default, skip_serializing)]
@@ -301,14 +305,23 @@ pub async fn fail_running_runs(
     claim: &Claim,
     error: &str,
 ) -> Result<(), ActivityError> {
-    sqlx::query(
-        "UPDATE pipeline_runs SET outcome = 'failed', error = $3, end_time = clock_timestamp()          WHERE pipeline_id = $1 AND incarnation = $2 AND outcome = 'running'",
+    let failed = sqlx::query(
+        "UPDATE pipeline_runs SET outcome = 'failed', error = $3, end_time = clock_timestamp() \
+         WHERE pipeline_id = $1 AND incarnation = $2 AND outcome = 'running'",
     )
     .bind(&claim.key)
     .bind(claim.incarnation)
     .bind(error)
     .execute(pool)
     .await?;
+    if failed.rows_affected() > 0 {
+        merge_checkpoint(
+            pool,
+            claim,
+            serde_json::json!({ "run": null, "next_trigger": "retry" }),
+        )
+        .await?;
+    }
     Ok(())
 }
 

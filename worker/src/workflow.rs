@@ -273,7 +273,7 @@ async fn run(
             }
         };
         match woke {
-            Some((seq, LaneEvent::BackfillDone(cp))) if seq == wf.lanes_seq => wf.checkpoint = cp,
+            Some((seq, LaneEvent::BackfillDone(cp))) if seq == wf.lanes_seq => wf.checkpoint = *cp,
             Some((seq, LaneEvent::Failed(e))) if seq == wf.lanes_seq => wf.lane_failure = Some(e),
             _ => {}
         }
@@ -616,7 +616,21 @@ impl Workflow {
                     records_start_offset = end,
                     "spec changed, backfill restarts"
                 );
+                if let Some(run) = checkpoint.run.take() {
+                    self.activities
+                        .run("end-run", &self.pass, || {
+                            store::end_run(
+                                &ctx.pool,
+                                &claim,
+                                run.number,
+                                "cancelled",
+                                Some("the spec changed"),
+                            )
+                        })
+                        .await?;
+                }
                 checkpoint.spec_version += 1;
+                checkpoint.next_trigger = Some("spec-change".into());
                 checkpoint.streams.clear();
                 checkpoint.cursor = 0;
                 checkpoint.backfill_done = false;
@@ -684,6 +698,7 @@ impl Workflow {
             checkpoint.backfill_done = false;
         }
         let cancelled = checkpoint.run.take();
+        checkpoint.next_trigger = Some("reset".into());
         self.activities
             .run("reset", &self.pass, || async {
                 if let Some(run) = &cancelled {
