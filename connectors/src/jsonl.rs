@@ -349,7 +349,7 @@ impl DestinationKind for JsonlDestinationKind {
         let mut reader = ConfigReader::new(config, path.to_owned());
         let directory = reader.string("directory", Some("."))?;
         check_relative(&directory).map_err(|d| reader.violation("directory", d))?;
-        let prefix = reader.string("prefix", Some(""))?;
+        let prefix = reader.optional_string("prefix")?.unwrap_or_default();
         if !prefix.is_empty() {
             check_identifier(&prefix).map_err(|d| reader.violation("prefix", d))?;
         }
@@ -470,14 +470,15 @@ fn owned_state(path: &Path, target: &WriteTarget<'_>) -> Result<State, ActivityE
             Err(ActivityError::Fenced)
         }
         Some(s) if s.incarnation == claim.incarnation && s.topic == target.topic => Ok(s),
-        // An older incarnation's files (the pipeline was deleted and created again
-        // while they were kept): this one starts them anew.
-        _ => Ok(State {
+        // None yet, or an older incarnation's (the pipeline was deleted and created
+        // again while its files were kept): this one appends to those files.
+        other => Ok(State {
             pipeline_id: claim.key.clone(),
             incarnation: claim.incarnation,
             owner_epoch: claim.epoch,
             topic: target.topic.to_owned(),
             spec_version: target.spec_version,
+            lengths: other.map(|s| s.lengths).unwrap_or_default(),
             ..State::default()
         }),
     }
@@ -650,7 +651,20 @@ impl Destination for JsonlDestination {
             };
             for (name, bytes) in lines {
                 let file_path = dir.join(name);
-                let committed_len = state.lengths.get(name).copied().unwrap_or(0);
+                let committed_len = match state.lengths.get(name) {
+                    Some(len) => *len,
+                    // A file this pipeline never wrote is never cut or appended to.
+                    None => match std::fs::metadata(&file_path) {
+                        Ok(m) if m.len() > 0 => {
+                            return Err(ActivityError::config(format!(
+                                "{} exists and was not written by this pipeline: \
+                                 give it another directory or prefix",
+                                file_path.display()
+                            )))
+                        }
+                        _ => 0,
+                    },
+                };
                 let mut file = std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)

@@ -10,6 +10,7 @@ use sluice_connectors::records::{Lane, PendingRecord, RecordTags};
 use sluice_connectors::registry::DestinationKind;
 use sluice_connectors::{ActivityError, Claim, Context, Destination, Position, WriteTarget};
 use sluice_protocol::catalog::generator_stream;
+use sluice_protocol::message::FailureType;
 
 fn context(dir: &std::path::Path) -> Context {
     Context {
@@ -133,5 +134,73 @@ async fn takeover_cuts_an_uncommitted_tail_drops_replays_and_fences_the_old_owne
         d.committed(&ctx, &target(second)).await.expect("committed"),
         Some(9)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_file_it_never_wrote_is_refused_and_a_new_incarnation_appends() {
+    let dir = std::env::temp_dir().join(format!("sluice-jsonl-own-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("out")).expect("a temp dir");
+    let ctx = context(&dir);
+    let d = destination();
+    let streams = vec![generator_stream()];
+    let target = |claim: &'static Claim| WriteTarget {
+        claim,
+        topic: "records",
+        partition: 0,
+        spec_version: 1,
+    };
+
+    // Someone else's file where this pipeline would write: refused, left as it was.
+    let file = dir.join("out/records.jsonl");
+    std::fs::write(&file, b"{\"id\": 100}\n").expect("a foreign file");
+    let first: &'static Claim = Box::leak(Box::new(Claim {
+        key: "t.p".into(),
+        incarnation: 1,
+        epoch: 1,
+    }));
+    d.setup(&ctx, &streams, first).await.expect("setup");
+    d.fence(&ctx, &target(first), 0).await.expect("fence");
+    let refused = d
+        .write(&ctx, &target(first), &streams, &[record(0, 0, first)])
+        .await;
+    match &refused {
+        Err(ActivityError::Failed {
+            failure_type,
+            message,
+        }) => {
+            assert_eq!(*failure_type, FailureType::ConfigError, "{message}");
+            assert!(
+                message.contains("was not written by this pipeline"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    assert_eq!(ids(&file), vec![100], "the foreign file is untouched");
+
+    // Once it is gone, this incarnation writes; the next one appends to its files.
+    std::fs::remove_file(&file).expect("remove");
+    let batch: Vec<_> = (0..3).map(|i| record(i, i, first)).collect();
+    d.write(&ctx, &target(first), &streams, &batch)
+        .await
+        .expect("write");
+    let second: &'static Claim = Box::leak(Box::new(Claim {
+        key: "t.p".into(),
+        incarnation: 2,
+        epoch: 1,
+    }));
+    d.setup(&ctx, &streams, second).await.expect("setup");
+    let state = d.fence(&ctx, &target(second), 0).await.expect("fence");
+    assert_eq!(
+        state.next_offset, 0,
+        "a new incarnation reads its topic anew"
+    );
+    let batch: Vec<_> = (0..2).map(|i| record(i, 10 + i, second)).collect();
+    d.write(&ctx, &target(second), &streams, &batch)
+        .await
+        .expect("write");
+    assert_eq!(ids(&file), vec![0, 1, 2, 10, 11]);
     let _ = std::fs::remove_dir_all(&dir);
 }
