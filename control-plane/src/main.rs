@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use sluice_control_plane::auth::{self, Role};
 use sluice_control_plane::{run, Config, Limits, TlsFiles};
 use sluice_infra::process::{
-    init_tracing, parse_cli_from, shutdown_signal, ConnectionArgs, DestinationHostArgs,
+    init_tracing, parse_cli_from, shutdown_signal, ConnectionArgs, DestinationHostArgs, LogArgs,
 };
 use sluice_protocol::ids::validate_tenant;
 
@@ -30,6 +30,8 @@ Examples:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,7 +155,7 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    init_tracing();
+    init_tracing(&cli.log);
     match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Tokens(command) => match tokens(command).await {

@@ -148,15 +148,46 @@ impl DestinationHostArgs {
     }
 }
 
-/// Logs to stderr; the filter comes from `SLUICE_LOG` (tracing-subscriber syntax).
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// How a process writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields, spans), for log
+    /// collectors.
+    Json,
+}
+
+/// The logging flags every binary shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log line format on stderr. The level filter comes from SLUICE_LOG
+    /// (tracing-subscriber syntax, default "info,sqlx=warn").
+    #[arg(
+        long,
+        env = "SLUICE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Logs to stderr in the chosen format; the filter comes from `SLUICE_LOG`.
+pub fn init_tracing(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| "info,sqlx=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// Parses a properties file: `KEY=VALUE` lines; blank lines and `#` comments skipped.

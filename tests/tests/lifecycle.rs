@@ -377,3 +377,52 @@ async fn a_table_that_existed_before_the_pipeline_is_never_dropped() -> Result<(
     assert_eq!(note, "keep me");
     d.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_naming_the_pipeline() -> Result<()> {
+    // A format it does not know is a usage error that names the flag.
+    let bad = tokio::process::Command::new(bin_path("sluice-worker")?)
+        .env("SLUICE_LOG_FORMAT", "xml")
+        .output()
+        .await?;
+    assert_eq!(bad.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("--log-format"), "{stderr}");
+
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker_with("w1", &[("SLUICE_LOG_FORMAT", "json")])
+        .await?;
+    let table = unique("logged");
+    client
+        .create_pipeline(generator_pipeline(
+            "logged",
+            100,
+            1,
+            d.destination(&table, false),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    wait_converged(&mut client, "logged", PipelineStatus::Ready, CONVERGE).await?;
+
+    let log = std::fs::read_to_string(d.log_dir.join("w1.log"))?;
+    let mut naming = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("not one JSON object: {e}: {line}"))?;
+        anyhow::ensure!(
+            event["timestamp"].is_string()
+                && event["level"].is_string()
+                && event["fields"]["message"].is_string(),
+            "{line}"
+        );
+        if event["fields"]["pipeline_id"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("logged"))
+        {
+            naming += 1;
+        }
+    }
+    anyhow::ensure!(naming > 0, "no line names the pipeline:\n{log}");
+    d.shutdown().await
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use sluice_infra::process::{
-    init_tracing, parse_cli, shutdown_signal, ConnectionArgs, DestinationHostArgs,
+    init_tracing, parse_cli, shutdown_signal, ConnectionArgs, DestinationHostArgs, LogArgs,
 };
 use sluice_protocol::retry::RetryPolicy;
 use sluice_worker::{run, Config};
@@ -22,6 +22,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(flatten)]
     connection: ConnectionArgs,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(flatten)]
     destination_hosts: DestinationHostArgs,
     /// Directory of CA certificates (PEM files) destinations may name by file name in
@@ -67,7 +69,7 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    init_tracing();
+    init_tracing(&cli.log);
     if let Err(code) = cli.connection.install_secrets_key() {
         return code;
     }
