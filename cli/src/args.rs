@@ -155,10 +155,14 @@ Examples:
 
     /// List pipelines, ordered by id.
     #[command(after_help = "\
-All pages are fetched unless --limit is given.
+All pages are fetched unless --limit is given. Filters combine with AND; a filter
+given several times matches any of its values.
 
 Examples:
   sluicectl list
+  sluicectl list --status error
+  sluicectl list --desired active --status setup --status backfill
+  sluicectl list --status none          # no worker has reported on these yet
   sluicectl list --limit 20 -o json")]
     List(ListArgs),
 
@@ -220,9 +224,9 @@ Examples:
 
     /// Show a pipeline's runs (its backfill and every sync), newest first.
     #[command(after_help = "\
-Each run shows its trigger (initial, reset, schedule, manual), records read from the
-source and written to the destination, and its outcome (running, succeeded, failed,
-cancelled) with the error of a failed run.
+Each run shows its trigger (initial, reset, spec-change, retry, schedule, manual),
+records read from the source and written to the destination, and its outcome (running,
+succeeded, failed, cancelled) with the error of a failed run.
 
 Example:
   sluicectl runs orders-sync --limit 10")]
@@ -348,6 +352,61 @@ pub struct ListArgs {
     /// Stop after this many pipelines instead of fetching every page.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
+
+    /// Only pipelines whose reported status is this (repeatable).
+    #[arg(long, value_enum, value_name = "STATUS")]
+    pub status: Vec<StatusFilter>,
+
+    /// Only pipelines whose desired status is this (repeatable).
+    #[arg(long, value_enum, value_name = "DESIRED")]
+    pub desired: Vec<DesiredFilter>,
+}
+
+/// A reported status to list by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusFilter {
+    /// No worker has reported on the pipeline yet.
+    None,
+    Setup,
+    Backfill,
+    Ready,
+    Paused,
+    Teardown,
+    Error,
+}
+
+impl StatusFilter {
+    pub fn to_pb(self) -> sluice_protocol::pb::PipelineStatus {
+        use sluice_protocol::pb::PipelineStatus as S;
+        match self {
+            Self::None => S::Unspecified,
+            Self::Setup => S::Setup,
+            Self::Backfill => S::Backfill,
+            Self::Ready => S::Ready,
+            Self::Paused => S::Paused,
+            Self::Teardown => S::Teardown,
+            Self::Error => S::Error,
+        }
+    }
+}
+
+/// A desired status to list by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DesiredFilter {
+    Active,
+    Paused,
+    Deleted,
+}
+
+impl DesiredFilter {
+    pub fn to_pb(self) -> sluice_protocol::pb::DesiredStatus {
+        use sluice_protocol::pb::DesiredStatus as D;
+        match self {
+            Self::Active => D::Active,
+            Self::Paused => D::Paused,
+            Self::Deleted => D::Deleted,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Args)]

@@ -405,6 +405,8 @@ async fn list(client: &mut Client, args: &ListArgs) -> Result<Vec<pb::Pipeline>,
             .list_pipelines(pb::ListPipelinesRequest {
                 page_size,
                 page_token: page_token.clone(),
+                status: args.status.iter().map(|s| s.to_pb() as i32).collect(),
+                desired_status: args.desired.iter().map(|d| d.to_pb() as i32).collect(),
             })
             .await?
             .into_inner();

@@ -144,10 +144,18 @@ pub async fn run(
     health_reporter
         .set_serving::<PipelineServiceServer<PipelineApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sluice_protocol::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: grpcurl and newer clients ask v1, many others
+    // (Python's grpcio-reflection, Postman, older tools) still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sluice_protocol::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
 
     let listener = TcpListener::bind(config.listen)
@@ -189,7 +197,8 @@ pub async fn run(
             too_large.rewrite(r)
         }))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(
             PipelineServiceServer::new(api).max_decoding_message_size(config.max_request_bytes),
             auth::require_authorization_header,

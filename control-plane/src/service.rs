@@ -10,7 +10,8 @@ use prost::Message;
 use sluice_connectors::registry;
 use sluice_infra::store::list_events;
 use sluice_protocol::conversions::{
-    desired_status_from_pb, patch_from_pb, record_to_pb, spec_from_pb, PipelineRecord,
+    desired_status_from_pb, patch_from_pb, record_to_pb, spec_from_pb, status_from_pb,
+    PipelineRecord,
 };
 use sluice_protocol::hosts::HostPolicy;
 use sluice_protocol::ids::{generate_pipeline_id, validate_pipeline_id, validate_tenant};
@@ -623,10 +624,12 @@ impl PipelineApi {
         } else {
             Some(decode_page_token(&req.page_token)?)
         };
+        let filter = list_filter(&req)?;
         // One extra row tells whether another page exists.
         let mut records = store::list_pipelines(
             &self.pool,
             caller.list_scope(),
+            &filter,
             after.as_ref(),
             i64::from(page_size) + 1,
         )
@@ -740,6 +743,36 @@ async fn replay(
         )
         .into()),
     }
+}
+
+/// The status filters of a ListPipelines request; an unknown number, or an unspecified
+/// desired status, is INVALID_ARGUMENT.
+fn list_filter(req: &pb::ListPipelinesRequest) -> Result<store::ListFilter, FieldViolation> {
+    let status = req
+        .status
+        .iter()
+        .map(|&v| match pb::PipelineStatus::try_from(v) {
+            Ok(s) => Ok(status_from_pb(s)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default()),
+            Err(_) => Err(FieldViolation::new("status", format!("unknown value {v}"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let desired_status = req
+        .desired_status
+        .iter()
+        .map(|&v| match desired_status_from_pb(v, "desired_status")? {
+            Some(d) => Ok(d.as_str().to_owned()),
+            None => Err(FieldViolation::new(
+                "desired_status",
+                "DESIRED_STATUS_UNSPECIFIED matches no pipeline; leave the filter empty for any",
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(store::ListFilter {
+        status: (!status.is_empty()).then_some(status),
+        desired_status: (!desired_status.is_empty()).then_some(desired_status),
+    })
 }
 
 fn encode_page_token(tenant: &str, name: &str) -> String {

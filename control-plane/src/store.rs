@@ -211,9 +211,19 @@ pub async fn fetch_pipeline(
 
 /// One page of pipelines ordered by (tenant, id), starting after `after`; `tenant`
 /// None lists every tenant.
+/// Which pipelines a listing returns besides the caller's scope.
+#[derive(Debug, Default)]
+pub struct ListFilter {
+    /// Reported statuses; "" stands for none reported yet. None: any.
+    pub status: Option<Vec<String>>,
+    /// Desired statuses. None: any.
+    pub desired_status: Option<Vec<String>>,
+}
+
 pub async fn list_pipelines(
     pool: &PgPool,
     tenant: Option<&str>,
+    filter: &ListFilter,
     after: Option<&PipelineRef>,
     limit: i64,
 ) -> Result<Vec<PipelineRecord>, StoreError> {
@@ -221,6 +231,8 @@ pub async fn list_pipelines(
         "SELECT {PIPELINE_COLUMNS} FROM pipelines \
          WHERE ($1::text IS NULL OR tenant = $1) \
            AND ($2::text IS NULL OR (tenant, name) > ($2, $3)) \
+           AND ($5::text[] IS NULL OR coalesce(status, '') = ANY($5)) \
+           AND ($6::text[] IS NULL OR desired_status = ANY($6)) \
          ORDER BY tenant, name LIMIT $4"
     );
     let rows = sqlx::query(&sql)
@@ -228,6 +240,8 @@ pub async fn list_pipelines(
         .bind(after.map(|a| a.tenant.as_str()))
         .bind(after.map(|a| a.name.as_str()))
         .bind(limit)
+        .bind(filter.status.as_deref())
+        .bind(filter.desired_status.as_deref())
         .fetch_all(pool)
         .await?;
     rows.iter().map(record_from_row).collect()

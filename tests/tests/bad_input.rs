@@ -4,7 +4,7 @@
 use anyhow::Result;
 use serde_json::json;
 use sluice_e2e::*;
-use sluice_protocol::pb::{self, DesiredStatus};
+use sluice_protocol::pb::{self, DesiredStatus, PipelineStatus};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -142,6 +142,7 @@ async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
         .list_pipelines(pb::ListPipelinesRequest {
             page_size: 10,
             page_token: "%%%".into(),
+            ..Default::default()
         })
         .await
         .expect_err("bad token");
@@ -252,6 +253,7 @@ async fn list_pages_through_every_pipeline_once() -> Result<()> {
             .list_pipelines(pb::ListPipelinesRequest {
                 page_size: 3,
                 page_token: token.clone(),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -263,6 +265,75 @@ async fn list_pages_through_every_pipeline_once() -> Result<()> {
         token = page.next_page_token;
     }
     assert_eq!(seen, (0..7).map(|i| format!("p-{i}")).collect::<Vec<_>>());
+
+    // Filters: two of them active; no worker runs, so none has a reported status.
+    for id in ["p-2", "p-5"] {
+        client
+            .update_pipeline(set_desired(id, DesiredStatus::Active))
+            .await?;
+    }
+    let ids = |page: pb::ListPipelinesResponse| -> Vec<String> {
+        page.pipelines.into_iter().map(|p| p.id).collect()
+    };
+    let list =
+        |status: Vec<PipelineStatus>, desired: Vec<DesiredStatus>| pb::ListPipelinesRequest {
+            page_size: 2,
+            status: status.into_iter().map(|s| s as i32).collect(),
+            desired_status: desired.into_iter().map(|s| s as i32).collect(),
+            ..Default::default()
+        };
+    let active = client
+        .list_pipelines(list(vec![], vec![DesiredStatus::Active]))
+        .await?
+        .into_inner();
+    assert!(active.next_page_token.is_empty(), "{active:?}");
+    assert_eq!(ids(active), ["p-2", "p-5"]);
+    let first = client
+        .list_pipelines(list(
+            vec![PipelineStatus::Unspecified],
+            vec![DesiredStatus::Paused],
+        ))
+        .await?
+        .into_inner();
+    let second = client
+        .list_pipelines(pb::ListPipelinesRequest {
+            page_token: first.next_page_token.clone(),
+            ..list(
+                vec![PipelineStatus::Unspecified],
+                vec![DesiredStatus::Paused],
+            )
+        })
+        .await?
+        .into_inner();
+    assert_eq!(ids(first), ["p-0", "p-1"]);
+    assert_eq!(ids(second), ["p-3", "p-4"]);
+    let ready = client
+        .list_pipelines(list(
+            vec![PipelineStatus::Ready, PipelineStatus::Error],
+            vec![],
+        ))
+        .await?
+        .into_inner();
+    assert!(ready.pipelines.is_empty(), "{ready:?}");
+    for (bad, field) in [
+        (
+            list(vec![], vec![DesiredStatus::Unspecified]),
+            "desired_status",
+        ),
+        (
+            pb::ListPipelinesRequest {
+                status: vec![99],
+                ..Default::default()
+            },
+            "status",
+        ),
+    ] {
+        let err = client.list_pipelines(bad).await.expect_err("refused");
+        assert_eq!(
+            (err.code(), field_of(&err).as_str()),
+            (Code::InvalidArgument, field)
+        );
+    }
     d.shutdown().await
 }
 
@@ -295,7 +366,7 @@ async fn health_and_reflection_are_served() -> Result<()> {
         .status;
     assert_eq!(status, ServingStatus::Serving as i32);
 
-    let mut reflection = ServerReflectionClient::new(channel);
+    let mut reflection = ServerReflectionClient::new(channel.clone());
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -317,5 +388,41 @@ async fn health_and_reflection_are_served() -> Result<()> {
         names.contains(&"grpc.health.v1.Health".to_owned()),
         "{names:?}"
     );
+
+    // The older version, which many clients still ask, serves the same descriptors.
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "sluice.v1.PipelineService".into(),
+            )),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await?
+            .into_inner();
+        let response = responses.message().await?.expect("one response");
+        let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+            panic!("unexpected v1alpha reflection response: {response:?}");
+        };
+        let set: Vec<prost_types::FileDescriptorProto> = files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| prost::Message::decode(bytes.as_slice()))
+            .collect::<Result<_, _>>()?;
+        assert!(
+            set.iter().any(|f| f
+                .service
+                .iter()
+                .any(|s| s.name.as_deref() == Some("PipelineService"))),
+            "{:?}",
+            set.iter().map(|f| f.name.clone()).collect::<Vec<_>>()
+        );
+    }
     d.shutdown().await
 }
