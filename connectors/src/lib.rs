@@ -6,8 +6,8 @@
 //! streams it reads or the tables it writes) and the classification of its errors.
 //! Parsing is pure, so the control plane validates a spec through the same registry the
 //! workers build connectors with; I/O happens only in the trait methods, given a
-//! [`Context`] of the worker's settings. Adding a connector is one new file and one
-//! line in [`registry`].
+//! [`Context`] of the worker's settings. Adding a connector is one new file, its `mod`
+//! line here and one line in [`registry`].
 
 #![forbid(unsafe_code)]
 
