@@ -3,9 +3,10 @@
 # licenses, sources) against deny.toml.
 #
 # CI machines reach only the package registries, not GitHub, so the RustSec advisory
-# database comes from the snapshot in deploy/ci/advisory-db (its SNAPSHOT file names the
-# upstream commit and date). cargo-deny reads the database from a git checkout, so this
-# script turns the snapshot into one under target/advisory-db first.
+# database comes from the snapshot archive deploy/ci/advisory-db.tar.gz (the upstream
+# commit and date are in deploy/ci/advisory-db.snapshot; docs/supply-chain.md says how
+# to refresh both). cargo-deny reads the database from a git checkout, so this script
+# unpacks the snapshot into one under target/advisory-db first.
 # Installs cargo-deny (from crates.io) when it is missing.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -17,15 +18,14 @@ if ! cargo deny --version 2>/dev/null | grep -q "$DENY_VERSION"; then
   cargo install cargo-deny --locked --version "$DENY_VERSION"
 fi
 
-snapshot=deploy/ci/advisory-db
-read -r _ commit <"$snapshot/SNAPSHOT"
-date=$(sed -n 2p "$snapshot/SNAPSHOT")
+archive=deploy/ci/advisory-db.tar.gz
+{ read -r _ commit; read -r date; } <deploy/ci/advisory-db.snapshot
 # The directory name cargo-deny derives from the upstream URL in deny.toml.
 db=target/advisory-db/advisory-db-3157b0e258782691
 if [[ ! -f $db/.snapshot || $(<"$db/.snapshot") != "$commit" ]]; then
   rm -rf "$db"
   mkdir -p "$db"
-  cp -r "$snapshot"/. "$db"/
+  tar -xzf "$archive" -C "$db"
   (
     cd "$db"
     git init -q

@@ -13,6 +13,7 @@
 set -euo pipefail
 
 # shellcheck source=lib.sh
+# shellcheck source=lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 PIPELINE=demo-orders

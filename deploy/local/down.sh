@@ -9,6 +9,7 @@
 set -euo pipefail
 
 # shellcheck source=lib.sh
+# shellcheck source=lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 KAFKA_STOP_TIMEOUT=${SLUICE_KAFKA_STOP_TIMEOUT:-30}

@@ -11,6 +11,7 @@
 set -euo pipefail
 
 # shellcheck source=lib.sh
+# shellcheck source=lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 KAFKA_DEFAULT_VERSION=4.1.1
