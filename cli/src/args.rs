@@ -146,6 +146,26 @@ Examples:
       --destination-type postgres --destination-config '{\"table\": \"demo\"}'")]
     Create(CreateArgs),
 
+    /// Create or update pipelines from a file of specs, showing what changes.
+    #[command(after_help = "\
+The file holds one or more pipeline documents in the shape `create -f` takes (YAML
+documents separated by `---`, or JSON: one object or an array), each with its id. For
+each: a pipeline that does not exist is created; one that exists gets the document's
+spec (and desired_status, when given) and the change is shown as a diff of its desired
+state. Secret fields are shown redacted; a change only to secrets says so. Every
+document is read and checked before anything is sent, and each change is checked by
+the server (validate_only) before it is made; the first refused document stops the
+run, the ones before it stay applied.
+
+With --dry-run nothing is changed: every document is checked by the server exactly as
+a real apply would be, and the diffs are shown.
+
+Examples:
+  sluicectl apply -f pipelines.yaml --dry-run
+  sluicectl apply -f pipelines.yaml
+  sluicectl apply -f orders.json -o json")]
+    Apply(ApplyArgs),
+
     /// Show one pipeline.
     #[command(after_help = "Example:\n  sluicectl get orders-sync -o json")]
     Get {
@@ -341,6 +361,17 @@ pub struct CreateArgs {
 
     #[command(flatten)]
     pub wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// File of pipeline documents (YAML or JSON); "-" reads standard input.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Check every document with the server and show the diffs; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

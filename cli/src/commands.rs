@@ -14,7 +14,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::config::{self, Connection, Overrides};
 
-use crate::args::{Cli, Command, CreateArgs, ListArgs, OutputFormat, WaitArgs};
+use crate::apply;
+use crate::args::{ApplyArgs, Cli, Command, CreateArgs, ListArgs, OutputFormat, WaitArgs};
 use crate::error::CliError;
 use crate::output;
 use crate::spec_file::{self, CreateFlags, FileFormat, PipelineFile};
@@ -33,6 +34,13 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
     let create_plan = match &cli.command {
         Command::Create(args) => Some(plan_create(args)?),
         _ => None,
+    };
+    let apply_documents = match &cli.command {
+        Command::Apply(args) => {
+            let (text, origin, format) = read_text(&args.file)?;
+            apply::parse_documents(&text, format, &origin)?
+        }
+        _ => Vec::new(),
     };
     let push_inputs = match &cli.command {
         Command::Push {
@@ -58,6 +66,7 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             let plan = create_plan.expect("create plans are built above for create commands");
             create(&mut client, plan, args.wait, format).await
         }
+        Command::Apply(args) => apply(&mut client, apply_documents, &args, format).await,
         Command::Get { id } => {
             let p = client
                 .get_pipeline(pb::GetPipelineRequest { id })
@@ -77,11 +86,26 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         }
         Command::Delete { id, wait } => delete(&mut client, id, wait, format).await,
         Command::History { id } => {
-            let events = client
-                .list_pipeline_events(pb::ListPipelineEventsRequest { pipeline_id: id })
-                .await?
-                .into_inner()
-                .events;
+            let mut events = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_pipeline_events(pb::ListPipelineEventsRequest {
+                        pipeline_id: id.clone(),
+                        page_token: page_token.clone(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                events.extend(page.events);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                if page.next_page_token == page_token {
+                    return Err(CliError::RepeatedPageToken(page.next_page_token));
+                }
+                page_token = page.next_page_token;
+            }
             Ok(output::render_events(&events, format))
         }
         Command::Connectors => {
@@ -295,6 +319,12 @@ fn plan_create(args: &CreateArgs) -> Result<spec_file::CreatePlan, CliError> {
 }
 
 fn read_spec_file(path: &Path) -> Result<PipelineFile, CliError> {
+    let (text, origin, format) = read_text(path)?;
+    Ok(spec_file::parse_file(&text, format, &origin)?)
+}
+
+/// A spec file's text, its name for messages and its format ("-": standard input).
+fn read_text(path: &Path) -> Result<(String, String, FileFormat), CliError> {
     // The CLI runs a single task, so a blocking read here stalls nothing else.
     let (text, origin, format) = if path == Path::new("-") {
         let mut text = String::new();
@@ -313,7 +343,153 @@ fn read_spec_file(path: &Path) -> Result<PipelineFile, CliError> {
         })?;
         (text, origin, FileFormat::from_path(path))
     };
-    Ok(spec_file::parse_file(&text, format, &origin)?)
+    Ok((text, origin, format))
+}
+
+/// What apply did with one document.
+#[derive(Debug, serde::Serialize)]
+struct Applied {
+    id: String,
+    /// created, updated, unchanged; "would be created"/"would be updated" in a dry run.
+    action: String,
+    generation: i64,
+    diff: String,
+}
+
+async fn apply(
+    client: &mut Client,
+    documents: Vec<PipelineFile>,
+    args: &ApplyArgs,
+    format: OutputFormat,
+) -> Result<String, CliError> {
+    let mut done: Vec<Applied> = Vec::new();
+    for doc in documents {
+        match apply_one(client, doc, args.dry_run).await {
+            Ok(applied) => {
+                if format == OutputFormat::Table {
+                    print!("{}", render_applied(&applied));
+                }
+                done.push(applied);
+            }
+            Err(err) => {
+                // What was applied stays applied: show it before the error.
+                if format == OutputFormat::Json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&done).unwrap_or_default()
+                    );
+                }
+                return Err(err);
+            }
+        }
+    }
+    Ok(match format {
+        OutputFormat::Table => String::new(),
+        OutputFormat::Json => serde_json::to_string_pretty(&done).unwrap_or_default(),
+    })
+}
+
+fn render_applied(a: &Applied) -> String {
+    let mut out = format!("pipeline/{} {}", a.id, a.action);
+    if a.action != "unchanged" && a.generation > 0 {
+        out.push_str(&format!(" (generation {})", a.generation));
+    }
+    out.push('\n');
+    for line in a.diff.lines() {
+        out.push_str("    ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+async fn apply_one(
+    client: &mut Client,
+    doc: PipelineFile,
+    dry_run: bool,
+) -> Result<Applied, CliError> {
+    let set_status = doc.desired_status.is_some();
+    let plan = spec_file::build_create(Some(doc), CreateFlags::default())?;
+    let id = plan.request.pipeline_id.clone();
+    let current = match client
+        .get_pipeline(pb::GetPipelineRequest { id: id.clone() })
+        .await
+    {
+        Ok(p) => p.into_inner(),
+        Err(status) if status.code() == tonic::Code::NotFound => {
+            let created = client
+                .create_pipeline(pb::CreatePipelineRequest {
+                    validate_only: dry_run,
+                    ..plan.request
+                })
+                .await?
+                .into_inner();
+            let diff = apply::diff(&[], &apply::yaml_lines(&apply::desired_view(&created)), 3);
+            return Ok(Applied {
+                id,
+                action: if dry_run {
+                    "would be created"
+                } else {
+                    "created"
+                }
+                .into(),
+                generation: created.generation,
+                diff: if dry_run { diff } else { String::new() },
+            });
+        }
+        Err(status) => return Err(status.into()),
+    };
+    let mut pipeline = plan.request.pipeline.unwrap_or_default();
+    pipeline.id = id.clone();
+    // The change is made against what was shown: a concurrent writer makes it ABORTED.
+    pipeline.etag = current.etag.clone();
+    let mut paths = vec!["spec".to_owned()];
+    if set_status {
+        paths.push("desired_status".into());
+    }
+    let request = pb::UpdatePipelineRequest {
+        pipeline: Some(pipeline),
+        update_mask: Some(prost_types::FieldMask { paths }),
+        validate_only: true,
+    };
+    let would = client.update_pipeline(request.clone()).await?.into_inner();
+    let mut diff = apply::diff(
+        &apply::yaml_lines(&apply::desired_view(&current)),
+        &apply::yaml_lines(&apply::desired_view(&would)),
+        3,
+    );
+    if would.generation == current.generation {
+        return Ok(Applied {
+            id,
+            action: "unchanged".into(),
+            generation: current.generation,
+            diff: String::new(),
+        });
+    }
+    if diff.is_empty() {
+        diff = "(only secret fields change; they are not shown)\n".into();
+    }
+    if dry_run {
+        return Ok(Applied {
+            id,
+            action: "would be updated".into(),
+            generation: would.generation,
+            diff,
+        });
+    }
+    let updated = client
+        .update_pipeline(pb::UpdatePipelineRequest {
+            validate_only: false,
+            ..request
+        })
+        .await?
+        .into_inner();
+    Ok(Applied {
+        id,
+        action: "updated".into(),
+        generation: updated.generation,
+        diff,
+    })
 }
 
 async fn create(
@@ -347,6 +523,7 @@ async fn set_desired(
         update_mask: Some(FieldMask {
             paths: vec!["desired_status".to_owned()],
         }),
+        validate_only: false,
     };
     let updated = client.update_pipeline(request).await?.into_inner();
     let target = match desired {

@@ -15,6 +15,8 @@ use crate::wait::WaitError;
 pub enum CliError {
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Apply(#[from] crate::apply::ApplyError),
     #[error("cannot read {origin}: {source}")]
     ReadSpec {
         origin: String,
@@ -66,6 +68,7 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Spec(_)
+            | Self::Apply(_)
             | Self::ReadSpec { .. }
             | Self::InvalidServer { .. }
             | Self::ReadConfig { .. }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod apply;
 mod args;
 mod commands;
 mod config;
@@ -37,7 +38,10 @@ fn main() -> ExitCode {
         Ok(text) => {
             let mut stdout = std::io::stdout().lock();
             // A closed pipe (`sluicectl list | head`) is not worth an error message.
-            let _ = writeln!(stdout, "{text}").and_then(|()| stdout.flush());
+            // Commands that print as they go (apply) return nothing more to print.
+            if !text.is_empty() {
+                let _ = writeln!(stdout, "{text}").and_then(|()| stdout.flush());
+            }
             exit(EXIT_OK)
         }
         Err(err) => {

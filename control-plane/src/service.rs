@@ -35,6 +35,8 @@ use crate::store;
 
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
 pub const MAX_PAGE_SIZE: i32 = 1000;
+/// Events per ListPipelineEvents page, by default and at most.
+pub const MAX_EVENTS_PAGE_SIZE: i32 = 1000;
 
 /// Configurable limits (AIP-193: reaching one is RESOURCE_EXHAUSTED naming it).
 #[derive(Debug, Clone, Copy)]
@@ -438,6 +440,8 @@ impl PipelineApi {
         };
         let mut tx = self.pool.begin().await?;
         let request_target = format!("{}/{}", caller.tenant, req.pipeline_id);
+        // A dry run is never remembered, so it never replays an earlier answer either.
+        let request_id = request_id.filter(|_| !req.validate_only);
         if let Some(rid) = request_id {
             if let Some(replayed) = replay(
                 &mut tx,
@@ -461,6 +465,11 @@ impl PipelineApi {
         let record = store::insert_pipeline(&mut tx, &new)
             .await?
             .ok_or_else(|| ApiError::AlreadyExists(display_id(caller, &target)))?;
+        if req.validate_only {
+            // Everything was checked by doing it; undoing it stores and signals nothing.
+            tx.rollback().await?;
+            return Ok(record_to_pb(&record, registry()));
+        }
         if let Some(rid) = request_id {
             store::save_response(
                 &mut tx,
@@ -545,6 +554,10 @@ impl PipelineApi {
             &stored_spec_json(&spec, registry(), &current.id)?,
         )
         .await?;
+        if req.validate_only {
+            tx.rollback().await?;
+            return Ok(record);
+        }
         tx.commit().await?;
         self.outbox_wakeup.notify_one();
         tracing::info!(
@@ -655,15 +668,42 @@ impl PipelineApi {
     async fn events(
         &self,
         caller: &Caller,
-        raw_id: String,
+        req: pb::ListPipelineEventsRequest,
     ) -> Result<pb::ListPipelineEventsResponse, ApiError> {
+        let raw_id = req.pipeline_id;
         let target = caller.resolve(&raw_id, "pipeline_id")?;
+        let page_size = match req.page_size {
+            n if n < 0 => {
+                return Err(FieldViolation::new("page_size", "must not be negative").into())
+            }
+            0 => MAX_EVENTS_PAGE_SIZE,
+            n => n.min(MAX_EVENTS_PAGE_SIZE),
+        };
         let key = store::key_of(&self.pool, &target).await?;
-        let events = list_events(&self.pool, &key).await?;
-        if events.is_empty() && !store::pipeline_has_history(&self.pool, &key).await? {
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(decode_events_token(&req.page_token, &key)?)
+        };
+        // One extra event tells whether another page exists.
+        let mut events = list_events(&self.pool, &key, after, i64::from(page_size) + 1).await?;
+        if events.is_empty()
+            && after.is_none()
+            && !store::pipeline_has_history(&self.pool, &key).await?
+        {
             return Err(ApiError::NotFound(raw_id));
         }
+        let next_page_token = if events.len() > page_size as usize {
+            events.truncate(page_size as usize);
+            events
+                .last()
+                .map(|e| encode_events_token(&key, e.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(pb::ListPipelineEventsResponse {
+            next_page_token,
             events: events
                 .into_iter()
                 .map(|e| pb::PipelineEvent {
@@ -775,6 +815,26 @@ fn list_filter(req: &pb::ListPipelinesRequest) -> Result<store::ListFilter, Fiel
     })
 }
 
+/// Events pages: the id of the last event given, bound to the pipeline's key so that a
+/// token is refused for another pipeline.
+fn encode_events_token(key: &str, last_id: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{last_id}/{key}"))
+}
+
+fn decode_events_token(token: &str, key: &str) -> Result<i64, FieldViolation> {
+    let invalid = || FieldViolation::new("page_token", "is not a token this server issued");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let (id, for_key) = text.split_once('/').ok_or_else(invalid)?;
+    if for_key != key {
+        return Err(FieldViolation::new(
+            "page_token",
+            "was issued for another pipeline",
+        ));
+    }
+    id.parse().map_err(|_| invalid())
+}
+
 fn encode_page_token(tenant: &str, name: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{tenant}/{name}"))
 }
@@ -857,8 +917,7 @@ impl PipelineService for PipelineApi {
             .caller(&request, "ListPipelineEvents", Access::Read)
             .await?;
         Ok(Response::new(
-            self.events(&caller, request.into_inner().pipeline_id)
-                .await?,
+            self.events(&caller, request.into_inner()).await?,
         ))
     }
 

@@ -173,6 +173,8 @@ pub async fn get_pipeline<'e>(
 /// One row of the event history.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineEvent {
+    /// Position in the event log (ascending in time).
+    pub id: i64,
     pub pipeline_id: String,
     pub time: SystemTime,
     pub actor: String,
@@ -182,21 +184,29 @@ pub struct PipelineEvent {
     pub reason: String,
 }
 
+/// A pipeline's events after the one numbered `after` (from the first when None),
+/// oldest first, at most `limit`.
 pub async fn list_events(
     pool: &PgPool,
     pipeline_id: &str,
+    after: Option<i64>,
+    limit: i64,
 ) -> Result<Vec<PipelineEvent>, StoreError> {
     let rows = sqlx::query(
-        "SELECT pipeline_id, time, actor, from_status, to_status, generation, reason \
-         FROM pipeline_events WHERE pipeline_id = $1 ORDER BY id",
+        "SELECT id, pipeline_id, time, actor, from_status, to_status, generation, reason \
+         FROM pipeline_events WHERE pipeline_id = $1 AND id > coalesce($2, 0) \
+         ORDER BY id LIMIT $3",
     )
     .bind(pipeline_id)
+    .bind(after)
+    .bind(limit)
     .fetch_all(pool)
     .await?;
     rows.iter()
         .map(|r| {
             let time: DateTime<Utc> = r.try_get("time")?;
             Ok(PipelineEvent {
+                id: r.try_get("id")?,
                 pipeline_id: r.try_get("pipeline_id")?,
                 time: time.into(),
                 actor: r.try_get("actor")?,

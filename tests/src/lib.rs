@@ -556,6 +556,7 @@ pub fn set_desired(id: &str, desired: pb::DesiredStatus) -> pb::UpdatePipelineRe
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["desired_status".into()],
         }),
+        ..Default::default()
     }
 }
 
@@ -616,6 +617,7 @@ pub async fn history(client: &mut Client, id: &str) -> Result<Vec<String>> {
     Ok(client
         .list_pipeline_events(pb::ListPipelineEventsRequest {
             pipeline_id: id.to_owned(),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -655,6 +657,7 @@ pub fn set_destination(id: &str, config: Value) -> pb::UpdatePipelineRequest {
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["spec.destination".into()],
         }),
+        ..Default::default()
     }
 }
 
@@ -740,6 +743,7 @@ pub fn set_source(id: &str, config: Value) -> pb::UpdatePipelineRequest {
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["spec.source".into()],
         }),
+        ..Default::default()
     }
 }
 

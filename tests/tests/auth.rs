@@ -66,6 +66,7 @@ async fn call(
         Rpc::Events => client
             .list_pipeline_events(pb::ListPipelineEventsRequest {
                 pipeline_id: target.to_owned(),
+                ..Default::default()
             })
             .await
             .map(|_| Vec::new()),

@@ -165,6 +165,7 @@ async fn every_bad_input_has_its_code_and_changes_nothing() -> Result<()> {
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["spec.source".into()],
         }),
+        ..Default::default()
     };
     let err = client
         .update_pipeline(bad_spec_update)
@@ -424,5 +425,134 @@ async fn health_and_reflection_are_served() -> Result<()> {
             set.iter().map(|f| f.name.clone()).collect::<Vec<_>>()
         );
     }
+    d.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_only_checks_like_the_real_call_and_stores_nothing() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    let dest = d.destination("dry_run_t", false);
+    client
+        .create_pipeline(generator_pipeline(
+            "exists",
+            10,
+            0,
+            dest.clone(),
+            DesiredStatus::Active,
+        ))
+        .await?;
+    let before = get(&mut client, "exists").await?;
+    let outbox_before = outbox_len(&d).await?;
+    let dry = |mut req: pb::CreatePipelineRequest| {
+        req.validate_only = true;
+        req
+    };
+
+    // A valid create answers with the pipeline it would make, and makes none.
+    let rid = uuid::Uuid::new_v4().to_string();
+    let would = client
+        .create_pipeline(pb::CreatePipelineRequest {
+            request_id: rid.clone(),
+            ..dry(generator_pipeline(
+                "fresh",
+                10,
+                0,
+                dest.clone(),
+                DesiredStatus::Paused,
+            ))
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (would.id.as_str(), would.generation, would.desired_status),
+        ("fresh", 1, DesiredStatus::Paused as i32)
+    );
+    assert_eq!(
+        get(&mut client, "fresh").await.expect_err("no row").code(),
+        Code::NotFound
+    );
+    // Every check of the real call runs: the id taken, a bad spec.
+    let taken = client
+        .create_pipeline(dry(generator_pipeline(
+            "exists",
+            10,
+            0,
+            dest.clone(),
+            DesiredStatus::Active,
+        )))
+        .await
+        .expect_err("taken");
+    assert_eq!(taken.code(), Code::AlreadyExists);
+    let mut bad = dry(generator_pipeline(
+        "bad",
+        10,
+        0,
+        dest.clone(),
+        DesiredStatus::Active,
+    ));
+    bad.pipeline
+        .as_mut()
+        .and_then(|p| p.spec.as_mut())
+        .expect("spec")
+        .source = Some(connector("generator", json!({"count": -1})));
+    let err = client.create_pipeline(bad).await.expect_err("bad spec");
+    assert_eq!(
+        (err.code(), field_of(&err).as_str()),
+        (Code::InvalidArgument, "pipeline.spec.source.config.count")
+    );
+    // The dry run's request_id was not remembered: the real call with it creates.
+    let real = client
+        .create_pipeline(pb::CreatePipelineRequest {
+            request_id: rid,
+            ..generator_pipeline("fresh", 10, 0, dest.clone(), DesiredStatus::Paused)
+        })
+        .await?
+        .into_inner();
+    assert_eq!(real.id, "fresh");
+    assert_eq!(get(&mut client, "fresh").await?.generation, 1);
+    let outbox_after_real = outbox_len(&d).await?;
+    assert!(outbox_after_real > outbox_before, "the real create signals");
+
+    // An update answers with the pipeline as it would be, bumped, and changes nothing.
+    let would = client
+        .update_pipeline(pb::UpdatePipelineRequest {
+            validate_only: true,
+            ..set_desired("exists", DesiredStatus::Paused)
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (would.desired_status, would.generation),
+        (DesiredStatus::Paused as i32, before.generation + 1)
+    );
+    let after = get(&mut client, "exists").await?;
+    assert_eq!(
+        (after.desired_status, after.generation, after.etag.as_str()),
+        (
+            before.desired_status,
+            before.generation,
+            before.etag.as_str()
+        )
+    );
+    let stale = client
+        .update_pipeline(pb::UpdatePipelineRequest {
+            validate_only: true,
+            pipeline: Some(pb::Pipeline {
+                id: "exists".into(),
+                desired_status: DesiredStatus::Paused as i32,
+                etag: "\"stale\"".into(),
+                ..Default::default()
+            }),
+            ..set_desired("exists", DesiredStatus::Paused)
+        })
+        .await
+        .expect_err("stale etag");
+    assert_eq!(stale.code(), Code::Aborted);
+    assert_eq!(
+        outbox_len(&d).await?,
+        outbox_after_real,
+        "no dry run signals"
+    );
     d.shutdown().await
 }

@@ -220,3 +220,99 @@ async fn a_retrying_activity_is_shown_by_get_and_sluicectl() -> Result<()> {
     assert!(ready.pending_activity.is_none(), "{ready:?}");
     d.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_creates_and_updates_with_a_diff_and_dry_run_changes_nothing() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    d.start_control_plane().await?;
+    let ctl = Ctl {
+        server: format!(
+            "http://{}",
+            d.control_plane_addr.clone().unwrap_or_default()
+        ),
+        token: d.token.clone().unwrap_or_default(),
+    };
+    let doc = |id: &str, count: u32| {
+        format!(
+            "id: {id}\ndesired_status: PAUSED\nspec:\n  source:\n    type: generator\n    config:\n      count: {count}\n  destination:\n    type: postgres\n    config:\n      url: {}\n      table: {}_t\n",
+            d.database_url,
+            id.replace('-', "_")
+        )
+    };
+    let write = |text: String| -> Result<String> {
+        let path = std::env::temp_dir().join(format!("{}.yaml", unique("apply")));
+        std::fs::write(&path, text)?;
+        Ok(path.to_string_lossy().into_owned())
+    };
+    ctl.ok(&["create", "-f", &write(doc("ap-old", 10))?])
+        .await?;
+
+    // Dry run: the server checks both, the diff shows the change, nothing changes.
+    let file = write(format!("{}---\n{}", doc("ap-old", 20), doc("ap-new", 5)))?;
+    let dry = ctl.ok(&["apply", "-f", &file, "--dry-run"]).await?;
+    assert!(
+        dry.contains("pipeline/ap-old would be updated (generation 2)")
+            && dry.contains("-       count: 10")
+            && dry.contains("+       count: 20")
+            && dry.contains("pipeline/ap-new would be created"),
+        "{dry}"
+    );
+    let old = ctl.json(&["get", "ap-old"]).await?;
+    assert_eq!(
+        (
+            old["generation"].as_i64(),
+            &old["spec"]["source"]["config"]["count"]
+        ),
+        (Some(1), &Value::from(10))
+    );
+    let missing = ctl.run(&["get", "ap-new"]).await?;
+    assert_eq!(
+        missing.status.code(),
+        Some(1),
+        "the dry run created nothing"
+    );
+
+    // For real, then again: the second time nothing changes.
+    let applied = ctl.json(&["apply", "-f", &file]).await?;
+    assert_eq!(applied[0]["action"], "updated", "{applied}");
+    assert_eq!(applied[0]["generation"], 2, "{applied}");
+    assert_eq!(applied[1]["action"], "created", "{applied}");
+    let old = ctl.json(&["get", "ap-old"]).await?;
+    assert_eq!(old["spec"]["source"]["config"]["count"], 20);
+    assert_eq!(
+        ctl.json(&["get", "ap-new"]).await?["desired_status"],
+        "PAUSED"
+    );
+    let again = ctl.ok(&["apply", "-f", &file]).await?;
+    assert_eq!(
+        again, "pipeline/ap-old unchanged\npipeline/ap-new unchanged\n",
+        "{again}"
+    );
+
+    // A file with a bad document is refused whole before anything is sent.
+    let bad = write(format!(
+        "{}---\n{}",
+        doc("ap-old", 30),
+        doc("ap-x", 1).replace("id: ap-x\n", "")
+    ))?;
+    let refused = ctl.run(&["apply", "-f", &bad]).await?;
+    assert_eq!(refused.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("document 2 has no id"), "{stderr}");
+    assert_eq!(ctl.json(&["get", "ap-old"]).await?["generation"], 2);
+
+    // A document the server refuses stops the run with its code; earlier ones stay.
+    let invalid = write(format!(
+        "{}---\n{}",
+        doc("ap-new", 7),
+        doc("ap-bad", 1).replace("type: generator", "type: mysql")
+    ))?;
+    let out = ctl.run(&["apply", "-f", &invalid]).await?;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("pipeline/ap-new updated"), "{stdout}");
+    assert!(stderr.contains("INVALID_ARGUMENT"), "{stderr}");
+    assert_eq!(ctl.run(&["get", "ap-bad"]).await?.status.code(), Some(1));
+    d.shutdown().await
+}

@@ -23,6 +23,7 @@ fn set_count(id: &str, count: u64, etag: &str) -> pb::UpdatePipelineRequest {
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["spec.source".into()],
         }),
+        ..Default::default()
     }
 }
 

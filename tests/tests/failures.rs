@@ -218,6 +218,7 @@ async fn deleting_a_pipeline_whose_destination_never_worked_still_removes_it() -
     let events = client
         .list_pipeline_events(pb::ListPipelineEventsRequest {
             pipeline_id: "doomed".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()

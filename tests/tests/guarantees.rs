@@ -364,6 +364,7 @@ async fn a_spec_change_reaches_ready_with_an_empty_source_or_a_new_table() -> Re
             update_mask: Some(prost_types::FieldMask {
                 paths: vec!["spec".into()],
             }),
+            ..Default::default()
         })
         .await?;
     wait_converged(

@@ -63,6 +63,7 @@ async fn backfill_lands_every_record_then_pause_and_resume_lose_nothing() -> Res
     let history = client
         .list_pipeline_events(pb::ListPipelineEventsRequest {
             pipeline_id: "orders".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -81,6 +82,44 @@ async fn backfill_lands_every_record_then_pause_and_resume_lose_nothing() -> Res
             "PAUSED>READY"
         ]
     );
+
+    // The same history two events a page; a token is good only for its pipeline.
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_pipeline_events(pb::ListPipelineEventsRequest {
+                pipeline_id: "orders".into(),
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await?
+            .into_inner();
+        assert!(page.events.len() <= 2);
+        paged.extend(page.events);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(paged, history);
+    let first = client
+        .list_pipeline_events(pb::ListPipelineEventsRequest {
+            pipeline_id: "orders".into(),
+            page_size: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let elsewhere = client
+        .list_pipeline_events(pb::ListPipelineEventsRequest {
+            pipeline_id: "other".into(),
+            page_token: first.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .expect_err("another pipeline's token");
+    assert_eq!(elsewhere.code(), tonic::Code::InvalidArgument);
     d.shutdown().await
 }
 
@@ -237,6 +276,7 @@ async fn delete_tears_down_before_the_row_disappears() -> Result<()> {
         let moves: Vec<String> = client
             .list_pipeline_events(pb::ListPipelineEventsRequest {
                 pipeline_id: id.into(),
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -81,6 +81,7 @@ async fn secrets_are_encrypted_redacted_and_never_logged() -> Result<()> {
             update_mask: Some(prost_types::FieldMask {
                 paths: vec!["spec".into()],
             }),
+            ..Default::default()
         })
         .await?
         .into_inner();
