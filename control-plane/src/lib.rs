@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod outbox;
 pub mod service;
 pub mod store;
@@ -193,6 +194,7 @@ pub async fn run(
     }
     let too_large = limits::RequestTooLarge::new(config.max_request_bytes);
     let served = server
+        .layer(metrics::GrpcMetricsLayer)
         .layer(tower::util::MapResponseLayer::new(move |r| {
             too_large.rewrite(r)
         }))

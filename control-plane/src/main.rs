@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use sluice_control_plane::auth::{self, Role};
 use sluice_control_plane::{run, Config, Limits, TlsFiles};
+use sluice_infra::metrics::MetricsArgs;
 use sluice_infra::process::{
     init_tracing, parse_cli_from, shutdown_signal, ConnectionArgs, DestinationHostArgs, LogArgs,
 };
@@ -47,6 +48,8 @@ enum Command {
 struct ServeArgs {
     #[command(flatten)]
     connection: ConnectionArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// Specs whose destination host these refuse are INVALID_ARGUMENT at once; workers
     /// enforce the same lists (with DNS) when they connect, so give both the same.
     #[command(flatten)]
@@ -202,6 +205,19 @@ async fn serve(cli: ServeArgs) -> ExitCode {
         max_request_bytes: cli.max_request_bytes as usize,
         tls,
         destination_hosts,
+    };
+    let _metrics = match cli.metrics.metrics_listen {
+        Some(addr) => {
+            let registry = std::sync::Arc::clone(&sluice_control_plane::metrics::API.registry);
+            match sluice_infra::metrics::serve(addr, registry).await {
+                Ok((_, task)) => Some(task),
+                Err(e) => {
+                    eprintln!("error: --metrics-listen {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
     };
     let result = run(config, shutdown_signal(), |addr| {
         println!("listening on {addr}");

@@ -88,7 +88,9 @@ impl OutboxRelay {
         let mut tx = self.pool.begin().await?;
         // SKIP LOCKED lets several control-plane instances relay side by side.
         let rows = sqlx::query(
-            "SELECT id, pipeline_id, partition, payload FROM signal_outbox \
+            "SELECT id, pipeline_id, partition, payload, \
+                    extract(epoch FROM clock_timestamp() - created_at)::float8 AS age \
+             FROM signal_outbox \
              WHERE sent_at IS NULL AND next_attempt_at <= now() \
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
@@ -106,6 +108,11 @@ impl OutboxRelay {
             let payload: Vec<u8> = row.try_get("payload")?;
             signals.push((id, pipeline_id, partition, payload));
         }
+        let ages: Vec<f64> = rows
+            .iter()
+            .map(|r| r.try_get::<f64, _>("age").unwrap_or(0.0))
+            .collect();
+        let sending = std::time::Instant::now();
         // All sends of a batch are in flight together; the rows stay locked meanwhile,
         // so another relay cannot send them twice.
         let sends = signals
@@ -123,10 +130,21 @@ impl OutboxRelay {
             });
         let mut sent = Vec::with_capacity(signals.len());
         let mut failed = Vec::new();
-        for (id, result) in futures::future::join_all(sends).await {
+        let results = futures::future::join_all(sends).await;
+        let send_seconds = sending.elapsed().as_secs_f64();
+        for ((id, result), age) in results.into_iter().zip(&ages) {
             match result {
-                Ok(()) => sent.push(id),
-                Err(e) => failed.push((id, e.to_string())),
+                Ok(()) => {
+                    crate::metrics::API.signals_sent.inc();
+                    crate::metrics::API
+                        .signal_relay_seconds
+                        .observe(age + send_seconds);
+                    sent.push(id)
+                }
+                Err(e) => {
+                    crate::metrics::API.signals_deferred.inc();
+                    failed.push((id, e.to_string()))
+                }
             }
         }
         sqlx::query("UPDATE signal_outbox SET sent_at = clock_timestamp() WHERE id = ANY($1)")

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod kafka;
+pub mod metrics;
 pub mod process;
 pub mod secrets;
 pub mod store;

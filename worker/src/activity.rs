@@ -79,17 +79,23 @@ where
     let mut attempt_no: u32 = 0;
     loop {
         attempt_no += 1;
+        let began = tokio::time::Instant::now();
         let outcome = tokio::select! {
             _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
             r = tokio::time::timeout(attempt_timeout, attempt()) => r,
         };
+        let seconds = began.elapsed().as_secs_f64();
         let err = match outcome {
-            Ok(Ok(v)) => return Ok(v),
+            Ok(Ok(v)) => {
+                crate::metrics::WORKER.attempt(name, "ok", seconds);
+                return Ok(v);
+            }
             Ok(Err(e)) => e,
             Err(_) => {
                 ActivityError::transient(format!("attempt timed out after {attempt_timeout:?}"))
             }
         };
+        crate::metrics::WORKER.attempt(name, outcome_label(&err), seconds);
         if !err.is_retryable() {
             return Err(err);
         }
@@ -133,6 +139,16 @@ where
             _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// The metrics label of a failed attempt: its failure class.
+fn outcome_label(err: &ActivityError) -> &'static str {
+    match err {
+        ActivityError::Fenced => "fenced",
+        ActivityError::Cancelled => "cancelled",
+        ActivityError::Invariant(_) => "invariant",
+        ActivityError::Failed { failure_type, .. } => failure_type.as_str(),
     }
 }
 

@@ -358,6 +358,13 @@ impl Reader<'_> {
                 })
                 .await?;
             Stages::add(&self.stages.produce, producing);
+            if let Some(produced_end) = produced {
+                crate::metrics::WORKER.produced(
+                    &self.claim.key,
+                    encoded.len() as u64,
+                    produced_end,
+                );
+            }
             end = end.max(produced);
             if let Some(last) = slice.records.last() {
                 match mode {
@@ -714,11 +721,14 @@ async fn live_lane(
                     encoded.push(encode_record(stream, &record, position, &tags));
                 }
             }
-            activities
+            let produced = activities
                 .run("produce-inputs", &cancel, || async {
                     producer.lock().await.produce(&lane.records_topic, &encoded).await
                 })
                 .await?;
+            if let Some(end) = produced {
+                crate::metrics::WORKER.produced(&claim.key, encoded.len() as u64, end);
+            }
             let next = inputs.last().map_or(lane.after, |(o, _)| o + 1);
             activities
                 .run("checkpoint", &never, || {
@@ -1001,6 +1011,7 @@ async fn write_lane(
         Err(e) => return fail(e),
     };
     committed.send_replace(state.next_offset);
+    crate::metrics::WORKER.committed(&claim.key, state.next_offset);
     let consumer = activities
         .run("open-records-consumer", &cancel, || async {
             topic_consumer(&ctx, &lane.topic, state.next_offset)
@@ -1112,6 +1123,8 @@ async fn consume_and_write(
         match written {
             Ok(written) => {
                 committed.send_replace(written.next_offset);
+                crate::metrics::WORKER.committed(&target.claim.key, written.next_offset);
+                crate::metrics::WORKER.written(&target.claim.key, written.records.len() as u64);
                 // Runs count what they wrote (a metric: best effort).
                 let mut per_run: std::collections::BTreeMap<i64, i64> = Default::default();
                 for i in &written.records {

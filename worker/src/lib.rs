@@ -9,6 +9,7 @@ pub mod activity;
 pub mod claim;
 pub mod lanes;
 pub mod membership;
+pub mod metrics;
 pub mod plan;
 pub mod store;
 pub mod supervisor;

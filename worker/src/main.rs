@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use sluice_infra::metrics::MetricsArgs;
 use sluice_infra::process::{
     init_tracing, parse_cli, shutdown_signal, ConnectionArgs, DestinationHostArgs, LogArgs,
 };
@@ -24,6 +25,8 @@ struct Cli {
     connection: ConnectionArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     #[command(flatten)]
     destination_hosts: DestinationHostArgs,
     /// Directory of CA certificates (PEM files) destinations may name by file name in
@@ -103,6 +106,19 @@ async fn main() -> ExitCode {
         files_dir: cli.files_dir.filter(|d| !d.as_os_str().is_empty()),
         destination_hosts,
         topic_namespace: cli.connection.topic_namespace.clone(),
+    };
+    let _metrics = match cli.metrics.metrics_listen {
+        Some(addr) => {
+            let registry = std::sync::Arc::clone(&sluice_worker::metrics::WORKER.registry);
+            match sluice_infra::metrics::serve(addr, registry).await {
+                Ok((_, task)) => Some(task),
+                Err(e) => {
+                    eprintln!("error: --metrics-listen {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
     };
     match run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -286,16 +286,21 @@ pub async fn end_run(
     outcome: &str,
     error: Option<&str>,
 ) -> Result<(), ActivityError> {
-    sqlx::query(
-        "UPDATE pipeline_runs SET outcome = $4, error = $5, end_time = clock_timestamp()          WHERE pipeline_id = $1 AND incarnation = $2 AND number = $3 AND outcome = 'running'",
+    let ended: Vec<(String, f64)> = sqlx::query_as(
+        "UPDATE pipeline_runs SET outcome = $4, error = $5, end_time = clock_timestamp() \
+         WHERE pipeline_id = $1 AND incarnation = $2 AND number = $3 AND outcome = 'running' \
+         RETURNING trigger, extract(epoch FROM end_time - start_time)::float8",
     )
     .bind(&claim.key)
     .bind(claim.incarnation)
     .bind(number)
     .bind(outcome)
     .bind(error)
-    .execute(pool)
+    .fetch_all(pool)
     .await?;
+    for (trigger, seconds) in ended {
+        crate::metrics::WORKER.run_ended(&trigger, outcome, seconds);
+    }
     Ok(())
 }
 
@@ -305,16 +310,20 @@ pub async fn fail_running_runs(
     claim: &Claim,
     error: &str,
 ) -> Result<(), ActivityError> {
-    let failed = sqlx::query(
+    let failed: Vec<(String, f64)> = sqlx::query_as(
         "UPDATE pipeline_runs SET outcome = 'failed', error = $3, end_time = clock_timestamp() \
-         WHERE pipeline_id = $1 AND incarnation = $2 AND outcome = 'running'",
+         WHERE pipeline_id = $1 AND incarnation = $2 AND outcome = 'running' \
+         RETURNING trigger, extract(epoch FROM end_time - start_time)::float8",
     )
     .bind(&claim.key)
     .bind(claim.incarnation)
     .bind(error)
-    .execute(pool)
+    .fetch_all(pool)
     .await?;
-    if failed.rows_affected() > 0 {
+    for (trigger, seconds) in &failed {
+        crate::metrics::WORKER.run_ended(trigger, "failed", *seconds);
+    }
+    if !failed.is_empty() {
         merge_checkpoint(
             pool,
             claim,

@@ -81,11 +81,19 @@ impl Supervisor {
         match event {
             SupervisorEvent::Assigned(partitions) => {
                 tracing::info!(?partitions, "partitions assigned");
+                crate::metrics::WORKER
+                    .rebalances
+                    .get_or_create(&vec![("event", "assigned".to_owned())])
+                    .inc();
                 self.owned.extend(&partitions);
                 self.start_missing(&partitions).await;
             }
             SupervisorEvent::Revoked(partitions, done) => {
                 tracing::info!(?partitions, "partitions revoked");
+                crate::metrics::WORKER
+                    .rebalances
+                    .get_or_create(&vec![("event", "revoked".to_owned())])
+                    .inc();
                 for p in &partitions {
                     self.owned.remove(p);
                 }

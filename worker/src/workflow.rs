@@ -114,6 +114,7 @@ async fn run(
             return;
         }
     };
+    let _owned = crate::metrics::Owned::new(&claim.key);
     let activities = Activities::new(Arc::clone(&ctx), claim.clone());
     let checkpoint = match activities
         .run("load-checkpoint", &stop, || {
@@ -796,6 +797,7 @@ impl Workflow {
             tracing::info!(pipeline_id = %claim.key, from = ?self.status, to = %write.to, "status changed");
         }
         self.status = Some(write.to);
+        crate::metrics::WORKER.status(&claim.key, write.to.as_str());
         self.observed = self.observed.max(write.observed_generation);
         Ok(())
     }
