@@ -225,6 +225,26 @@ Example:
         wait: WaitArgs,
     },
 
+    /// Show everything about one pipeline: status, spec, recent events and runs.
+    #[command(after_help = "\
+Shows the pipeline as `get` does (with the activity it is retrying, if any), its
+desired status and spec (secrets redacted), its last status transitions and its latest
+runs with their errors: the first command to run when a pipeline is stuck or failing.
+
+Examples:
+  sluicectl describe orders-sync
+  sluicectl describe orders-sync --events 30 -o json")]
+    Describe {
+        /// Pipeline id.
+        id: String,
+        /// How many of the latest status transitions to show.
+        #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        events: u32,
+        /// How many of the latest runs to show.
+        #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        runs: u32,
+    },
+
     /// Show the status transitions of a pipeline, oldest first (works after deletion).
     #[command(after_help = "Example:\n  sluicectl history orders-sync")]
     History {
@@ -241,6 +261,17 @@ Examples:
   sluicectl connectors
   sluicectl connectors -o json | jq '.[] | select(.type == \"postgres\")'")]
     Connectors,
+
+    /// Print a shell completion script.
+    #[command(after_help = "\
+Examples:
+  sluicectl completion bash > /etc/bash_completion.d/sluicectl
+  sluicectl completion zsh > \"${fpath[1]}/_sluicectl\"
+  sluicectl completion fish > ~/.config/fish/completions/sluicectl.fish")]
+    Completion {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
 
     /// Show a pipeline's runs (its backfill and every sync), newest first.
     #[command(after_help = "\

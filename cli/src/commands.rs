@@ -86,27 +86,28 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         }
         Command::Delete { id, wait } => delete(&mut client, id, wait, format).await,
         Command::History { id } => {
-            let mut events = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_pipeline_events(pb::ListPipelineEventsRequest {
-                        pipeline_id: id.clone(),
-                        page_token: page_token.clone(),
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                events.extend(page.events);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                if page.next_page_token == page_token {
-                    return Err(CliError::RepeatedPageToken(page.next_page_token));
-                }
-                page_token = page.next_page_token;
-            }
+            let events = all_events(&mut client, &id).await?;
             Ok(output::render_events(&events, format))
+        }
+        Command::Completion { .. } => Ok(String::new()),
+        Command::Describe { id, events, runs } => {
+            let pipeline = client
+                .get_pipeline(pb::GetPipelineRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            let mut history = all_events(&mut client, &id).await?;
+            let keep = history.len().saturating_sub(events as usize);
+            history.drain(..keep);
+            let runs = client
+                .list_runs(pb::ListRunsRequest {
+                    pipeline_id: id,
+                    page_size: i32::try_from(runs).unwrap_or(i32::MAX),
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner()
+                .runs;
+            Ok(describe(&pipeline, &history, &runs, format))
         }
         Command::Connectors => {
             let connectors = client
@@ -344,6 +345,66 @@ fn read_text(path: &Path) -> Result<(String, String, FileFormat), CliError> {
         (text, origin, FileFormat::from_path(path))
     };
     Ok((text, origin, format))
+}
+
+/// Every status transition of a pipeline, page by page, oldest first.
+async fn all_events(client: &mut Client, id: &str) -> Result<Vec<pb::PipelineEvent>, CliError> {
+    let mut events = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_pipeline_events(pb::ListPipelineEventsRequest {
+                pipeline_id: id.to_owned(),
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return Ok(events);
+        }
+        if page.next_page_token == page_token {
+            return Err(CliError::RepeatedPageToken(page.next_page_token));
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+fn describe(
+    pipeline: &pb::Pipeline,
+    events: &[pb::PipelineEvent],
+    runs: &[pb::Run],
+    format: OutputFormat,
+) -> String {
+    match format {
+        OutputFormat::Json => {
+            let parse =
+                |text: String| serde_json::from_str::<serde_json::Value>(&text).unwrap_or_default();
+            let all = serde_json::json!({
+                "pipeline": parse(output::render_pipeline(pipeline, format)),
+                "spec": apply::desired_view(pipeline)["spec"],
+                "events": parse(output::render_events(events, format)),
+                "runs": parse(output::render_runs(runs, format)),
+            });
+            serde_json::to_string_pretty(&all).unwrap_or_default()
+        }
+        OutputFormat::Table => {
+            let mut out = output::render_pipeline(pipeline, format);
+            out.push_str("\n\nSpec:\n");
+            let view = apply::desired_view(pipeline);
+            for line in apply::yaml_lines(&view["spec"]) {
+                out.push_str("  ");
+                out.push_str(&line);
+                out.push('\n');
+            }
+            out.push_str(&format!("\nLatest {} status transitions:\n", events.len()));
+            out.push_str(&output::render_events(events, format));
+            out.push_str(&format!("\n\nLatest {} runs:\n", runs.len()));
+            out.push_str(&output::render_runs(runs, format));
+            out
+        }
+    }
 }
 
 /// What apply did with one document.

@@ -34,6 +34,12 @@ fn main() -> ExitCode {
             });
         }
     };
+    // Completion needs no server: it is printed from the parser's own definition.
+    if let args::Command::Completion { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "sluicectl", &mut std::io::stdout());
+        return exit(EXIT_OK);
+    }
     match execute(cli) {
         Ok(text) => {
             let mut stdout = std::io::stdout().lock();

@@ -88,6 +88,45 @@ async fn operator_workflow_through_sluicectl() -> Result<()> {
     let resumed = ctl.json(&["resume", "cli-orders", "--wait"]).await?;
     assert_eq!(resumed["status"], "READY");
 
+    // describe: status, spec, the latest transitions and runs in one place.
+    let described = ctl.ok(&["describe", "cli-orders", "--events", "2"]).await?;
+    assert!(
+        described.contains("Spec:")
+            && described.contains("count: 1500")
+            && described.contains("Latest 2 status transitions")
+            && described.contains("PAUSED")
+            && described.contains("initial")
+            && described.contains("succeeded"),
+        "{described}"
+    );
+    let described = ctl.json(&["describe", "cli-orders"]).await?;
+    assert_eq!(described["pipeline"]["status"], "READY", "{described}");
+    assert_eq!(described["spec"]["source"]["config"]["count"], 1500);
+    assert_eq!(described["events"][0]["to_status"], "SETUP", "{described}");
+    assert_eq!(described["runs"][0]["trigger"], "initial", "{described}");
+    assert_eq!(described["runs"][0]["records_written"], 1500, "{described}");
+
+    // Completion scripts need no server and are valid shell.
+    let script = tokio::process::Command::new(bin_path("sluicectl")?)
+        .args(["completion", "bash"])
+        .env_remove("SLUICE_TOKEN")
+        .output()
+        .await?;
+    assert!(script.status.success());
+    let text = String::from_utf8(script.stdout)?;
+    assert!(
+        text.contains("describe") && text.contains("apply"),
+        "{text}"
+    );
+    let path = std::env::temp_dir().join(format!("{}.bash", unique("completion")));
+    std::fs::write(&path, &text)?;
+    let checked = tokio::process::Command::new("bash")
+        .arg("-n")
+        .arg(&path)
+        .status()
+        .await?;
+    assert!(checked.success(), "bash -n refused the completion script");
+
     let table_out = ctl.ok(&["list"]).await?;
     assert!(table_out.contains("cli-orders"), "{table_out}");
 
