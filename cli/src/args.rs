@@ -225,6 +225,25 @@ Example:
         wait: WaitArgs,
     },
 
+    /// Watch pipelines change, live: one line per change until interrupted.
+    #[command(after_help = "\
+Prints every pipeline the token can see (EXISTING), a SYNCED line, then one line per
+change as it commits (CHANGED, REMOVED), until Ctrl-C. Each -o json line carries a
+resume_token; `--resume TOKEN` continues after it (changes may repeat, none is lost;
+tokens last 24 hours).
+
+Examples:
+  sluicectl watch
+  sluicectl watch orders-sync invoices-sync
+  sluicectl watch -o json | jq -c 'select(.pipeline.status == \"ERROR\")'")]
+    Watch {
+        /// Only these pipelines (default: all).
+        ids: Vec<String>,
+        /// Continue after the event that carried this resume_token.
+        #[arg(long, value_name = "TOKEN")]
+        resume: Option<String>,
+    },
+
     /// Show everything about one pipeline: status, spec, recent events and runs.
     #[command(after_help = "\
 Shows the pipeline as `get` does (with the activity it is retrying, if any), its

@@ -90,6 +90,7 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             Ok(output::render_events(&events, format))
         }
         Command::Completion { .. } => Ok(String::new()),
+        Command::Watch { ids, resume } => watch(&mut client, ids, resume, format).await,
         Command::Describe { id, events, runs } => {
             let pipeline = client
                 .get_pipeline(pb::GetPipelineRequest { id: id.clone() })
@@ -345,6 +346,75 @@ fn read_text(path: &Path) -> Result<(String, String, FileFormat), CliError> {
         (text, origin, FileFormat::from_path(path))
     };
     Ok((text, origin, format))
+}
+
+async fn watch(
+    client: &mut Client,
+    ids: Vec<String>,
+    resume: Option<String>,
+    format: OutputFormat,
+) -> Result<String, CliError> {
+    use std::io::Write;
+    let mut stream = client
+        .watch_pipelines(pb::WatchPipelinesRequest {
+            resume_token: resume.unwrap_or_default(),
+            pipeline_ids: ids,
+        })
+        .await?
+        .into_inner();
+    let mut stdout = std::io::stdout();
+    if format == OutputFormat::Table {
+        let _ = writeln!(
+            stdout,
+            "{:<9} {:<24} {:<10} {:<10} {:<9} {:<16} ERROR",
+            "EVENT", "ID", "PHASE", "STATUS", "GEN", "OWNER"
+        );
+    }
+    while let Some(event) = stream.message().await? {
+        let kind = pb::WatchEventType::try_from(event.r#type)
+            .map(|t| {
+                t.as_str_name()
+                    .trim_start_matches("WATCH_EVENT_TYPE_")
+                    .to_owned()
+            })
+            .unwrap_or_else(|_| format!("UNKNOWN({})", event.r#type));
+        let line = match format {
+            OutputFormat::Json => serde_json::json!({
+                "event": kind,
+                "pipeline": event.pipeline.as_ref().map(output::PipelineView::from),
+                "resume_token": event.resume_token,
+            })
+            .to_string(),
+            OutputFormat::Table => match &event.pipeline {
+                None => kind,
+                Some(p) => {
+                    let v = output::PipelineView::from(p);
+                    format!(
+                        "{:<9} {:<24} {:<10} {:<10} {:<9} {:<16} {}",
+                        kind,
+                        v.id,
+                        v.phase,
+                        v.status,
+                        format!("{}/{}", v.observed_generation, v.generation),
+                        if v.owner.is_empty() { "-" } else { &v.owner },
+                        if v.last_error.is_empty() {
+                            "-"
+                        } else {
+                            &v.last_error
+                        },
+                    )
+                }
+            },
+        };
+        // A closed pipe (`sluicectl watch | head`) ends the watch quietly.
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(String::new())
 }
 
 /// Every status transition of a pipeline, page by page, oldest first.

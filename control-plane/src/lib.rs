@@ -179,6 +179,14 @@ pub async fn run(
         replication_factor: config.replication_factor,
         ready: Default::default(),
     };
+    let (changes_tx, changes_rx) = tokio::sync::watch::channel(0u64);
+    // Open watch streams end when shutdown begins, or the server would wait for them.
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing_tx.send(true);
+    };
+    let listener_task = tokio::spawn(listen_for_changes(pool.clone(), changes_tx));
     let api = PipelineApi::new(
         pool.clone(),
         partitions as u32,
@@ -186,6 +194,10 @@ pub async fn run(
         config.limits,
         config.destination_hosts.clone(),
         inputs,
+        crate::service::WatchSignals {
+            changes: changes_rx,
+            closing: closing_rx,
+        },
     );
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
@@ -215,7 +227,29 @@ pub async fn run(
     // Drain: stop the relay (unsent signals stay in the outbox), then close the pool.
     let _ = stop_tx.send(true);
     let _ = relay_task.await;
+    listener_task.abort();
     pool.close().await;
     tracing::info!("control plane stopped");
     served.map_err(RunError::from)
+}
+
+/// Counts the pipelines table's change notifications, so that WatchPipelines streams
+/// look for changes at once instead of at their next poll. Lost notifications (the
+/// connection drops) only delay a watcher until that poll.
+async fn listen_for_changes(pool: sqlx::PgPool, changes: tokio::sync::watch::Sender<u64>) {
+    loop {
+        let listener = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen("sluice_pipelines").await?;
+            loop {
+                listener.recv().await?;
+                changes.send_modify(|n| *n += 1);
+            }
+        };
+        let result: Result<(), sqlx::Error> = listener.await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "pipeline change notifications interrupted; watchers poll meanwhile");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }

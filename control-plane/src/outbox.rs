@@ -79,6 +79,11 @@ impl OutboxRelay {
         if let Err(e) = crate::store::purge_request_log(&self.pool).await {
             tracing::warn!(error = %e, "request log cleanup failed");
         }
+        // Watch resume tokens are honoured for a day; their tombstones a little longer.
+        let keep = crate::service::WATCH_TOKEN_LIFETIME + std::time::Duration::from_secs(3600);
+        if let Err(e) = crate::store::delete_old_tombstones(&self.pool, keep).await {
+            tracing::warn!(error = %e, "tombstone cleanup failed");
+        }
     }
 
     /// Relays up to one batch of due signals. Each signal Kafka did not acknowledge is

@@ -54,12 +54,21 @@ impl Default for Limits {
 
 pub struct PipelineApi {
     pool: PgPool,
+    watches: WatchSignals,
     signal_partitions: u32,
     /// Wakes the outbox relay after a committed change.
     outbox_wakeup: Arc<Notify>,
     limits: Limits,
     destination_hosts: HostPolicy,
     inputs: Inputs,
+}
+
+/// What WatchPipelines streams listen to.
+pub struct WatchSignals {
+    /// Counts the change notifications of the pipelines table.
+    pub changes: tokio::sync::watch::Receiver<u64>,
+    /// Turns true when the server begins to shut down.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Where pushed inputs are kept: each pipeline incarnation's inputs topic, made on
@@ -132,9 +141,11 @@ impl PipelineApi {
         limits: Limits,
         destination_hosts: HostPolicy,
         inputs: Inputs,
+        watches: WatchSignals,
     ) -> Self {
         Self {
             pool,
+            watches,
             signal_partitions,
             outbox_wakeup,
             limits,
@@ -852,8 +863,238 @@ fn decode_page_token(token: &str) -> Result<PipelineRef, FieldViolation> {
     })
 }
 
+/// How long a watch resume token stays good.
+pub const WATCH_TOKEN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// How often a watcher polls without a change notification.
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a running watch checks that its token is still good (revocation bound).
+const WATCH_REAUTH: std::time::Duration = std::time::Duration::from_secs(30);
+
+type WatchStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<pb::WatchPipelinesResponse, Status>> + Send>,
+>;
+
+fn encode_watch_token(xid: u64) -> String {
+    let issued = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    URL_SAFE_NO_PAD.encode(format!("w1.{xid}.{issued}"))
+}
+
+fn decode_watch_token(token: &str) -> Result<u64, ApiError> {
+    let invalid = || FieldViolation::new("resume_token", "is not a token this server issued");
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let mut parts = text.split('.');
+    let (Some("w1"), Some(xid), Some(issued), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid().into());
+    };
+    let xid: u64 = xid.parse().map_err(|_| invalid())?;
+    let issued: u64 = issued.parse().map_err(|_| invalid())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    if now.saturating_sub(issued) > WATCH_TOKEN_LIFETIME.as_secs() {
+        return Err(ApiError::Precondition {
+            reason: "RESUME_TOKEN_EXPIRED",
+            why: "the resume token is older than 24 hours: watch again without it".into(),
+        });
+    }
+    Ok(xid)
+}
+
+fn removed_pipeline(caller: &Caller, tenant: String, name: String) -> pb::Pipeline {
+    let id = if tenant == caller.tenant {
+        name
+    } else {
+        format!("{tenant}/{name}")
+    };
+    pb::Pipeline {
+        id,
+        tenant,
+        ..Default::default()
+    }
+}
+
+impl PipelineApi {
+    async fn watch(
+        &self,
+        caller: Caller,
+        metadata: tonic::metadata::MetadataMap,
+        req: pb::WatchPipelinesRequest,
+    ) -> Result<WatchStream, ApiError> {
+        let from = if req.resume_token.is_empty() {
+            None
+        } else {
+            Some(decode_watch_token(&req.resume_token)?)
+        };
+        let keys = if req.pipeline_ids.is_empty() {
+            None
+        } else {
+            let mut keys = Vec::with_capacity(req.pipeline_ids.len());
+            for raw in &req.pipeline_ids {
+                let target = caller.resolve(raw, "pipeline_ids")?;
+                keys.push(store::key_of(&self.pool, &target).await?);
+            }
+            Some(keys)
+        };
+        let scope = store::WatchScope {
+            tenant: caller.list_scope().map(str::to_owned),
+            keys,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let watcher = Watcher {
+            pool: self.pool.clone(),
+            changes: self.watches.changes.clone(),
+            closing: self.watches.closing.clone(),
+            metadata,
+            caller,
+            scope,
+            tx,
+        };
+        tokio::spawn(watcher.run(from));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+/// One WatchPipelines stream: a snapshot (unless resumed), then the changes.
+struct Watcher {
+    pool: PgPool,
+    changes: tokio::sync::watch::Receiver<u64>,
+    closing: tokio::sync::watch::Receiver<bool>,
+    metadata: tonic::metadata::MetadataMap,
+    caller: Caller,
+    scope: store::WatchScope,
+    tx: tokio::sync::mpsc::Sender<Result<pb::WatchPipelinesResponse, Status>>,
+}
+
+impl Watcher {
+    async fn send(
+        &self,
+        kind: pb::WatchEventType,
+        pipeline: Option<pb::Pipeline>,
+        xid: u64,
+    ) -> bool {
+        let event = pb::WatchPipelinesResponse {
+            r#type: kind as i32,
+            pipeline,
+            resume_token: encode_watch_token(xid),
+        };
+        self.tx.send(Ok(event)).await.is_ok()
+    }
+
+    async fn fail(&self, err: ApiError) {
+        let _ = self.tx.send(Err(err.into())).await;
+    }
+
+    async fn run(mut self, from: Option<u64>) {
+        let mut from = match from {
+            Some(from) => from,
+            None => match store::watch_snapshot(&self.pool, &self.scope).await {
+                Ok((records, horizon)) => {
+                    for record in &records {
+                        let p = record_to_pb(record, registry());
+                        if !self
+                            .send(pb::WatchEventType::Existing, Some(p), horizon)
+                            .await
+                        {
+                            return;
+                        }
+                    }
+                    if !self.send(pb::WatchEventType::Synced, None, horizon).await {
+                        return;
+                    }
+                    horizon
+                }
+                Err(e) => return self.fail(e.into()).await,
+            },
+        };
+        enum Woke {
+            Gone,
+            Closing,
+            Look,
+            Reauth,
+        }
+        let mut notified = true;
+        let mut reauth = tokio::time::interval(WATCH_REAUTH);
+        reauth.tick().await;
+        loop {
+            let woke = tokio::select! {
+                _ = self.tx.closed() => Woke::Gone,
+                _ = self.closing.wait_for(|closing| *closing) => Woke::Closing,
+                r = self.changes.changed(), if notified => {
+                    notified = r.is_ok();
+                    Woke::Look
+                }
+                _ = tokio::time::sleep(WATCH_POLL) => Woke::Look,
+                _ = reauth.tick() => Woke::Reauth,
+            };
+            match woke {
+                Woke::Gone => return,
+                Woke::Closing => {
+                    return self
+                        .fail(ApiError::Unavailable {
+                            reason: "SHUTTING_DOWN",
+                            why: "the control plane is shutting down: watch again with the last resume_token",
+                        })
+                        .await;
+                }
+                Woke::Reauth => {
+                    let still = authenticate(&self.pool, &self.metadata, "WatchPipelines")
+                        .await
+                        .and_then(|c| c.authorize(Access::Read, "WatchPipelines"));
+                    if let Err(e) = still {
+                        return self.fail(e).await;
+                    }
+                    continue;
+                }
+                Woke::Look => {}
+            }
+            match store::watch_changes(&self.pool, &self.scope, from).await {
+                Ok((changes, horizon)) => {
+                    for (xid, change) in changes {
+                        let (kind, pipeline) = match change {
+                            store::WatchChange::Changed(record) => (
+                                pb::WatchEventType::Changed,
+                                record_to_pb(&record, registry()),
+                            ),
+                            store::WatchChange::Removed { tenant, name } => (
+                                pb::WatchEventType::Removed,
+                                removed_pipeline(&self.caller, tenant, name),
+                            ),
+                        };
+                        if !self.send(kind, Some(pipeline), xid).await {
+                            return;
+                        }
+                    }
+                    from = horizon;
+                }
+                Err(e) => tracing::warn!(error = %e, "watch: reading changes failed; retrying"),
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl PipelineService for PipelineApi {
+    type WatchPipelinesStream = WatchStream;
+
+    async fn watch_pipelines(
+        &self,
+        request: Request<pb::WatchPipelinesRequest>,
+    ) -> Result<Response<Self::WatchPipelinesStream>, Status> {
+        let caller = self
+            .caller(&request, "WatchPipelines", Access::Read)
+            .await?;
+        let metadata = request.metadata().clone();
+        let stream = self.watch(caller, metadata, request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
     async fn create_pipeline(
         &self,
         request: Request<pb::CreatePipelineRequest>,

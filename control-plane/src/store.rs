@@ -382,3 +382,134 @@ pub async fn list_runs(
         })
         .collect()
 }
+
+/// Which pipelines a watch sees: the caller's tenant (None: all) and, if given, only
+/// these internal keys.
+#[derive(Debug, Clone, Default)]
+pub struct WatchScope {
+    pub tenant: Option<String>,
+    pub keys: Option<Vec<String>>,
+}
+
+/// A change a watcher delivers, with the transaction id (xid8) that made it.
+#[derive(Debug)]
+pub enum WatchChange {
+    Changed(Box<PipelineRecord>),
+    Removed { tenant: String, name: String },
+}
+
+/// The pipelines in scope as one consistent snapshot, and its horizon: every change
+/// not in the snapshot comes from a transaction at or after the horizon.
+pub async fn watch_snapshot(
+    pool: &PgPool,
+    scope: &WatchScope,
+) -> Result<(Vec<PipelineRecord>, u64), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    // The first statement takes the transaction's snapshot; its xmin is the horizon.
+    let horizon: String =
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+            .fetch_one(&mut *tx)
+            .await?;
+    let sql = format!(
+        "SELECT {PIPELINE_COLUMNS} FROM pipelines \
+         WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text[] IS NULL OR id = ANY($2)) \
+         ORDER BY tenant, name"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(scope.tenant.as_deref())
+        .bind(scope.keys.as_deref())
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let records = rows.iter().map(record_from_row).collect::<Result<_, _>>()?;
+    Ok((records, parse_xid(&horizon)?))
+}
+
+/// Changes made by transactions in [from, horizon), oldest transaction first, and the
+/// horizon: the oldest transaction still running, before which nothing can change any
+/// more. Rows that changed again later appear once, as they are now.
+pub async fn watch_changes(
+    pool: &PgPool,
+    scope: &WatchScope,
+    from: u64,
+) -> Result<(Vec<(u64, WatchChange)>, u64), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let horizon: String =
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+            .fetch_one(&mut *tx)
+            .await?;
+    let horizon = parse_xid(&horizon)?;
+    let mut changes = Vec::new();
+    if horizon > from {
+        let sql = format!(
+            "SELECT {PIPELINE_COLUMNS}, write_xid::text AS xid FROM pipelines \
+             WHERE write_xid >= $3::text::xid8 AND write_xid < $4::text::xid8 \
+               AND ($1::text IS NULL OR tenant = $1) AND ($2::text[] IS NULL OR id = ANY($2))"
+        );
+        for row in sqlx::query(&sql)
+            .bind(scope.tenant.as_deref())
+            .bind(scope.keys.as_deref())
+            .bind(from.to_string())
+            .bind(horizon.to_string())
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let xid: String = row.try_get("xid")?;
+            changes.push((
+                parse_xid(&xid)?,
+                WatchChange::Changed(Box::new(record_from_row(&row)?)),
+            ));
+        }
+        let removed = sqlx::query(
+            "SELECT tenant, name, write_xid::text AS xid FROM pipeline_tombstones \
+             WHERE write_xid >= $3::text::xid8 AND write_xid < $4::text::xid8 \
+               AND ($1::text IS NULL OR tenant = $1) AND ($2::text[] IS NULL OR id = ANY($2))",
+        )
+        .bind(scope.tenant.as_deref())
+        .bind(scope.keys.as_deref())
+        .bind(from.to_string())
+        .bind(horizon.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in removed {
+            let xid: String = row.try_get("xid")?;
+            changes.push((
+                parse_xid(&xid)?,
+                WatchChange::Removed {
+                    tenant: row.try_get("tenant")?,
+                    name: row.try_get("name")?,
+                },
+            ));
+        }
+    }
+    tx.commit().await?;
+    // A row removed and created again in one poll: the removal comes first when its
+    // transaction is older.
+    changes.sort_by_key(|(xid, _)| *xid);
+    Ok((changes, horizon.max(from)))
+}
+
+/// Tombstones older than `keep` are no longer needed by any resumable watch.
+pub async fn delete_old_tombstones(
+    pool: &PgPool,
+    keep: std::time::Duration,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "DELETE FROM pipeline_tombstones WHERE time < clock_timestamp() - make_interval(secs => $1)",
+    )
+    .bind(keep.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+fn parse_xid(text: &str) -> Result<u64, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("transaction id {text:?} is not a number")))
+}
