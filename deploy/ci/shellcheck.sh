@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# deploy/ci/shellcheck.sh — lints every shell script of deploy/ and .ci/ with shellcheck
+# deploy/ci/shellcheck.sh — lints every shell script of deploy/, examples/ and .ci/ with shellcheck
 # (settings in .shellcheckrc). Installs shellcheck from the distribution's packages when
 # it is missing (needs root, as on CI machines).
 set -euo pipefail
@@ -17,6 +17,6 @@ if ! command -v shellcheck >/dev/null; then
     { apt-get update -q >/dev/null && apt-get install -y -q shellcheck >/dev/null; }
 fi
 
-mapfile -t scripts < <(find deploy .ci -type f \( -name '*.sh' -o -path .ci/run \) | sort)
+mapfile -t scripts < <(find deploy examples .ci -type f \( -name '*.sh' -o -path .ci/run \) | sort)
 shellcheck "${scripts[@]}"
 echo "[sluice-shellcheck] ${#scripts[@]} scripts clean"
