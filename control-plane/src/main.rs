@@ -11,7 +11,8 @@ use sluice_control_plane::auth::{self, Role};
 use sluice_control_plane::{run, Config, Limits, TlsFiles};
 use sluice_infra::metrics::MetricsArgs;
 use sluice_infra::process::{
-    init_tracing, parse_cli_from, shutdown_signal, ConnectionArgs, DestinationHostArgs, LogArgs,
+    init_tracing, parse_cli_from, shutdown_signal, ConfigFileArgs, ConnectionArgs,
+    DestinationHostArgs, LogArgs,
 };
 use sluice_protocol::ids::validate_tenant;
 
@@ -33,6 +34,8 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    config_file: ConfigFileArgs,
 }
 
 #[derive(Debug, Subcommand)]

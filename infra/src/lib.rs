@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config_file;
 pub mod kafka;
 pub mod metrics;
 pub mod process;

@@ -15,6 +15,11 @@ pub fn parse_cli<T: clap::Parser>() -> Result<T, ExitCode> {
 pub fn parse_cli_from<T: clap::Parser>(
     args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
 ) -> Result<T, ExitCode> {
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    if let Err(e) = crate::config_file::apply(T::command(), &mut args) {
+        eprintln!("error: {e}");
+        return Err(ExitCode::from(EX_USAGE));
+    }
     match T::try_parse_from(args) {
         Ok(cli) => Ok(cli),
         Err(e) => {
@@ -156,6 +161,21 @@ pub enum LogFormat {
     /// One JSON object per line (timestamp, level, target, fields, spans), for log
     /// collectors.
     Json,
+}
+
+/// The configuration file flag both services share (read before the other flags; see
+/// [`crate::config_file`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigFileArgs {
+    /// TOML file of settings: keys are the long flag names (database-url = "...",
+    /// signal-partitions = 24). Environment variables and flags override it.
+    #[arg(
+        long = "config",
+        env = "SLUICE_CONFIG_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// The logging flags every binary shares.

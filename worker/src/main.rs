@@ -6,7 +6,8 @@ use std::time::Duration;
 use clap::Parser;
 use sluice_infra::metrics::MetricsArgs;
 use sluice_infra::process::{
-    init_tracing, parse_cli, shutdown_signal, ConnectionArgs, DestinationHostArgs, LogArgs,
+    init_tracing, parse_cli, shutdown_signal, ConfigFileArgs, ConnectionArgs, DestinationHostArgs,
+    LogArgs,
 };
 use sluice_protocol::retry::RetryPolicy;
 use sluice_worker::{run, Config};
@@ -25,6 +26,8 @@ struct Cli {
     connection: ConnectionArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    config_file: ConfigFileArgs,
     #[command(flatten)]
     metrics: MetricsArgs,
     #[command(flatten)]
