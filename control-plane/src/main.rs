@@ -23,7 +23,8 @@ Examples:
   sluice-control-plane --listen 0.0.0.0:50051 --tls-cert cp.pem --tls-key cp.key
   sluice-control-plane tokens create --tenant acme --role operator --name ci
   sluice-control-plane tokens list
-  sluice-control-plane tokens revoke 0192f3a4-1111-7222-8333-444455556666";
+  sluice-control-plane tokens revoke 0192f3a4-1111-7222-8333-444455556666
+  sluice-control-plane migrate";
 
 /// Sluice control plane: the gRPC API that stores desired pipeline state and signals
 /// workers.
@@ -45,6 +46,15 @@ enum Command {
     /// Manage the bearer tokens clients authenticate with.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Apply the database migrations and exit (serve and the workers also apply them
+    /// at start; run this first in a rolling upgrade or a Kubernetes Job).
+    Migrate {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// Give up when the database does not answer within this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -147,7 +157,7 @@ fn with_default_subcommand(mut args: Vec<String>) -> Vec<String> {
     let first = args.get(1).map(String::as_str);
     let explicit = matches!(
         first,
-        Some("serve" | "tokens" | "help" | "-h" | "--help" | "-V" | "--version")
+        Some("serve" | "tokens" | "migrate" | "help" | "-h" | "--help" | "-V" | "--version")
     );
     if !explicit {
         args.insert(1, "serve".to_owned());
@@ -164,6 +174,20 @@ async fn main() -> ExitCode {
     init_tracing(&cli.log);
     match cli.command {
         Command::Serve(args) => serve(*args).await,
+        Command::Migrate { db, timeout } => {
+            match sluice_infra::store::migrate_url(&db.database_url, Duration::from_secs(timeout))
+                .await
+            {
+                Ok(()) => {
+                    println!("migrations applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Tokens(command) => match tokens(command).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,6 +1,7 @@
 //! Prometheus metrics: each process keeps its metrics in one [`Registry`] and serves
 //! them at `GET /metrics` (OpenMetrics text, which Prometheus scrapes) on the address
-//! given with `--metrics-listen`. Off unless that address is set.
+//! given with `--metrics-listen`, beside `GET /healthz` for liveness probes. Off unless
+//! that address is set.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -94,6 +95,10 @@ fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             render(registry),
         ),
+        // Liveness: the process serves HTTP (its readiness is its own business).
+        (&Method::GET, "/healthz") => {
+            reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
+        }
         (_, "/metrics") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain; charset=utf-8",
@@ -102,7 +107,7 @@ fn respond(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "metrics are at /metrics\n".into(),
+            "metrics are at /metrics, liveness at /healthz\n".into(),
         ),
     }
 }
