@@ -132,7 +132,48 @@ pub fn progress_line(p: &pb::Pipeline) -> String {
 /// logs (a spinner's redraws would be noise in a CI log).
 enum Progress {
     Spinner(ProgressBar),
-    Lines { last_phase: Option<String> },
+    Lines {
+        last_phase: Option<String>,
+        /// When the last backfill line was logged (one every 10 s at most).
+        last_run_line: Option<Instant>,
+    },
+}
+
+/// What the run in progress has done, shown while a pipeline backfills or syncs.
+#[derive(Debug, Default)]
+struct RunProgress {
+    /// (records written, when) at the previous sample, for the rate.
+    previous: Option<(i64, Instant)>,
+}
+
+impl RunProgress {
+    /// "run 1 (initial): 120000 read, 95000 written, 23000/s" for the newest running run.
+    async fn line(&mut self, client: &mut Client, id: &str) -> Option<String> {
+        let runs = client
+            .list_runs(pb::ListRunsRequest {
+                pipeline_id: id.to_owned(),
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .runs;
+        let run = runs.first().filter(|r| r.outcome == "running")?;
+        let now = Instant::now();
+        let rate = match self.previous {
+            Some((written, at)) if now > at && run.records_written >= written => {
+                let per_second = (run.records_written - written) as f64 / (now - at).as_secs_f64();
+                format!(", {per_second:.0}/s")
+            }
+            _ => String::new(),
+        };
+        self.previous = Some((run.records_written, now));
+        Some(format!(
+            "run {} ({}): {} read, {} written{rate}",
+            run.number, run.trigger, run.records_read, run.records_written
+        ))
+    }
 }
 
 impl Progress {
@@ -147,17 +188,34 @@ impl Progress {
             bar.enable_steady_tick(Duration::from_millis(100));
             Self::Spinner(bar)
         } else {
-            Self::Lines { last_phase: None }
+            Self::Lines {
+                last_phase: None,
+                last_run_line: None,
+            }
         }
     }
 
-    fn observe(&mut self, id: &str, p: &pb::Pipeline) {
+    fn observe(&mut self, id: &str, p: &pb::Pipeline, run: Option<&str>) {
         match self {
-            Self::Spinner(bar) => bar.set_message(progress_line(p)),
-            Self::Lines { last_phase } => {
+            Self::Spinner(bar) => match run {
+                Some(run) => bar.set_message(format!("{}; {run}", progress_line(p))),
+                None => bar.set_message(progress_line(p)),
+            },
+            Self::Lines {
+                last_phase,
+                last_run_line,
+            } => {
                 if last_phase.as_deref() != Some(p.phase.as_str()) {
                     *last_phase = Some(p.phase.clone());
                     log_line(&format!("pipeline {id}: {}", progress_line(p)));
+                }
+                if let Some(run) = run {
+                    let due =
+                        last_run_line.is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
+                    if due {
+                        *last_run_line = Some(Instant::now());
+                        log_line(&format!("pipeline {id}: {run}"));
+                    }
                 }
             }
         }
@@ -205,12 +263,19 @@ async fn poll(
     let deadline = Instant::now() + timeout;
     let mut last: Option<pb::Pipeline> = None;
     let mut unavailable_noted = false;
+    let mut runs = RunProgress::default();
     loop {
         let request = pb::GetPipelineRequest { id: id.to_owned() };
         match client.get_pipeline(request).await {
             Ok(response) => {
                 let pipeline = response.into_inner();
-                progress.observe(id, &pipeline);
+                // Records moved so far, while there is a backfill to watch.
+                let run = if pipeline.status == pb::PipelineStatus::Backfill as i32 {
+                    runs.line(client, id).await
+                } else {
+                    None
+                };
+                progress.observe(id, &pipeline, run.as_deref());
                 match evaluate(target, &pipeline) {
                     Verdict::Converged => return Ok(Some(pipeline)),
                     Verdict::Pending => {}

@@ -63,19 +63,31 @@ async fn operator_workflow_through_sluicectl() -> Result<()> {
     std::fs::write(
         &spec_file,
         format!(
-            "id: cli-orders\nspec:\n  source:\n    type: generator\n    config:\n      count: 1500\n      seed: 4\n  destination:\n    type: postgres\n    config:\n      url: {}\n      table: {table}\n",
+            "id: cli-orders\nspec:\n  source:\n    type: generator\n    config:\n      count: 1500\n      seed: 4\n      slice_size: 100\n      records_per_second: 1000\n  destination:\n    type: postgres\n    config:\n      url: {}\n      table: {table}\n",
             d.database_url
         ),
     )?;
-    let created = ctl
-        .json(&[
+    let out = ctl
+        .run(&[
             "create",
             "-f",
             spec_file.to_str().unwrap_or_default(),
             "--wait",
+            "-o",
+            "json",
         ])
         .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let created: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(created["status"], "READY", "{created}");
+    // While it backfills (1.5 s at 1000 records/s), the wait shows the run's progress.
+    assert!(
+        stderr.contains("phase BACKFILL")
+            && stderr.contains("run 1 (initial): ")
+            && stderr.contains(" written"),
+        "{stderr}"
+    );
     assert_eq!(d.row_count(&table).await?, 1500);
 
     let got = ctl.json(&["get", "cli-orders"]).await?;
