@@ -171,7 +171,10 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    init_tracing(&cli.log);
+    let _telemetry = match init_tracing(&cli.log, "sluice-control-plane") {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Migrate { db, timeout } => {

@@ -1,5 +1,6 @@
 //! The control plane's Prometheus metrics (served with `--metrics-listen`): gRPC calls
-//! by method and code with their latency, and the outbox relay's signals.
+//! by method and code with their latency, and the outbox relay's signals. The same
+//! layer opens each call's trace span.
 
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
@@ -116,7 +117,22 @@ where
             .map_or(path, |(_, m)| m)
             .to_owned();
         let started = Instant::now();
-        let future = self.inner.call(request);
+        // One span per call, continuing the caller's trace (W3C traceparent header).
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %method,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = %method,
+        );
+        sluice_infra::telemetry::set_parent(
+            &span,
+            request
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        );
+        let future = tracing::Instrument::instrument(self.inner.call(request), span);
         Box::pin(async move {
             let response = future.await?;
             // A unary error is a trailers-only response: its code is in the headers.

@@ -93,7 +93,7 @@ impl OutboxRelay {
         let mut tx = self.pool.begin().await?;
         // SKIP LOCKED lets several control-plane instances relay side by side.
         let rows = sqlx::query(
-            "SELECT id, pipeline_id, partition, payload, \
+            "SELECT id, pipeline_id, partition, payload, traceparent, \
                     extract(epoch FROM clock_timestamp() - created_at)::float8 AS age \
              FROM signal_outbox \
              WHERE sent_at IS NULL AND next_attempt_at <= now() \
@@ -111,7 +111,18 @@ impl OutboxRelay {
             let pipeline_id: String = row.try_get("pipeline_id")?;
             let partition: i32 = row.try_get("partition")?;
             let payload: Vec<u8> = row.try_get("payload")?;
-            signals.push((id, pipeline_id, partition, payload));
+            // A span per signal, in the trace of the change; its context rides along
+            // in the Kafka record's headers to the worker.
+            let traceparent: Option<String> = row.try_get("traceparent")?;
+            let span = tracing::info_span!(
+                "signal",
+                otel.name = "relay signal",
+                otel.kind = "producer",
+                pipeline_id = %pipeline_id,
+            );
+            sluice_infra::telemetry::set_parent(&span, traceparent.as_deref());
+            let header = sluice_infra::telemetry::traceparent(&span);
+            signals.push((id, pipeline_id, partition, payload, header, span));
         }
         let ages: Vec<f64> = rows
             .iter()
@@ -120,19 +131,28 @@ impl OutboxRelay {
         let sending = std::time::Instant::now();
         // All sends of a batch are in flight together; the rows stay locked meanwhile,
         // so another relay cannot send them twice.
-        let sends = signals
-            .iter()
-            .map(|(id, pipeline_id, partition, payload)| async move {
-                let record = FutureRecord::to(&self.signals_topic)
+        let sends = signals.iter().map(
+            |(id, pipeline_id, partition, payload, header, span)| async move {
+                let mut record = FutureRecord::to(&self.signals_topic)
                     .key(pipeline_id)
                     .partition(*partition)
                     .payload(payload);
+                if let Some(value) = header {
+                    record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
+                        rdkafka::message::Header {
+                            key: "traceparent",
+                            value: Some(value.as_str()),
+                        },
+                    ));
+                }
+                let _span = span;
                 let sent = self
                     .producer
                     .send(record, Timeout::After(Duration::from_secs(5)))
                     .await;
                 (*id, sent.map(|_| ()).map_err(|(e, _)| e))
-            });
+            },
+        );
         let mut sent = Vec::with_capacity(signals.len());
         let mut failed = Vec::new();
         let results = futures::future::join_all(sends).await;

@@ -187,12 +187,18 @@ async fn insert_signal(
         pipeline_id: record.id.clone(),
         generation: record.generation,
     };
-    sqlx::query("INSERT INTO signal_outbox (pipeline_id, partition, payload) VALUES ($1, $2, $3)")
-        .bind(&record.id)
-        .bind(record.partition)
-        .bind(signal.to_bytes())
-        .execute(&mut **tx)
-        .await?;
+    // The change's trace goes along with its signal.
+    let traceparent = sluice_infra::telemetry::traceparent(&tracing::Span::current());
+    sqlx::query(
+        "INSERT INTO signal_outbox (pipeline_id, partition, payload, traceparent) \
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&record.id)
+    .bind(record.partition)
+    .bind(signal.to_bytes())
+    .bind(traceparent)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod process;
 pub mod secrets;
 pub mod store;
+pub mod telemetry;

@@ -178,7 +178,7 @@ pub struct ConfigFileArgs {
     pub config_file: Option<std::path::PathBuf>,
 }
 
-/// The logging flags every binary shares.
+/// The logging and tracing flags every binary shares.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
     /// Log line format on stderr. The level filter comes from SLUICE_LOG
@@ -191,22 +191,49 @@ pub struct LogArgs {
         global = true
     )]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/gRPC to this collector, e.g. http://otel-collector:4317
+    /// (W3C trace context is taken from and passed to gRPC calls and signals). Off when
+    /// unset. OTEL_BSP_* variables tune the batching.
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT", value_name = "URL", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
-/// Logs to stderr in the chosen format; the filter comes from `SLUICE_LOG`.
-pub fn init_tracing(args: &LogArgs) {
+/// Logs to stderr in the chosen format (the filter comes from `SLUICE_LOG`) and, with an
+/// OTLP endpoint, exports spans as `service`. Keep the returned value until exit: its
+/// drop flushes the last spans. A bad endpoint is a usage error.
+pub fn init_tracing(
+    args: &LogArgs,
+    service: &'static str,
+) -> Result<crate::telemetry::Telemetry, ExitCode> {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| "info,sqlx=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match args.log_format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines
             .json()
             .with_current_span(true)
             .with_span_list(true)
-            .init(),
+            .boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(lines);
+    match args.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        None => {
+            registry.init();
+            Ok(crate::telemetry::Telemetry::off())
+        }
+        Some(endpoint) => match crate::telemetry::otlp_layer(endpoint, service) {
+            Ok((layer, telemetry)) => {
+                registry.with(layer).init();
+                tracing::info!(endpoint, "exporting traces");
+                Ok(telemetry)
+            }
+            Err(e) => {
+                eprintln!("error: --otlp-endpoint: {e}");
+                Err(ExitCode::from(EX_USAGE))
+            }
+        },
     }
 }
 

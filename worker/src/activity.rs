@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use futures::future::BoxFuture;
 
 pub use sluice_connectors::error::{sqlstate_failure_type, ActivityError};
@@ -80,14 +82,23 @@ where
     loop {
         attempt_no += 1;
         let began = tokio::time::Instant::now();
+        // One span per attempt: a child of the pass or lane that runs the activity.
+        let span = tracing::info_span!(
+            "activity",
+            otel.name = name,
+            pipeline_id,
+            attempt = attempt_no,
+            outcome = tracing::field::Empty,
+        );
         let outcome = tokio::select! {
             _ = cancel.cancelled() => return Err(ActivityError::Cancelled),
-            r = tokio::time::timeout(attempt_timeout, attempt()) => r,
+            r = tokio::time::timeout(attempt_timeout, attempt()).instrument(span.clone()) => r,
         };
         let seconds = began.elapsed().as_secs_f64();
         let err = match outcome {
             Ok(Ok(v)) => {
                 crate::metrics::WORKER.attempt(name, "ok", seconds);
+                span.record("outcome", "ok");
                 return Ok(v);
             }
             Ok(Err(e)) => e,
@@ -96,6 +107,7 @@ where
             }
         };
         crate::metrics::WORKER.attempt(name, outcome_label(&err), seconds);
+        span.record("outcome", outcome_label(&err));
         if !err.is_retryable() {
             return Err(err);
         }

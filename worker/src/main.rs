@@ -75,7 +75,10 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    init_tracing(&cli.log);
+    let _telemetry = match init_tracing(&cli.log, "sluice-worker") {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     if let Err(code) = cli.connection.install_secrets_key() {
         return code;
     }

@@ -110,9 +110,17 @@ pub async fn poll_signals(
             Ok(m) => {
                 match m.payload().map(Signal::from_bytes) {
                     Some(Ok(signal)) => {
+                        let trace = m.headers().and_then(|headers| {
+                            rdkafka::message::Headers::iter(headers)
+                                .find(|h| h.key == "traceparent")
+                                .and_then(|h| h.value)
+                                .and_then(|v| std::str::from_utf8(v).ok())
+                                .map(str::to_owned)
+                        });
                         let _ = events.send(SupervisorEvent::Signal {
                             pipeline_id: signal.pipeline_id,
                             partition: m.partition(),
+                            trace,
                         });
                     }
                     _ => tracing::warn!(

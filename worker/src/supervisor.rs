@@ -22,6 +22,8 @@ pub enum SupervisorEvent {
     Signal {
         pipeline_id: String,
         partition: i32,
+        /// The W3C trace context of the change the signal announces, if traced.
+        trace: Option<String>,
     },
 }
 
@@ -111,11 +113,19 @@ impl Supervisor {
             SupervisorEvent::Signal {
                 pipeline_id,
                 partition,
+                trace,
             } => {
                 match self.workflows.get(&pipeline_id) {
-                    Some(handle) if !handle.task.is_finished() => handle.wake.notify_one(),
+                    Some(handle) if !handle.task.is_finished() => {
+                        if trace.is_some() {
+                            *handle.trace.lock().unwrap_or_else(|e| e.into_inner()) = trace;
+                        }
+                        handle.wake.notify_one()
+                    }
                     // Not running (or just exited, e.g. fenced): start it afresh.
-                    _ if self.owned.contains(&partition) => self.start(pipeline_id, partition),
+                    _ if self.owned.contains(&partition) => {
+                        self.start_traced(pipeline_id, partition, trace)
+                    }
                     _ => {}
                 }
             }
@@ -123,6 +133,10 @@ impl Supervisor {
     }
 
     fn start(&mut self, pipeline_id: String, partition: i32) {
+        self.start_traced(pipeline_id, partition, None)
+    }
+
+    fn start_traced(&mut self, pipeline_id: String, partition: i32, trace: Option<String>) {
         self.next_seq += 1;
         let handle = workflow::spawn(
             Arc::clone(&self.ctx),
@@ -131,6 +145,7 @@ impl Supervisor {
             self.next_seq,
             self.exited_tx.clone(),
         );
+        *handle.trace.lock().unwrap_or_else(|e| e.into_inner()) = trace;
         self.workflows.insert(pipeline_id, handle);
     }
 

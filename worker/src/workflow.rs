@@ -23,10 +23,13 @@ use crate::lanes::{select_streams, LaneEvent, LaneParams, Lanes, RECORDS_PARTITI
 use crate::plan::{plan, LanesState, Observed, Step};
 use crate::store::{self, Checkpoint, StatusWrite, LEGACY_FINGERPRINT};
 use crate::WorkerContext;
+use tracing::Instrument;
 
 /// What the supervisor keeps for each running workflow.
 pub struct WorkflowHandle {
     pub wake: Arc<Notify>,
+    /// The trace of the signal that woke the workflow last, for its next pass.
+    pub trace: Arc<std::sync::Mutex<Option<String>>>,
     pub stop: CancellationToken,
     pub partition: i32,
     pub seq: u64,
@@ -42,17 +45,20 @@ pub fn spawn(
     exited: mpsc::UnboundedSender<(String, u64)>,
 ) -> WorkflowHandle {
     let wake = Arc::new(Notify::new());
+    let trace = Arc::new(std::sync::Mutex::new(None));
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let wake = Arc::clone(&wake);
+        let trace = Arc::clone(&trace);
         let stop = stop.clone();
         async move {
-            run(ctx, &pipeline_id, partition, wake, stop).await;
+            run(ctx, &pipeline_id, partition, wake, trace, stop).await;
             let _ = exited.send((pipeline_id, seq));
         }
     });
     WorkflowHandle {
         wake,
+        trace,
         stop,
         partition,
         seq,
@@ -95,6 +101,7 @@ async fn run(
     id: &str,
     partition: i32,
     wake: Arc<Notify>,
+    trace: Arc<std::sync::Mutex<Option<String>>>,
     stop: CancellationToken,
 ) {
     // The partition may have been revoked while this workflow waited to start: a
@@ -150,10 +157,16 @@ async fn run(
     };
 
     loop {
+        // One span per pass, in the trace of the signal that woke it, if any: the
+        // activities of the pass (the status it persists among them) are its children.
+        let pass_span = tracing::info_span!("reconcile", otel.name = "reconcile", pipeline_id = id);
+        let parent = trace.lock().unwrap_or_else(|e| e.into_inner()).take();
+        sluice_infra::telemetry::set_parent(&pass_span, parent.as_deref());
         let row = activities
             .run("load", &stop, || async {
                 Ok(get_pipeline(&ctx.pool, id).await?)
             })
+            .instrument(pass_span.clone())
             .await;
         let row = match row {
             Ok(Some(row)) => row,
@@ -183,7 +196,7 @@ async fn run(
         let pass = wf.pass.clone();
         let mut interrupted = false;
         let outcome = {
-            let reconcile = wf.reconcile(&row);
+            let reconcile = wf.reconcile(&row).instrument(pass_span.clone());
             tokio::pin!(reconcile);
             loop {
                 tokio::select! {
@@ -237,7 +250,7 @@ async fn run(
                     last_error: Some(&message),
                     reason: "activity failed",
                 };
-                match wf.write_status(&write).await {
+                match wf.write_status(&write).instrument(pass_span.clone()).await {
                     Err(ActivityError::Fenced) => {
                         wf.stop_lanes().await;
                         return;
