@@ -183,6 +183,7 @@ Examples:
   sluicectl list --status error
   sluicectl list --desired active --status setup --status backfill
   sluicectl list --status none          # no worker has reported on these yet
+  sluicectl list --desired active --ids > active.txt
   sluicectl list --limit 20 -o json")]
     List(ListArgs),
 
@@ -441,6 +442,11 @@ pub struct ListArgs {
     /// Only pipelines whose desired status is this (repeatable).
     #[arg(long, value_enum, value_name = "DESIRED")]
     pub desired: Vec<DesiredFilter>,
+
+    /// Print only the ids, one per line, whatever -o says (for scripts:
+    /// `for id in $(sluicectl list --ids)`).
+    #[arg(long)]
+    pub ids: bool,
 }
 
 /// A reported status to list by.

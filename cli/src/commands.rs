@@ -76,6 +76,10 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         }
         Command::List(args) => {
             let pipelines = list(&mut client, &args).await?;
+            if args.ids {
+                let ids: Vec<&str> = pipelines.iter().map(|p| p.id.as_str()).collect();
+                return Ok(ids.join("\n"));
+            }
             Ok(output::render_pipelines(&pipelines, format))
         }
         Command::Pause { id, wait } => {
