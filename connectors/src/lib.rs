@@ -62,6 +62,12 @@ pub struct Context {
     pub hosts: HostPolicy,
     /// Longest statement (the activity attempt timeout).
     pub statement_timeout: Duration,
+    /// How long a destination session may sit idle inside a transaction before the
+    /// server ends it (zero: 30 s). The worker keeps it below its group session
+    /// timeout, so that a worker stopped in the middle of a write transaction loses
+    /// that transaction before another worker can take its pipelines over: a stale
+    /// owner cannot commit a batch after the handover.
+    pub idle_in_transaction_timeout: Duration,
     /// PostgreSQL pools, shared by the pipelines that read or write one database.
     pub pg_pools: pg::Pools,
 }

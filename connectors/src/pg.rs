@@ -20,8 +20,9 @@ use crate::{ActivityError, Context};
 
 /// Largest CA file read from the worker's CA directory.
 const MAX_CA_FILE_BYTES: u64 = 1 << 20;
-/// How long a session may sit idle inside a transaction before the server ends it: a
-/// worker stopped mid-transaction must not hold its locks for ever.
+/// How long a session may sit idle inside a transaction before the server ends it, when
+/// the worker sets no shorter bound: a worker stopped mid-transaction must not hold its
+/// locks for ever.
 const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a statement waits for a lock before failing (and being retried).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -175,7 +176,11 @@ async fn connect_options(
         ("statement_timeout", ms(ctx.statement_timeout)),
         (
             "idle_in_transaction_session_timeout",
-            ms(IDLE_IN_TRANSACTION_TIMEOUT),
+            ms(if ctx.idle_in_transaction_timeout.is_zero() {
+                IDLE_IN_TRANSACTION_TIMEOUT
+            } else {
+                ctx.idle_in_transaction_timeout
+            }),
         ),
         // Positions and cursors are read in UTC, whatever the server's default.
         ("TimeZone", "UTC".to_owned()),

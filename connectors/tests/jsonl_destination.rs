@@ -19,6 +19,7 @@ fn context(dir: &std::path::Path) -> Context {
         files_dir: Some(dir.to_path_buf()),
         hosts: Default::default(),
         statement_timeout: Duration::from_secs(5),
+        idle_in_transaction_timeout: Duration::from_secs(5),
         pg_pools: Default::default(),
     }
 }

@@ -171,6 +171,44 @@ impl Admin {
         Ok(high)
     }
 
+    /// Deletes the records of `topic`'s `partition` below `offset` (Kafka's
+    /// DeleteRecords: the log start moves up; later records keep their offsets).
+    pub async fn delete_records_before(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<(), KafkaAdminError> {
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))?;
+        let done = self.client.delete_records(&list, &Self::options()).await?;
+        for element in done.elements() {
+            if let Err(e) = element.error() {
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The low and high watermarks of `topic`'s `partition`: the first offset still
+    /// kept and the offset just past the last record.
+    pub async fn watermarks(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(i64, i64), KafkaAdminError> {
+        let client = Arc::clone(&self.client);
+        let topic = topic.to_owned();
+        // fetch_watermarks blocks the calling thread.
+        Ok(tokio::task::spawn_blocking(move || {
+            client
+                .inner()
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+        })
+        .await
+        .expect("watermark task does not panic")?)
+    }
+
     /// The partition count of `topic`, or None if the cluster does not know it.
     pub async fn partition_count(&self, topic: &str) -> Result<Option<i32>, KafkaAdminError> {
         let client = Arc::clone(&self.client);

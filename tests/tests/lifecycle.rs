@@ -35,6 +35,29 @@ async fn backfill_lands_every_record_then_pause_and_resume_lose_nothing() -> Res
     assert_eq!(ready.owner, "w1");
     check_rows(&d.pool, &table, 42, 10_000).await?;
 
+    // Kafka keeps only what the destination has not committed: the records topic's
+    // log start moves up to the committed offset (only the last commit marker stays).
+    let incarnation: i64 = sqlx::query_scalar("SELECT incarnation FROM pipelines WHERE id = $1")
+        .bind(key("orders"))
+        .fetch_one(&d.pool)
+        .await?;
+    let topic =
+        sluice_protocol::topics::records_topic(&d.topic_namespace, &key("orders"), incarnation);
+    let admin =
+        sluice_infra::kafka::KafkaSettings::new(d.infra.kafka_bootstrap_servers.clone()).admin()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (low, high) = admin.watermarks(&topic, 0).await?;
+        if low >= 10_000 && high - low <= 1 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{topic} still keeps committed records: log start {low}, end {high}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     // Pause: the worker persists PAUSED for the new generation.
     let paused = client
         .update_pipeline(set_desired("orders", DesiredStatus::Paused))

@@ -1012,6 +1012,14 @@ async fn write_lane(
     };
     committed.send_replace(state.next_offset);
     crate::metrics::WORKER.committed(&claim.key, state.next_offset);
+    // Kafka keeps only what the destination has not committed yet.
+    let _trimmer = AbortOnDrop(tokio::spawn(trim_records(
+        ctx.admin.clone(),
+        lane.topic.clone(),
+        committed.subscribe(),
+        cancel.clone(),
+        claim.key.clone(),
+    )));
     let consumer = activities
         .run("open-records-consumer", &cancel, || async {
             topic_consumer(&ctx, &lane.topic, state.next_offset)
@@ -1140,6 +1148,63 @@ async fn consume_and_write(
             Err(e) => return Err(e),
         }
         batch = next;
+    }
+}
+
+/// How often, at most, a write lane deletes the records its destination committed.
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Aborts a task when dropped (the task ends with the lane that owns it).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Deletes the records of the records topic below the destination's committed offset,
+/// a few seconds after commits (one DeleteRecords per interval at most). Safe because
+/// every reader of the topic starts at the destination's committed offset or later (a
+/// new owner, a resumed or changed pipeline), and that offset never goes back.
+async fn trim_records(
+    admin: sluice_infra::kafka::Admin,
+    topic: String,
+    mut committed: watch::Receiver<i64>,
+    cancel: CancellationToken,
+    pipeline: String,
+) {
+    let mut trimmed = 0i64;
+    let mut retry = false;
+    loop {
+        if !retry {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = committed.changed() => if changed.is_err() { return },
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(TRIM_INTERVAL) => {}
+        }
+        let upto = *committed.borrow_and_update();
+        retry = false;
+        if upto <= trimmed {
+            continue;
+        }
+        match admin
+            .delete_records_before(&topic, RECORDS_PARTITION, upto)
+            .await
+        {
+            Ok(()) => {
+                trimmed = upto;
+                tracing::debug!(pipeline_id = %pipeline, topic, before = upto, "committed records deleted from Kafka");
+            }
+            Err(e) => {
+                retry = true;
+                tracing::warn!(pipeline_id = %pipeline, topic, error = %e, "could not delete committed records; will retry");
+            }
+        }
     }
 }
 

@@ -116,6 +116,10 @@ pub async fn run(
             files_dir: config.files_dir.clone(),
             hosts: config.destination_hosts.clone(),
             statement_timeout: config.attempt_timeout,
+            // A third of the group session: gone well before another worker can take
+            // the pipelines of a stopped one over.
+            idle_in_transaction_timeout: (config.session_timeout / 3)
+                .clamp(Duration::from_secs(1), Duration::from_secs(30)),
             pg_pools: Default::default(),
         },
         assignment: Arc::clone(&assignment),

@@ -155,6 +155,7 @@ async fn run(
         destination_cleaned: false,
         teardown_reason: None,
     };
+    let mut fenced_early = false;
 
     loop {
         // One span per pass, in the trace of the signal that woke it, if any: the
@@ -189,6 +190,12 @@ async fn run(
             );
             wf.stop_lanes().await;
             return;
+        }
+        if !fenced_early {
+            fenced_early = true;
+            wf.fence_destination_early(&row)
+                .instrument(pass_span.clone())
+                .await;
         }
         wf.status = row.status;
         wf.observed = row.observed_generation;
@@ -356,6 +363,47 @@ impl Workflow {
                 legacy_records_topic(&claim.key)
             }
             None => records_topic(&self.ctx().topic_namespace, &claim.key, claim.incarnation),
+        }
+    }
+
+    /// Takes the destination's bookkeeping over for this claim at once, before setup
+    /// or anything else: a previous owner that was stopped (SIGSTOP, a VM pause) and
+    /// does not know yet that it lost the pipeline cannot land another batch, even of
+    /// records of a spec that was changed meanwhile, while this owner sets up. Best
+    /// effort, one attempt: a pipeline never set up has nothing to fence, and the write
+    /// lane fences again before it writes.
+    async fn fence_destination_early(&self, row: &PipelineRecord) {
+        if self.checkpoint.records_topic.is_none()
+            && self.checkpoint.spec_fingerprint.as_deref() != Some(LEGACY_FINGERPRINT)
+        {
+            return;
+        }
+        let Ok(valid) = registry().validate(&row.spec, "spec") else {
+            return;
+        };
+        let ctx = self.ctx();
+        let topic = self.records_topic();
+        let target = WriteTarget {
+            claim: self.claim(),
+            topic: &topic,
+            partition: RECORDS_PARTITION,
+            spec_version: self.checkpoint.spec_version,
+        };
+        let fenced = tokio::time::timeout(
+            ctx.attempt_timeout,
+            valid.destination.fence(&ctx.connectors, &target, 0),
+        )
+        .await;
+        match fenced {
+            Ok(Ok(_)) => {
+                tracing::debug!(pipeline_id = %target.claim.key, "destination fenced on claim")
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(pipeline_id = %target.claim.key, error = %e, "destination not fenced on claim")
+            }
+            Err(_) => {
+                tracing::debug!(pipeline_id = %target.claim.key, "destination fence on claim timed out")
+            }
         }
     }
 
