@@ -22,9 +22,16 @@ BEGIN
         PERFORM pg_notify('sluice_pipelines', '');
         RETURN NEW;
     END IF;
-    -- Checkpoint saves are the worker's bookkeeping, not a change anyone watches.
-    IF (to_jsonb(NEW) - 'checkpoint' - 'update_time' - 'write_xid')
-       IS DISTINCT FROM (to_jsonb(OLD) - 'checkpoint' - 'update_time' - 'write_xid') THEN
+    -- What a client sees of a pipeline; checkpoint saves (the worker's bookkeeping,
+    -- once per slice) change none of it and stay cheap. A column clients see, added
+    -- later, belongs in this list.
+    IF ROW(NEW.tenant, NEW.name, NEW.spec, NEW.desired_status, NEW.status, NEW.generation,
+           NEW.observed_generation, NEW.owner, NEW.owner_epoch, NEW.last_error,
+           NEW.incarnation, NEW.pending_activity, NEW.sync_requests, NEW.reset_request)
+       IS DISTINCT FROM
+       ROW(OLD.tenant, OLD.name, OLD.spec, OLD.desired_status, OLD.status, OLD.generation,
+           OLD.observed_generation, OLD.owner, OLD.owner_epoch, OLD.last_error,
+           OLD.incarnation, OLD.pending_activity, OLD.sync_requests, OLD.reset_request) THEN
         NEW.write_xid := pg_current_xact_id();
         PERFORM pg_notify('sluice_pipelines', '');
     END IF;

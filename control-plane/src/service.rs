@@ -907,14 +907,11 @@ fn decode_watch_token(token: &str) -> Result<u64, ApiError> {
     Ok(xid)
 }
 
-fn removed_pipeline(caller: &Caller, tenant: String, name: String) -> pb::Pipeline {
-    let id = if tenant == caller.tenant {
-        name
-    } else {
-        format!("{tenant}/{name}")
-    };
+/// A removed pipeline as events name pipelines: its id and its tenant, like
+/// `record_to_pb` does.
+fn removed_pipeline(tenant: String, name: String) -> pb::Pipeline {
     pb::Pipeline {
-        id,
+        id: name,
         tenant,
         ..Default::default()
     }
@@ -952,7 +949,6 @@ impl PipelineApi {
             changes: self.watches.changes.clone(),
             closing: self.watches.closing.clone(),
             metadata,
-            caller,
             scope,
             tx,
         };
@@ -967,7 +963,6 @@ struct Watcher {
     changes: tokio::sync::watch::Receiver<u64>,
     closing: tokio::sync::watch::Receiver<bool>,
     metadata: tonic::metadata::MetadataMap,
-    caller: Caller,
     scope: store::WatchScope,
     tx: tokio::sync::mpsc::Sender<Result<pb::WatchPipelinesResponse, Status>>,
 }
@@ -977,12 +972,12 @@ impl Watcher {
         &self,
         kind: pb::WatchEventType,
         pipeline: Option<pb::Pipeline>,
-        xid: u64,
+        xid: Option<u64>,
     ) -> bool {
         let event = pb::WatchPipelinesResponse {
             r#type: kind as i32,
             pipeline,
-            resume_token: encode_watch_token(xid),
+            resume_token: xid.map(encode_watch_token).unwrap_or_default(),
         };
         self.tx.send(Ok(event)).await.is_ok()
     }
@@ -998,14 +993,16 @@ impl Watcher {
                 Ok((records, horizon)) => {
                     for record in &records {
                         let p = record_to_pb(record, registry());
-                        if !self
-                            .send(pb::WatchEventType::Existing, Some(p), horizon)
-                            .await
-                        {
+                        // No token until the snapshot is whole: resuming from the middle
+                        // of it would skip the rest.
+                        if !self.send(pb::WatchEventType::Existing, Some(p), None).await {
                             return;
                         }
                     }
-                    if !self.send(pb::WatchEventType::Synced, None, horizon).await {
+                    if !self
+                        .send(pb::WatchEventType::Synced, None, Some(horizon))
+                        .await
+                    {
                         return;
                     }
                     horizon
@@ -1062,12 +1059,11 @@ impl Watcher {
                                 pb::WatchEventType::Changed,
                                 record_to_pb(&record, registry()),
                             ),
-                            store::WatchChange::Removed { tenant, name } => (
-                                pb::WatchEventType::Removed,
-                                removed_pipeline(&self.caller, tenant, name),
-                            ),
+                            store::WatchChange::Removed { tenant, name } => {
+                                (pb::WatchEventType::Removed, removed_pipeline(tenant, name))
+                            }
                         };
-                        if !self.send(kind, Some(pipeline), xid).await {
+                        if !self.send(kind, Some(pipeline), Some(xid)).await {
                             return;
                         }
                     }

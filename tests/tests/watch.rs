@@ -96,6 +96,8 @@ async fn watch_sees_the_snapshot_then_every_change_and_resumes_from_a_token() ->
     .await?;
     assert_eq!(start.len(), 2, "{}", describe(&start));
     assert!(is(&start[0], WatchEventType::Existing, "early"));
+    // Only a whole snapshot can be resumed after: SYNCED carries the token, EXISTING not.
+    assert!(start[0].resume_token.is_empty() && !start[1].resume_token.is_empty());
 
     other
         .create_pipeline(generator_pipeline(
