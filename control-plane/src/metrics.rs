@@ -109,13 +109,18 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // "/sluice.v1.PipelineService/GetPipeline" → "PipelineService/GetPipeline".
+        // "/sluice.v1.PipelineService/GetPipeline" → "PipelineService/GetPipeline"; a
+        // path that is no method served here is "unknown", so that no caller can make
+        // up series without end.
         let path = request.uri().path();
-        let method = path
-            .trim_start_matches('/')
-            .rsplit_once('.')
-            .map_or(path, |(_, m)| m)
-            .to_owned();
+        let method = if SERVED_METHODS.contains(path) {
+            path.trim_start_matches('/')
+                .rsplit_once('.')
+                .map_or(path, |(_, m)| m)
+                .to_owned()
+        } else {
+            "unknown".to_owned()
+        };
         let started = Instant::now();
         // One span per call, continuing the caller's trace (W3C traceparent header).
         let span = tracing::info_span!(
@@ -154,5 +159,48 @@ where
                 .observe(started.elapsed().as_secs_f64());
             Ok(response)
         })
+    }
+}
+
+/// The paths of every method the control plane serves: the API's, from its descriptors,
+/// and those of the health and reflection services.
+static SERVED_METHODS: LazyLock<std::collections::HashSet<String>> = LazyLock::new(|| {
+    let mut paths: std::collections::HashSet<String> = [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    let descriptors = <prost_types::FileDescriptorSet as prost::Message>::decode(
+        sluice_protocol::pb::FILE_DESCRIPTOR_SET,
+    )
+    .unwrap_or_default();
+    for file in descriptors.file {
+        let package = file.package.unwrap_or_default();
+        for service in file.service {
+            let service_name = service.name.unwrap_or_default();
+            for method in service.method {
+                paths.insert(format!(
+                    "/{package}.{service_name}/{}",
+                    method.name.unwrap_or_default()
+                ));
+            }
+        }
+    }
+    paths
+});
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_api_method_is_known_and_nothing_else() {
+        let served = &*super::SERVED_METHODS;
+        assert!(served.contains("/sluice.v1.PipelineService/WatchPipelines"));
+        assert!(served.contains("/sluice.v1.PipelineService/GetPipeline"));
+        assert!(!served.contains("/sluice.v1.PipelineService/Bogus"));
+        assert!(!served.contains("/a1"));
     }
 }
