@@ -643,6 +643,32 @@ impl Destination for JsonlDestination {
                 serde_json::to_writer(&mut *out, &record.data).expect("records are plain JSON");
                 out.push(b'\n');
             }
+            // A file this pipeline has not written yet is claimed (recorded at length 0)
+            // before any line goes in: a batch cut short then leaves a tail the next
+            // write cuts, never a file that looks foreign. A non-empty file it never
+            // claimed is someone else's, never cut or appended to.
+            let mut state = state;
+            let new_files: Vec<&str> = lines
+                .keys()
+                .copied()
+                .filter(|name| !state.lengths.contains_key(*name))
+                .collect();
+            for name in &new_files {
+                let file_path = dir.join(name);
+                if std::fs::metadata(&file_path).is_ok_and(|m| m.len() > 0) {
+                    return Err(ActivityError::config(format!(
+                        "{} exists and was not written by this pipeline: \
+                         give it another directory or prefix",
+                        file_path.display()
+                    )));
+                }
+            }
+            if !new_files.is_empty() {
+                for name in &new_files {
+                    state.lengths.insert((*name).to_owned(), 0);
+                }
+                write_state(&path, &state)?;
+            }
             let mut new_state = State {
                 next_offset: next.next_offset,
                 spec_version: next.spec_version,
@@ -651,20 +677,7 @@ impl Destination for JsonlDestination {
             };
             for (name, bytes) in lines {
                 let file_path = dir.join(name);
-                let committed_len = match state.lengths.get(name) {
-                    Some(len) => *len,
-                    // A file this pipeline never wrote is never cut or appended to.
-                    None => match std::fs::metadata(&file_path) {
-                        Ok(m) if m.len() > 0 => {
-                            return Err(ActivityError::config(format!(
-                                "{} exists and was not written by this pipeline: \
-                                 give it another directory or prefix",
-                                file_path.display()
-                            )))
-                        }
-                        _ => 0,
-                    },
-                };
+                let committed_len = state.lengths.get(name).copied().unwrap_or(0);
                 let mut file = std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)

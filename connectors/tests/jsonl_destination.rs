@@ -205,3 +205,47 @@ async fn a_file_it_never_wrote_is_refused_and_a_new_incarnation_appends() {
     assert_eq!(ids(&file), vec![0, 1, 2, 10, 11]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_batch_that_fails_part_way_leaves_no_file_looking_foreign() {
+    let dir = std::env::temp_dir().join(format!("sluice-jsonl-claim-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("out")).expect("a temp dir");
+    let ctx = context(&dir);
+    let d = destination();
+    let mut other = generator_stream();
+    other.name = "zzz".into();
+    let streams = vec![generator_stream(), other];
+    let claim: &'static Claim = Box::leak(Box::new(Claim {
+        key: "t.p".into(),
+        incarnation: 1,
+        epoch: 1,
+    }));
+    let target = WriteTarget {
+        claim,
+        topic: "records",
+        partition: 0,
+        spec_version: 1,
+    };
+    d.setup(&ctx, &streams, claim).await.expect("setup");
+    d.fence(&ctx, &target, 0).await.expect("fence");
+    // One batch for two files; the second one's path is taken by something else.
+    let mut batch: Vec<_> = (0..3).map(|i| record(i, i, claim)).collect();
+    let mut last = record(3, 3, claim);
+    last.stream = "zzz".into();
+    batch.push(last);
+    let blocker = dir.join("out/zzz.jsonl");
+    std::fs::create_dir_all(blocker.join("x")).expect("a directory in the way");
+    let refused = d.write(&ctx, &target, &streams, &batch).await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // Once the way is clear the same batch goes in, each line once: the first file
+    // was not left half written and unclaimed (which would now look foreign).
+    std::fs::remove_dir_all(&blocker).expect("clear the way");
+    d.write(&ctx, &target, &streams, &batch)
+        .await
+        .expect("the retry writes");
+    assert_eq!(ids(&dir.join("out/records.jsonl")), vec![0, 1, 2]);
+    assert_eq!(ids(&blocker), vec![3]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
