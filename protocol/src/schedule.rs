@@ -57,40 +57,44 @@ impl Schedule {
     }
 }
 
-/// A classic cron day-of-week field (0-7, Sunday 0 or 7; names; lists, ranges,
-/// steps) in the cron crate's numbering (1-7, Sunday 1). Step values stay as they are.
+/// A classic cron day-of-week field (0-7, Sunday 0 or 7; lists, ranges, steps) in the
+/// cron crate's numbering (1-7, Sunday 1), as the explicit list of days it means (a
+/// range or step cannot be carried over as it is: 5-7 would wrap, 3-7/2 would step
+/// from another start). Parts with names (MON-FRI) are the crate's own syntax, kept.
 fn classic_weekdays(field: &str) -> Option<String> {
-    let mut out = String::new();
+    if field == "*" || field == "?" {
+        return Some(field.to_owned());
+    }
+    let mut named = Vec::new();
+    let mut days = std::collections::BTreeSet::new();
     for part in field.split(',') {
-        if !out.is_empty() {
-            out.push(',');
+        if part.chars().any(|c| c.is_ascii_alphabetic()) {
+            named.push(part.to_owned());
+            continue;
         }
         let (range, step) = match part.split_once('/') {
-            Some((r, s)) => (r, Some(s)),
+            Some((range, step)) => (range, Some(step.parse::<u8>().ok().filter(|s| *s > 0)?)),
             None => (part, None),
         };
-        let day = |d: &str| -> Option<String> {
-            match d.parse::<u8>() {
-                Ok(n) if n <= 7 => Some(((n % 7) + 1).to_string()),
-                Ok(_) => None,
-                Err(_) => Some(d.to_owned()),
+        let (lo, hi): (u8, u8) = match (range, range.split_once('-')) {
+            ("*", _) => (0, 6),
+            (_, Some((a, b))) => (a.parse().ok()?, b.parse().ok()?),
+            // "3/2": from 3 on, every second day of the week.
+            (a, None) if step.is_some() => (a.parse().ok()?, 6),
+            (a, None) => {
+                let a = a.parse().ok()?;
+                (a, a)
             }
         };
-        let mapped = match range.split_once('-') {
-            // 5-7 ("Friday to Sunday") would wrap in the crate's numbering.
-            Some((a, b)) if b == "7" && a.parse::<u8>().is_ok() => {
-                format!("{}-7,1", day(a)?)
-            }
-            Some((a, b)) => format!("{}-{}", day(a)?, day(b)?),
-            None => day(range)?,
-        };
-        out.push_str(&mapped);
-        if let Some(s) = step {
-            out.push('/');
-            out.push_str(s);
+        if lo > 7 || hi > 7 || lo > hi {
+            return None;
+        }
+        for day in (lo..=hi).step_by(usize::from(step.unwrap_or(1))) {
+            days.insert(day % 7 + 1);
         }
     }
-    Some(out)
+    named.extend(days.iter().map(u8::to_string));
+    Some(named.join(","))
 }
 
 /// "90s", "15m", "1h30m", "2d".
@@ -150,6 +154,18 @@ mod tests {
         assert_eq!(
             weekdays.next_after(sunday),
             Utc.with_ymd_and_hms(2026, 11, 30, 9, 0, 0).single()
+        );
+        // Wednesday, Friday, Sunday: from Sunday 10:00, Wednesday comes first.
+        let stepped = Schedule::parse("0 9 * * 3-7/2").expect("cron");
+        assert_eq!(
+            stepped.next_after(sunday),
+            Utc.with_ymd_and_hms(2026, 12, 2, 9, 0, 0).single()
+        );
+        let every_other = Schedule::parse("0 9 * * 0-7/2").expect("cron");
+        assert_eq!(
+            every_other.next_after(sunday),
+            Utc.with_ymd_and_hms(2026, 12, 1, 9, 0, 0).single(),
+            "0,2,4,6: Sunday, Tuesday, Thursday, Saturday; Tuesday is next"
         );
         for sundays in ["0 9 * * 0", "0 9 * * 7", "0 9 * * SUN", "0 9 * * 5-7"] {
             let next = Schedule::parse(sundays).expect("cron").next_after(t0);
