@@ -1013,10 +1013,13 @@ async fn write_lane(
     committed.send_replace(state.next_offset);
     crate::metrics::WORKER.committed(&claim.key, state.next_offset);
     // Kafka keeps only what the destination has not committed yet.
+    let mut to_trim = committed.subscribe();
+    // What was committed before this lane started is trimmed too.
+    to_trim.mark_changed();
     let _trimmer = AbortOnDrop(tokio::spawn(trim_records(
         ctx.admin.clone(),
         lane.topic.clone(),
-        committed.subscribe(),
+        to_trim,
         cancel.clone(),
         claim.key.clone(),
     )));
