@@ -229,9 +229,9 @@ Example:
     /// Watch pipelines change, live: one line per change until interrupted.
     #[command(after_help = "\
 Prints every pipeline the token can see (EXISTING), a SYNCED line, then one line per
-change as it commits (CHANGED, REMOVED), until Ctrl-C. Each -o json line carries a
-resume_token; `--resume TOKEN` continues after it (changes may repeat, none is lost;
-tokens last 24 hours).
+change as it commits (CHANGED, REMOVED), until Ctrl-C. From SYNCED on, each -o json
+line carries a resume_token; `--resume TOKEN` continues after it (changes may repeat,
+none is lost; tokens last 24 hours).
 
 Examples:
   sluicectl watch
@@ -443,8 +443,8 @@ pub struct ListArgs {
     #[arg(long, value_enum, value_name = "DESIRED")]
     pub desired: Vec<DesiredFilter>,
 
-    /// Print only the ids, one per line, whatever -o says (for scripts:
-    /// `for id in $(sluicectl list --ids)`).
+    /// Print only the ids, as tenant/id, one per line, whatever -o says (for scripts:
+    /// `for id in $(sluicectl list --ids)`; every command accepts that form).
     #[arg(long)]
     pub ids: bool,
 }

@@ -77,7 +77,15 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
         Command::List(args) => {
             let pipelines = list(&mut client, &args).await?;
             if args.ids {
-                let ids: Vec<&str> = pipelines.iter().map(|p| p.id.as_str()).collect();
+                // Qualified by tenant, so that an admin's list (every tenant) names each
+                // pipeline unambiguously; any token accepts its own tenant's that way.
+                let ids: Vec<String> = pipelines
+                    .iter()
+                    .map(|p| match p.tenant.as_str() {
+                        "" => p.id.clone(),
+                        tenant => format!("{tenant}/{}", p.id),
+                    })
+                    .collect();
                 return Ok(ids.join("\n"));
             }
             Ok(output::render_pipelines(&pipelines, format))

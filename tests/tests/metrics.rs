@@ -82,9 +82,21 @@ async fn metrics_move_with_calls_records_runs_and_ownership() -> Result<()> {
     let missing = get(&mut client, "no-such").await.expect_err("not found");
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
-    // The worker: what it owns, read, wrote, how far behind it is, its runs.
+    // The worker: what it owns, read, wrote, how far behind it is, its runs. The run
+    // ends once the read lane sees the destination has it all, right after READY.
     let pipeline = format!("{{pipeline=\"{}\"}}", key("metered"));
-    let w = scrape(w_port).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let w = loop {
+        let w = scrape(w_port).await?;
+        let ended = value(
+            &w,
+            "sluice_runs_total{trigger=\"initial\",outcome=\"succeeded\"}",
+        );
+        if ended.is_some() || tokio::time::Instant::now() > deadline {
+            break w;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(value(&w, "sluice_worker_pipelines_owned"), Some(1.0), "{w}");
     assert_eq!(
         value(&w, &format!("sluice_pipeline_records_read_total{pipeline}")),

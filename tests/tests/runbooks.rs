@@ -111,7 +111,7 @@ async fn pause_everything_then_resume_exactly_what_ran() -> Result<()> {
     let listed = std::fs::read_to_string(dir.join("active-before-pause.txt"))?;
     let mut listed: Vec<&str> = listed.lines().collect();
     listed.sort_unstable();
-    assert_eq!(listed, ["invoices", "orders", "refunds"]);
+    assert_eq!(listed, ["t1/invoices", "t1/orders", "t1/refunds"]);
     for id in ["orders", "invoices", "refunds"] {
         let p = get(&mut client, id).await?;
         assert_eq!(
