@@ -129,6 +129,7 @@ where
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.method = %method,
+            trace_id = tracing::field::Empty,
         );
         sluice_infra::telemetry::set_parent(
             &span,
@@ -137,6 +138,7 @@ where
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok()),
         );
+        sluice_infra::telemetry::record_trace_id(&span);
         let future = tracing::Instrument::instrument(self.inner.call(request), span);
         Box::pin(async move {
             let response = future.await?;

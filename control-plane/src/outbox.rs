@@ -119,8 +119,10 @@ impl OutboxRelay {
                 otel.name = "relay signal",
                 otel.kind = "producer",
                 pipeline_id = %pipeline_id,
+                trace_id = tracing::field::Empty,
             );
             sluice_infra::telemetry::set_parent(&span, traceparent.as_deref());
+            sluice_infra::telemetry::record_trace_id(&span);
             let header = sluice_infra::telemetry::traceparent(&span);
             signals.push((id, pipeline_id, partition, payload, header, span));
         }

@@ -208,7 +208,10 @@ pub fn init_tracing(
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| "info,sqlx=warn".into());
-    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, never into a log file or collector.
+    let lines = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let lines = match args.log_format {
         LogFormat::Text => lines.boxed(),
         LogFormat::Json => lines

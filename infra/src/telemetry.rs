@@ -6,6 +6,7 @@
 use std::fmt;
 
 use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TraceContextExt;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -125,4 +126,15 @@ pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
     carrier.insert("traceparent".to_owned(), value.to_owned());
     let context = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(context);
+}
+
+/// Records the trace id of `span` in its `trace_id` field (which the span must declare,
+/// empty), so that log lines written inside it carry the id their trace has in the
+/// collector. Nothing when traces are off.
+pub fn record_trace_id(span: &tracing::Span) {
+    let context = span.context();
+    let trace_id = context.span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
 }

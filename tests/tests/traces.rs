@@ -86,13 +86,19 @@ async fn one_trace_spans_the_call_the_signal_and_the_worker() -> Result<()> {
     );
 
     let mut d = Deployment::new().await?;
-    d.control_plane_args = vec!["--otlp-endpoint".into(), endpoint.clone()];
+    d.control_plane_args = vec![
+        "--otlp-endpoint".into(),
+        endpoint.clone(),
+        "--log-format".into(),
+        "json".into(),
+    ];
     let mut client = d.start_control_plane().await?;
     d.start_worker_with(
         "w1",
         &[
             ("SLUICE_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("SLUICE_LOG_FORMAT", "json"),
         ],
     )
     .await?;
@@ -182,6 +188,21 @@ async fn one_trace_spans_the_call_the_signal_and_the_worker() -> Result<()> {
                 && passes.iter().any(|p| p.span_id == s.parent_span_id)),
         "the status write is a child of the pass"
     );
+
+    // Log lines written inside the trace carry its id, in both processes.
+    for (process, message) in [
+        ("control-plane", "pipeline updated"),
+        ("w1", "status changed"),
+    ] {
+        let log = std::fs::read_to_string(d.log_dir.join(format!("{process}.log")))?;
+        let tagged = log.lines().any(|line| {
+            line.contains(message) && line.contains(&format!("\"trace_id\":\"{trace_id}\""))
+        });
+        assert!(
+            tagged,
+            "no {message:?} line of {process} carries trace_id {trace_id}:\n{log}"
+        );
+    }
     server.abort();
     d.shutdown().await
 }

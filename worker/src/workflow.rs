@@ -160,9 +160,15 @@ async fn run(
     loop {
         // One span per pass, in the trace of the signal that woke it, if any: the
         // activities of the pass (the status it persists among them) are its children.
-        let pass_span = tracing::info_span!("reconcile", otel.name = "reconcile", pipeline_id = id);
+        let pass_span = tracing::info_span!(
+            "reconcile",
+            otel.name = "reconcile",
+            pipeline_id = id,
+            trace_id = tracing::field::Empty
+        );
         let parent = trace.lock().unwrap_or_else(|e| e.into_inner()).take();
         sluice_infra::telemetry::set_parent(&pass_span, parent.as_deref());
+        sluice_infra::telemetry::record_trace_id(&pass_span);
         let row = activities
             .run("load", &stop, || async {
                 Ok(get_pipeline(&ctx.pool, id).await?)
