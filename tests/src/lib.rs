@@ -851,3 +851,28 @@ impl StripeMock {
         Ok(serde_json::from_str(body)?)
     }
 }
+
+/// A plain HTTP/1.0 GET of `path` on 127.0.0.1:`port` (the metrics server), waiting up
+/// to 30 s for the port to open; returns the status line and headers, and the body.
+pub async fn http_get(port: u16, path: &str) -> Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(s) => break s,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => bail!("port {port}: {e}"),
+        }
+    };
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("an HTTP response")?;
+    Ok((head.to_owned(), body.to_owned()))
+}

@@ -43,10 +43,7 @@ async fn a_config_file_fills_settings_and_the_environment_wins() -> Result<()> {
     .await?;
     assert_eq!(ready.owner, "w1", "the environment wins over the file");
     // The file's metrics address took effect.
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").await?;
-    let mut body = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut body).await?;
+    let (_, body) = http_get(port, "/metrics").await?;
     assert!(body.contains("sluice_worker_pipelines_owned 1"), "{body}");
 
     // A key the binary does not have, or a bad value, stops it with 64, naming it.

@@ -453,26 +453,11 @@ async fn what_the_probes_and_the_job_ask_for_is_served() -> Result<()> {
         &[("SLUICE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
     )
     .await?;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    let response = loop {
-        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(mut stream) => {
-                tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /healthz HTTP/1.0\r\n\r\n")
-                    .await?;
-                let mut text = String::new();
-                tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text).await?;
-                break text;
-            }
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await
-            }
-            Err(e) => bail!("worker metrics port: {e}"),
-        }
-    };
+    let (head, body) = http_get(port, "/healthz").await?;
     ensure!(
-        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-        "{response}"
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
     );
-    ensure!(response.ends_with("ok\n"), "{response}");
+    ensure!(body == "ok\n", "{body}");
     d.shutdown().await
 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use sluice_e2e::*;
 use sluice_protocol::pb::{self, DesiredStatus, PipelineStatus};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONVERGE: Duration = Duration::from_secs(90);
 
@@ -16,32 +15,15 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// GET /metrics over plain HTTP/1.0; the body.
+/// GET /metrics: the body, after checking the answer is OpenMetrics text.
 async fn scrape(port: u16) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut stream = loop {
-        match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(s) => break s,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => bail!("metrics port {port}: {e}"),
-        }
-    };
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("an HTTP response")?;
+    let (head, body) = http_get(port, "/metrics").await?;
     anyhow::ensure!(
         head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
         "{head}"
     );
     anyhow::ensure!(head.contains("openmetrics-text"), "{head}");
-    Ok(body.to_owned())
+    Ok(body)
 }
 
 /// The value of the series `name{labels}` (labels as rendered, in order), if present.

@@ -152,7 +152,14 @@ async fn recover_error_fixes_the_spec_and_writes_each_record_once() -> Result<()
             DesiredStatus::Active,
         ))
         .await?;
-    wait_status(&mut client, "orders", PipelineStatus::Error).await?;
+    wait_for("orders in ERROR", CONVERGE, || {
+        let mut client = client.clone();
+        async move {
+            let p = get(&mut client, "orders").await?;
+            Ok((p.status == PipelineStatus::Error as i32).then_some(()))
+        }
+    })
+    .await?;
 
     // The operator's corrected spec file.
     let dir = work_dir("recover-error")?;
@@ -234,19 +241,4 @@ fn wrong_user(url: &str) -> Result<String> {
         .set_username("no_such_sluice_user")
         .map_err(|()| anyhow::anyhow!("cannot set a user in {url}"))?;
     Ok(parsed.to_string())
-}
-
-async fn wait_status(client: &mut Client, id: &str, status: PipelineStatus) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + CONVERGE;
-    loop {
-        let p = get(client, id).await?;
-        if p.status == status as i32 {
-            return Ok(());
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{id} did not reach {status:?}: {p:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
