@@ -12,7 +12,7 @@ use sluice_control_plane::{run, Config, Limits, TlsFiles};
 use sluice_infra::metrics::MetricsArgs;
 use sluice_infra::process::{
     init_tracing, parse_cli_from, shutdown_signal, ConfigFileArgs, ConnectionArgs,
-    DestinationHostArgs, LogArgs,
+    DestinationHostArgs, LogArgs, SecretsKeyArgs,
 };
 use sluice_protocol::ids::validate_tenant;
 
@@ -24,7 +24,10 @@ Examples:
   sluice-control-plane tokens create --tenant acme --role operator --name ci
   sluice-control-plane tokens list
   sluice-control-plane tokens revoke 0192f3a4-1111-7222-8333-444455556666
-  sluice-control-plane migrate";
+  sluice-control-plane migrate
+  sluice-control-plane reseal-secrets --dry-run
+  sluice-control-plane signals-topic --partitions 24
+  sluice-control-plane signals-topic --move-pipelines";
 
 /// Sluice control plane: the gRPC API that stores desired pipeline state and signals
 /// workers.
@@ -55,6 +58,38 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
     },
+    /// After a secrets-key rotation: seal every stored connector secret that a
+    /// previous key sealed again with the current key (--secrets-key-file), opening it
+    /// with the previous keys (--previous-secrets-key-file). Safe while serving; run
+    /// again until it reports nothing left, then drop the previous keys.
+    ResealSecrets {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        secrets: SecretsKeyArgs,
+        /// Only count what would be sealed again.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the signals topic's partitions and how pipelines spread over them; grow the
+    /// topic (--partitions) and move existing pipelines onto the partitions their ids
+    /// hash to (--move-pipelines). See docs/runbooks/signals-partitions.md.
+    SignalsTopic(Box<SignalsTopicArgs>),
+}
+
+#[derive(Debug, Args)]
+struct SignalsTopicArgs {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+    /// Grow the topic to this many partitions. Kafka cannot take partitions away; a
+    /// smaller number is refused.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    partitions: Option<i32>,
+    /// Move every pipeline whose stored partition is not the one its id hashes to under
+    /// the topic's partition count (each move signals the new partition; its owner
+    /// takes the pipeline over at a safe point, fenced like any handover).
+    #[arg(long)]
+    move_pipelines: bool,
 }
 
 #[derive(Debug, Args)]
@@ -157,7 +192,18 @@ fn with_default_subcommand(mut args: Vec<String>) -> Vec<String> {
     let first = args.get(1).map(String::as_str);
     let explicit = matches!(
         first,
-        Some("serve" | "tokens" | "migrate" | "help" | "-h" | "--help" | "-V" | "--version")
+        Some(
+            "serve"
+                | "tokens"
+                | "migrate"
+                | "reseal-secrets"
+                | "signals-topic"
+                | "help"
+                | "-h"
+                | "--help"
+                | "-V"
+                | "--version"
+        )
     );
     if !explicit {
         args.insert(1, "serve".to_owned());
@@ -191,6 +237,12 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::ResealSecrets {
+            db,
+            secrets,
+            dry_run,
+        } => reseal_secrets(&db, &secrets, dry_run).await,
+        Command::SignalsTopic(args) => signals_topic(*args).await,
         Command::Tokens(command) => match tokens(command).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -257,6 +309,147 @@ async fn serve(cli: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "control plane failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn reseal_secrets(db: &DatabaseArgs, args: &SecretsKeyArgs, dry_run: bool) -> ExitCode {
+    if args.secrets_key_file.is_none() {
+        eprintln!("error: reseal-secrets needs the current key: --secrets-key-file (or SLUICE_SECRETS_KEY_FILE)");
+        return ExitCode::from(64);
+    }
+    if let Err(code) = args.install() {
+        return code;
+    }
+    let Some(secrets) = sluice_infra::secrets::installed() else {
+        return ExitCode::FAILURE;
+    };
+    let result = async {
+        sluice_infra::store::migrate_url(&db.database_url, Duration::from_secs(10)).await?;
+        let pool =
+            sluice_infra::store::connect(&db.database_url, 2, Duration::from_secs(10)).await?;
+        Ok::<_, anyhow::Error>(sluice_infra::secrets::reseal_stored(&pool, secrets, dry_run).await?)
+    }
+    .await;
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ids = secrets.key_ids();
+    println!(
+        "current key {}; previous keys: {}",
+        ids[0],
+        if ids.len() > 1 {
+            ids[1..].join(", ")
+        } else {
+            "none".into()
+        }
+    );
+    let by_key: Vec<String> = report
+        .by_key
+        .iter()
+        .map(|(id, n)| {
+            let role = if id == ids[0] { " (current)" } else { "" };
+            format!("{id}{role}: {n}")
+        })
+        .collect();
+    println!(
+        "{} pipelines; sealed values by key: {}",
+        report.pipelines,
+        if by_key.is_empty() {
+            "none".into()
+        } else {
+            by_key.join(", ")
+        }
+    );
+    let verb = if dry_run { "to reseal" } else { "resealed" };
+    println!(
+        "{verb}: {} values in {} pipelines",
+        report.resealed, report.resealed_pipelines
+    );
+    for (pipeline, why) in &report.failures {
+        eprintln!("error: pipeline {pipeline}: {why}");
+    }
+    if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "error: {} pipelines hold values no given key opens: add the key that sealed them with --previous-secrets-key-file, or send those secrets again with UpdatePipeline",
+            report.failures.len()
+        );
+        ExitCode::FAILURE
+    }
+}
+
+async fn signals_topic(args: SignalsTopicArgs) -> ExitCode {
+    let kafka = match args.connection.kafka() {
+        Ok(kafka) => kafka,
+        Err(code) => return code,
+    };
+    let topic = args.connection.signals_topic.clone();
+    let result = async {
+        let admin = kafka.admin()?;
+        let mut count = admin
+            .partition_count(&topic)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the signals topic {topic} does not exist (the control plane creates it when it starts)"))?;
+        if let Some(want) = args.partitions {
+            if want < count {
+                eprintln!("error: --partitions {want}: the signals topic {topic} has {count} partitions, and Kafka cannot remove partitions");
+                return Ok(ExitCode::from(64));
+            }
+            if want > count {
+                admin.grow_partitions(&topic, want).await?;
+                println!("signals topic {topic}: grown from {count} to {want} partitions");
+                count = want;
+            }
+        }
+        let url = &args.connection.database_url;
+        sluice_infra::store::migrate_url(url, Duration::from_secs(10)).await?;
+        let pool = sluice_infra::store::connect(url, 2, Duration::from_secs(10)).await?;
+        let spread = |stored: &[(String, i32)]| {
+            let mut per_partition = vec![0usize; usize::try_from(count).unwrap_or(0)];
+            let mut misplaced = Vec::new();
+            for (key, partition) in stored {
+                if let Some(n) = usize::try_from(*partition).ok().and_then(|p| per_partition.get_mut(p)) {
+                    *n += 1;
+                }
+                let home = sluice_protocol::partition::partition_for(key, count as u32);
+                if home != *partition {
+                    misplaced.push((key.clone(), *partition, home));
+                }
+            }
+            (per_partition, misplaced)
+        };
+        let (mut per_partition, misplaced) =
+            spread(&sluice_control_plane::store::pipeline_partitions(&pool).await?);
+        let mut moved = 0;
+        if args.move_pipelines {
+            for (key, from, to) in &misplaced {
+                if sluice_control_plane::store::move_partition(&pool, key, *from, *to).await? {
+                    moved += 1;
+                }
+            }
+            per_partition = spread(&sluice_control_plane::store::pipeline_partitions(&pool).await?).0;
+        }
+        println!("signals topic {topic}: {count} partitions (the most workers that own pipelines at once)");
+        println!("pipelines per partition: {}", per_partition.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "));
+        if args.move_pipelines {
+            println!("moved: {moved} pipelines to the partition their id hashes to");
+        } else {
+            println!("to move: {} pipelines (--move-pipelines moves them)", misplaced.len());
+        }
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    }
+    .await;
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

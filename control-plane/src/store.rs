@@ -165,7 +165,7 @@ pub async fn write_desired(
     spec: &serde_json::Value,
 ) -> Result<PipelineRecord, StoreError> {
     let sql = format!(
-        "UPDATE pipelines SET desired_status = $2, spec = $3, generation = generation + 1, \
+        "UPDATE pipelines SET desired_status = $2, spec = $3, generation = generation + 1, generation_time = now(), \
          update_time = now() WHERE id = $1 RETURNING {PIPELINE_COLUMNS}"
     );
     let row = sqlx::query(&sql)
@@ -329,7 +329,7 @@ pub async fn request_reset(
         (_, Some(new)) => serde_json::json!(new),
     };
     let sql = format!(
-        "UPDATE pipelines SET reset_request = $2, generation = generation + 1, \
+        "UPDATE pipelines SET reset_request = $2, generation = generation + 1, generation_time = now(), \
          update_time = now() WHERE id = $1 RETURNING {PIPELINE_COLUMNS}"
     );
     let row = sqlx::query(&sql)
@@ -518,4 +518,42 @@ pub async fn delete_old_tombstones(
 fn parse_xid(text: &str) -> Result<u64, StoreError> {
     text.parse()
         .map_err(|_| StoreError::Corrupt(format!("transaction id {text:?} is not a number")))
+}
+
+/// Every pipeline's key and stored signals-topic partition.
+pub async fn pipeline_partitions(pool: &PgPool) -> Result<Vec<(String, i32)>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT id, partition FROM pipelines ORDER BY id")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Moves a pipeline to another signals-topic partition, with a signal on the new one
+/// (its consumer claims the pipeline; the owner on the old partition lets it go). False
+/// if the pipeline is gone or no longer on `from`.
+pub async fn move_partition(
+    pool: &PgPool,
+    key: &str,
+    from: i32,
+    to: i32,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let sql = format!(
+        "UPDATE pipelines SET partition = $3 WHERE id = $1 AND partition = $2 \
+         RETURNING {PIPELINE_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(key)
+        .bind(from)
+        .bind(to)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let record = record_from_row(&row)?;
+    insert_signal(&mut tx, &record).await?;
+    tx.commit().await?;
+    Ok(true)
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -210,6 +210,40 @@ impl Admin {
     }
 
     /// The partition count of `topic`, or None if the cluster does not know it.
+    /// Grows `topic` to `partitions` partitions (Kafka cannot shrink a topic) and waits
+    /// until the cluster metadata shows them. Returns the count before.
+    pub async fn grow_partitions(
+        &self,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<i32, KafkaAdminError> {
+        let before = self
+            .partition_count(topic)
+            .await?
+            .ok_or_else(|| KafkaAdminError::NotVisible(topic.to_owned()))?;
+        if partitions <= before {
+            return Ok(before);
+        }
+        let grow = NewPartitions::new(topic, partitions as usize);
+        for result in self
+            .client
+            .create_partitions([&grow], &Self::options())
+            .await?
+        {
+            if let Err((topic, code)) = result {
+                return Err(KafkaAdminError::Topic { topic, code });
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.partition_count(topic).await? == Some(partitions) {
+                return Ok(before);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(KafkaAdminError::NotVisible(topic.to_owned()))
+    }
+
     pub async fn partition_count(&self, topic: &str) -> Result<Option<i32>, KafkaAdminError> {
         let client = Arc::clone(&self.client);
         let topic = topic.to_owned();

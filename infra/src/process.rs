@@ -54,10 +54,8 @@ pub struct ConnectionArgs {
     /// Topic that carries change signals from the control plane to the workers.
     #[arg(long, env = "SLUICE_SIGNALS_TOPIC", default_value = sluice_protocol::topics::DEFAULT_SIGNALS_TOPIC)]
     pub signals_topic: String,
-    /// File holding the deployment's secrets key (32 random bytes, base64): connector
-    /// secrets are stored encrypted with it. Control plane and workers need the same.
-    #[arg(long, env = "SLUICE_SECRETS_KEY_FILE", value_name = "FILE")]
-    pub secrets_key_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub secrets: SecretsKeyArgs,
     /// Prefix of the topics and Kafka transactional ids Sluice creates per pipeline
     /// (records and inputs topics). All processes of a deployment use the same;
     /// deployments sharing a Kafka cluster need different ones (like their signals
@@ -71,20 +69,48 @@ pub struct ConnectionArgs {
     pub replication_factor: i32,
 }
 
-impl ConnectionArgs {
+/// The deployment's secrets key files.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecretsKeyArgs {
+    /// File holding the deployment's secrets key (32 random bytes, base64): connector
+    /// secrets are stored encrypted with it. Control plane and workers need the same.
+    #[arg(long, env = "SLUICE_SECRETS_KEY_FILE", value_name = "FILE")]
+    pub secrets_key_file: Option<std::path::PathBuf>,
+    /// Files of earlier secrets keys, comma-separated or repeated: during a key rotation
+    /// they open what they sealed, and the current key seals everything new (see
+    /// `sluice-control-plane reseal-secrets`).
+    #[arg(
+        long,
+        env = "SLUICE_PREVIOUS_SECRETS_KEY_FILES",
+        value_name = "FILE",
+        value_delimiter = ',',
+        requires = "secrets_key_file"
+    )]
+    pub previous_secrets_key_file: Vec<std::path::PathBuf>,
+}
+
+impl SecretsKeyArgs {
     /// Loads the secrets key, if one is configured; a bad key file is a usage error.
-    pub fn install_secrets_key(&self) -> Result<(), ExitCode> {
+    pub fn install(&self) -> Result<(), ExitCode> {
         match self
             .secrets_key_file
             .as_ref()
             .filter(|p| !p.as_os_str().is_empty())
         {
             None => Ok(()),
-            Some(path) => crate::secrets::install_key_file(path).map_err(|e| {
-                eprintln!("error: {e}");
-                ExitCode::from(EX_USAGE)
-            }),
+            Some(path) => crate::secrets::install_key_files(path, &self.previous_secrets_key_file)
+                .map_err(|e| {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EX_USAGE)
+                }),
         }
+    }
+}
+
+impl ConnectionArgs {
+    /// Loads the secrets key, if one is configured; a bad key file is a usage error.
+    pub fn install_secrets_key(&self) -> Result<(), ExitCode> {
+        self.secrets.install()
     }
 
     /// The Kafka settings: the properties file first, then the flags. An unreadable or

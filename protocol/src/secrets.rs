@@ -55,16 +55,17 @@ pub trait SecretFields {
     fn secret_fields(&self, side: Side, connector_type: &str) -> &'static [SecretField];
 }
 
-/// The deployment's secrets key.
+/// The deployment's secrets key: the current key, which seals, and during a key
+/// rotation the previous keys, which only open (each sealed value names its key).
 #[derive(Clone)]
 pub struct SecretBox {
-    cipher: XChaCha20Poly1305,
-    key_id: String,
+    /// The current key first.
+    keys: Vec<(String, XChaCha20Poly1305)>,
 }
 
 impl std::fmt::Debug for SecretBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SecretBox(key id {})", self.key_id)
+        write!(f, "SecretBox(key ids {:?})", self.key_ids())
     }
 }
 
@@ -72,7 +73,7 @@ impl std::fmt::Debug for SecretBox {
 pub enum SecretError {
     #[error("a secrets key must be 32 random bytes, base64-encoded (e.g. `head -c 32 /dev/urandom | base64`)")]
     BadKey,
-    #[error("{field} is encrypted with secrets key {key_id}, not with this process's key")]
+    #[error("{field} is encrypted with secrets key {key_id}, which this process does not have")]
     WrongKey { field: String, key_id: String },
     #[error("{field} holds a corrupt encrypted value")]
     Corrupt { field: String },
@@ -90,13 +91,29 @@ impl SecretBox {
             .map(|b| format!("{b:02x}"))
             .collect();
         Ok(Self {
-            cipher: XChaCha20Poly1305::new(&key.into()),
-            key_id,
+            keys: vec![(key_id, XChaCha20Poly1305::new(&key.into()))],
         })
     }
 
+    /// Adds the keys of `previous` as keys that open values but never seal them.
+    #[must_use]
+    pub fn with_previous(mut self, previous: SecretBox) -> Self {
+        for key in previous.keys {
+            if !self.keys.iter().any(|(id, _)| *id == key.0) {
+                self.keys.push(key);
+            }
+        }
+        self
+    }
+
+    /// The id of the key that seals.
     pub fn key_id(&self) -> &str {
-        &self.key_id
+        &self.keys[0].0
+    }
+
+    /// Every key id, the current one first.
+    pub fn key_ids(&self) -> Vec<&str> {
+        self.keys.iter().map(|(id, _)| id.as_str()).collect()
     }
 
     /// `context` binds the sealed value to its pipeline and field (AEAD associated
@@ -104,8 +121,8 @@ impl SecretBox {
     fn seal(&self, context: &str, plaintext: &str) -> String {
         let nonce_bytes: [u8; 24] = rand::random();
         let nonce = XNonce::from(nonce_bytes);
-        let sealed = self
-            .cipher
+        let (key_id, cipher) = &self.keys[0];
+        let sealed = cipher
             .encrypt(
                 &nonce,
                 Payload {
@@ -116,29 +133,28 @@ impl SecretBox {
             .expect("XChaCha20-Poly1305 encrypts any message that fits in memory");
         let mut blob = nonce_bytes.to_vec();
         blob.extend_from_slice(&sealed);
-        format!("{SEALED_PREFIX}{}:{}", self.key_id, STANDARD.encode(blob))
+        format!("{SEALED_PREFIX}{key_id}:{}", STANDARD.encode(blob))
     }
 
     fn open(&self, context: &str, field: &str, sealed: &str) -> Result<String, SecretError> {
         let corrupt = || SecretError::Corrupt {
             field: field.to_owned(),
         };
-        let rest = sealed.strip_prefix(SEALED_PREFIX).ok_or_else(corrupt)?;
-        let (key_id, blob) = rest.split_once(':').ok_or_else(corrupt)?;
-        if key_id != self.key_id {
+        let key_id = sealed_key_id(sealed).ok_or_else(corrupt)?;
+        let Some((_, cipher)) = self.keys.iter().find(|(id, _)| id == key_id) else {
             return Err(SecretError::WrongKey {
                 field: field.to_owned(),
                 key_id: key_id.to_owned(),
             });
-        }
+        };
+        let blob = &sealed[SEALED_PREFIX.len() + key_id.len() + 1..];
         let blob = STANDARD.decode(blob).map_err(|_| corrupt())?;
         if blob.len() < 24 {
             return Err(corrupt());
         }
         let (nonce, ciphertext) = blob.split_at(24);
         let nonce: [u8; 24] = nonce.try_into().map_err(|_| corrupt())?;
-        let plain = self
-            .cipher
+        let plain = cipher
             .decrypt(
                 &XNonce::from(nonce),
                 Payload {
@@ -149,6 +165,12 @@ impl SecretBox {
             .map_err(|_| corrupt())?;
         String::from_utf8(plain).map_err(|_| corrupt())
     }
+}
+
+/// The id of the key a sealed value was sealed with.
+pub fn sealed_key_id(value: &str) -> Option<&str> {
+    let rest = value.strip_prefix(SEALED_PREFIX)?;
+    rest.split_once(':').map(|(id, _)| id)
 }
 
 /// Calls `f(field path, value)` for every secret-bearing string of the spec.
@@ -244,6 +266,49 @@ pub fn open_spec(
         }
     }
     failure
+}
+
+/// Seals again, with the current key, every sealed value of a stored spec that an
+/// older key sealed (a key rotation). Returns how many values changed; a value no
+/// key of `secrets` opens is an error and leaves the spec as it was.
+pub fn reseal_spec(
+    spec: &mut PipelineSpec,
+    secrets: &SecretBox,
+    pipeline_key: &str,
+) -> Result<usize, SecretError> {
+    let mut resealed = spec.clone();
+    let mut count = 0;
+    for (side, connector) in [
+        ("source", &mut resealed.source),
+        ("destination", &mut resealed.destination),
+    ] {
+        for (key, value) in connector.config.iter_mut() {
+            let Value::String(value) = value else {
+                continue;
+            };
+            match sealed_key_id(value) {
+                Some(id) if id != secrets.key_id() => {}
+                _ => continue,
+            }
+            let field = format!("{side}.config.{key}");
+            let context = context(pipeline_key, &field);
+            let plain = secrets.open(&context, &field, value)?;
+            *value = secrets.seal(&context, &plain);
+            count += 1;
+        }
+    }
+    *spec = resealed;
+    Ok(count)
+}
+
+/// The key ids of the sealed values of a stored spec, one per value.
+pub fn sealed_key_ids(spec: &PipelineSpec) -> Vec<String> {
+    [&spec.source, &spec.destination]
+        .into_iter()
+        .flat_map(|c| c.config.values())
+        .filter_map(|v| v.as_str().and_then(sealed_key_id))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A fingerprint of the data a spec moves, secrets left out: the SHA-256 of the
@@ -503,6 +568,51 @@ mod tests {
         let mut elsewhere = spec("postgres://app:********@other/x");
         restore_redacted(&mut elsewhere, &current, &Fields);
         assert_eq!(url_of(&elsewhere), "postgres://app:********@other/x");
+    }
+
+    #[test]
+    fn a_rotation_reseals_old_values_with_the_new_key() {
+        let old = key();
+        let new = SecretBox::from_base64(&STANDARD.encode([9u8; 32])).expect("valid");
+        let plain = spec("postgres://app:hunter2@db/x");
+        let sealed_old = seal_spec(&plain, &Fields, &old, "t.p");
+        assert_eq!(sealed_key_ids(&sealed_old), [old.key_id()]);
+
+        // The new key alone cannot open the old value; with the old key as previous it can.
+        let mut attempt = sealed_old.clone();
+        assert!(matches!(
+            open_spec(&mut attempt, Some(&new), "t.p"),
+            Some(SecretError::WrongKey { .. })
+        ));
+        let both = new.clone().with_previous(old.clone());
+        assert_eq!(both.key_ids(), [new.key_id(), old.key_id()]);
+        let mut opened = sealed_old.clone();
+        assert_eq!(open_spec(&mut opened, Some(&both), "t.p"), None);
+        assert_eq!(opened, plain);
+
+        // Reseal: the old value is sealed again under the new key; a second pass does
+        // nothing; the new key alone now opens it.
+        let mut stored = sealed_old.clone();
+        assert_eq!(reseal_spec(&mut stored, &both, "t.p"), Ok(1));
+        assert_eq!(sealed_key_ids(&stored), [new.key_id()]);
+        assert_eq!(reseal_spec(&mut stored, &both, "t.p"), Ok(0));
+        let mut opened = stored.clone();
+        assert_eq!(open_spec(&mut opened, Some(&new), "t.p"), None);
+        assert_eq!(opened, plain);
+
+        // Without the old key the reseal fails and changes nothing.
+        let mut stuck = sealed_old.clone();
+        assert!(matches!(
+            reseal_spec(&mut stuck, &new, "t.p"),
+            Err(SecretError::WrongKey { .. })
+        ));
+        assert_eq!(stuck, sealed_old);
+        // A value bound to another pipeline does not reseal into this one.
+        let mut moved = sealed_old.clone();
+        assert!(matches!(
+            reseal_spec(&mut moved, &both, "other.p"),
+            Err(SecretError::Corrupt { .. })
+        ));
     }
 
     #[test]

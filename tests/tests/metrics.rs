@@ -160,6 +160,21 @@ async fn metrics_move_with_calls_records_runs_and_ownership() -> Result<()> {
         "{cp}"
     );
 
+    // A pause: the time from the change's commit to PAUSED persisted is measured once.
+    client
+        .update_pipeline(set_desired("metered", DesiredStatus::Paused))
+        .await?;
+    wait_converged(&mut client, "metered", PipelineStatus::Paused, CONVERGE).await?;
+    let w = scrape(w_port).await?;
+    assert_eq!(
+        value(&w, "sluice_change_applied_seconds_count{status=\"PAUSED\"}"),
+        Some(1.0),
+        "{w}"
+    );
+    let took = value(&w, "sluice_change_applied_seconds_sum{status=\"PAUSED\"}")
+        .context("pause latency")?;
+    assert!(took > 0.0 && took < CONVERGE.as_secs_f64(), "{took}");
+
     // Deleted: the worker owns nothing and has forgotten the pipeline's series.
     client
         .delete_pipeline(pb::DeletePipelineRequest {

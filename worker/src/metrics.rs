@@ -34,6 +34,7 @@ pub struct WorkerMetrics {
     pub activity_seconds: Family<Labels, Histogram, Buckets>,
     pub runs: Family<Labels, Counter>,
     pub run_seconds: Family<Labels, Histogram, Buckets>,
+    pub change_applied_seconds: Family<Labels, Histogram, Buckets>,
     /// Serializes lag updates, which read two gauges written by different lanes.
     lag_lock: Mutex<()>,
 }
@@ -65,6 +66,7 @@ impl WorkerMetrics {
             activity_seconds: Family::new_with_constructor(Buckets(latency)),
             runs: Family::default(),
             run_seconds: Family::new_with_constructor(Buckets(durations)),
+            change_applied_seconds: Family::new_with_constructor(Buckets(latency)),
             lag_lock: Mutex::new(()),
         };
         registry.register(
@@ -126,6 +128,13 @@ impl WorkerMetrics {
             "sluice_run_seconds",
             "Duration of ended runs, by trigger and outcome",
             m.run_seconds.clone(),
+        );
+        registry.register(
+            "sluice_change_applied_seconds",
+            "From a change's commit in the control plane (create, update, reset) to the first \
+             status this worker persisted for it, by that status: outbox relay, Kafka, the \
+             worker's stop or start work; on the database's clock",
+            m.change_applied_seconds.clone(),
         );
         Self {
             registry: Arc::new(registry),
@@ -189,6 +198,13 @@ impl WorkerMetrics {
         self.activity_seconds
             .get_or_create(&labels)
             .observe(seconds);
+    }
+
+    /// A status persisted for the current generation, `seconds` after the change.
+    pub fn change_applied(&self, status: &str, seconds: f64) {
+        self.change_applied_seconds
+            .get_or_create(&vec![("status", status.to_owned())])
+            .observe(seconds.max(0.0));
     }
 
     pub fn run_ended(&self, trigger: &str, outcome: &str, seconds: f64) {

@@ -130,15 +130,20 @@ impl Checkpoint {
 pub async fn claim(
     pool: &PgPool,
     key: &str,
+    partition: i32,
     worker_id: &str,
 ) -> Result<Option<Claim>, ActivityError> {
+    // Only while the pipeline is on the partition this worker was assigned: a signal
+    // that was sent before the pipeline moved to another partition must not take it
+    // back from the new partition's owner.
     let row = sqlx::query(
         "UPDATE pipelines SET owner = $2, owner_epoch = nextval('pipeline_owner_epoch_seq'), \
          pending_activity = NULL, update_time = now() \
-         WHERE id = $1 RETURNING owner_epoch, incarnation",
+         WHERE id = $1 AND partition = $3 RETURNING owner_epoch, incarnation",
     )
     .bind(key)
     .bind(worker_id)
+    .bind(partition)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|r| Claim {
@@ -369,16 +374,20 @@ pub async fn write_status(
     write: &StatusWrite<'_>,
 ) -> Result<(), ActivityError> {
     let mut tx = pool.begin().await?;
-    let row =
-        sqlx::query("SELECT status FROM pipelines WHERE id = $1 AND owner_epoch = $2 FOR UPDATE")
-            .bind(&claim.key)
-            .bind(claim.epoch)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let row = sqlx::query(
+        "SELECT status, observed_generation, generation FROM pipelines \
+         WHERE id = $1 AND owner_epoch = $2 FOR UPDATE",
+    )
+    .bind(&claim.key)
+    .bind(claim.epoch)
+    .fetch_optional(&mut *tx)
+    .await?;
     let Some(row) = row else {
         return Err(ActivityError::Fenced);
     };
     let from: Option<String> = row.try_get(0)?;
+    let observed_before: i64 = row.try_get(1)?;
+    let generation: i64 = row.try_get(2)?;
     let from_status: Option<PipelineStatus> = from.as_deref().and_then(|s| s.parse().ok());
     let changes_status = from_status != Some(write.to);
     if changes_status && !can_transition(from_status, write.to) {
@@ -387,18 +396,20 @@ pub async fn write_status(
             write.to
         )));
     }
-    sqlx::query(
+    // Seconds since the current generation was made, on the database's clock.
+    let since_change: f64 = sqlx::query_scalar(
         "UPDATE pipelines SET status = $3, observed_generation = GREATEST(observed_generation, $4), \
          last_error = $5, \
          pending_activity = CASE WHEN $3 = 'ERROR' THEN NULL ELSE pending_activity END, \
-         update_time = now() WHERE id = $1 AND owner_epoch = $2",
+         update_time = now() WHERE id = $1 AND owner_epoch = $2 \
+         RETURNING extract(epoch FROM clock_timestamp() - generation_time)::float8",
     )
     .bind(&claim.key)
     .bind(claim.epoch)
     .bind(write.to.as_str())
     .bind(write.observed_generation)
     .bind(write.last_error)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
     if changes_status {
         sqlx::query(
@@ -415,6 +426,10 @@ pub async fn write_status(
         .await?;
     }
     tx.commit().await?;
+    // The first status persisted for the current generation: the change is applied.
+    if observed_before < generation && write.observed_generation >= generation {
+        crate::metrics::WORKER.change_applied(write.to.as_str(), since_change);
+    }
     Ok(())
 }
 

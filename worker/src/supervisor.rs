@@ -4,6 +4,7 @@
 //! ownership) on revocation and shutdown.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,7 +103,7 @@ impl Supervisor {
                 let ids = self
                     .workflows
                     .iter()
-                    .filter(|(_, h)| partitions.contains(&h.partition))
+                    .filter(|(_, h)| partitions.contains(&h.partition.load(Ordering::Relaxed)))
                     .map(|(id, _)| id.clone())
                     .collect();
                 self.stop_workflows(ids).await;

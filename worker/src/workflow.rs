@@ -3,6 +3,7 @@
 //! desired against actual state, and sleep until a signal, a lane event or the resync
 //! timer wakes it. Being level-triggered, a lost signal only delays convergence.
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use sluice_connectors::{registry, ValidatedSpec, WriteTarget};
@@ -31,7 +32,9 @@ pub struct WorkflowHandle {
     /// The trace of the signal that woke the workflow last, for its next pass.
     pub trace: Arc<std::sync::Mutex<Option<String>>>,
     pub stop: CancellationToken,
-    pub partition: i32,
+    /// The signals-topic partition the pipeline is on; the workflow follows a move to
+    /// another partition this worker is also assigned.
+    pub partition: Arc<AtomicI32>,
     pub seq: u64,
     pub task: JoinHandle<()>,
 }
@@ -47,12 +50,14 @@ pub fn spawn(
     let wake = Arc::new(Notify::new());
     let trace = Arc::new(std::sync::Mutex::new(None));
     let stop = CancellationToken::new();
+    let partition = Arc::new(AtomicI32::new(partition));
     let task = tokio::spawn({
         let wake = Arc::clone(&wake);
         let trace = Arc::clone(&trace);
         let stop = stop.clone();
+        let partition = Arc::clone(&partition);
         async move {
-            run(ctx, &pipeline_id, partition, wake, trace, stop).await;
+            run(ctx, &pipeline_id, &partition, wake, trace, stop).await;
             let _ = exited.send((pipeline_id, seq));
         }
     });
@@ -99,18 +104,19 @@ struct Workflow {
 async fn run(
     ctx: Arc<WorkerContext>,
     id: &str,
-    partition: i32,
+    partition_cell: &AtomicI32,
     wake: Arc<Notify>,
     trace: Arc<std::sync::Mutex<Option<String>>>,
     stop: CancellationToken,
 ) {
+    let partition = partition_cell.load(Ordering::Relaxed);
     // The partition may have been revoked while this workflow waited to start: a
     // worker that no longer owns it must not take the pipeline from its new owner.
     if !ctx.assignment.contains(partition) {
         return;
     }
     let claimed = run_activity("claim", id, &ctx.retry, ctx.attempt_timeout, &stop, || {
-        store::claim(&ctx.pool, id, &ctx.worker_id)
+        store::claim(&ctx.pool, id, partition, &ctx.worker_id)
     })
     .await;
     let claim = match claimed {
@@ -196,6 +202,24 @@ async fn run(
             );
             wf.stop_lanes().await;
             return;
+        }
+        if row.partition != partition_cell.load(Ordering::Relaxed) {
+            // Moved to another signals-topic partition (`signals-topic
+            // --move-pipelines`). On a partition this worker is assigned too, it stays
+            // here; otherwise that partition's owner takes it over.
+            if ctx.assignment.contains(row.partition) {
+                partition_cell.store(row.partition, Ordering::Relaxed);
+            } else {
+                tracing::info!(
+                    pipeline_id = id,
+                    from = partition_cell.load(Ordering::Relaxed),
+                    to = row.partition,
+                    "pipeline moved to another signals partition; releasing it"
+                );
+                wf.stop_lanes().await;
+                let _ = store::release(&ctx.pool, &claim).await;
+                return;
+            }
         }
         if !fenced_early {
             fenced_early = true;

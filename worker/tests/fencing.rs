@@ -26,7 +26,7 @@ async fn insert_pipeline(pool: &PgPool, id: &str, desired: &str) {
 }
 
 async fn claim(pool: &PgPool, id: &str, worker: &str) -> Claim {
-    store::claim(pool, id, worker)
+    store::claim(pool, id, 0, worker)
         .await
         .expect("claim")
         .expect("row")
@@ -222,4 +222,30 @@ async fn a_retrying_activity_is_shown_until_it_recovers(pool: PgPool) {
         .expect("get")
         .expect("row");
     assert!(row.pending_activity.is_none());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_signal_from_the_partition_a_pipeline_left_does_not_claim_it(pool: PgPool) {
+    insert_pipeline(&pool, "p", "ACTIVE").await;
+    let first = claim(&pool, "p", "old-owner").await;
+    // Moved to partition 3 (signals-topic --move-pipelines).
+    sqlx::query("UPDATE pipelines SET partition = 3 WHERE id = 'p'")
+        .execute(&pool)
+        .await
+        .expect("move");
+    // A late signal on partition 0 finds nothing to claim ...
+    let stale = store::claim(&pool, "p", 0, "old-owner")
+        .await
+        .expect("claim");
+    assert!(stale.is_none());
+    // ... and the owner of partition 3 claims it, fencing the first claim.
+    let new = store::claim(&pool, "p", 3, "new-owner")
+        .await
+        .expect("claim")
+        .expect("row");
+    assert!(new.epoch > first.epoch);
+    assert!(matches!(
+        store::check_epoch(&pool, &first).await,
+        Err(ActivityError::Fenced)
+    ));
 }
