@@ -443,6 +443,17 @@ pub struct ListArgs {
     #[arg(long, value_enum, value_name = "DESIRED")]
     pub desired: Vec<DesiredFilter>,
 
+    /// Only pipelines that this worker owns (repeatable): e.g. before and after draining
+    /// a worker. Filtered by sluicectl after listing.
+    #[arg(long, value_name = "WORKER")]
+    pub owner: Vec<String>,
+
+    /// Only pipelines whose latest change no worker has acted on yet: not owned, or
+    /// the owner has not observed the current generation, or a pause, resume or delete
+    /// is under way. Empty once everything has caught up (e.g. after an outage).
+    #[arg(long)]
+    pub unconverged: bool,
+
     /// Print only the ids, as tenant/id, one per line, whatever -o says (for scripts:
     /// `for id in $(sluicectl list --ids)`; every command accepts that form).
     #[arg(long)]

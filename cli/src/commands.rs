@@ -730,7 +730,12 @@ async fn list(client: &mut Client, args: &ListArgs) -> Result<Vec<pb::Pipeline>,
             })
             .await?
             .into_inner();
-        pipelines.extend(page.pipelines);
+        pipelines.extend(
+            page.pipelines
+                .into_iter()
+                .filter(|p| args.owner.is_empty() || args.owner.contains(&p.owner))
+                .filter(|p| !args.unconverged || !converged(p)),
+        );
         if let Some(limit) = args.limit {
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             if pipelines.len() >= limit {
@@ -747,6 +752,16 @@ async fn list(client: &mut Client, args: &ListArgs) -> Result<Vec<pb::Pipeline>,
         page_token = page.next_page_token;
     }
     Ok(pipelines)
+}
+
+/// Whether the owner has acted on the pipeline's latest change: it observed the current
+/// generation, and the phase is a status (not UNASSIGNED, PENDING, PAUSING, ...).
+fn converged(p: &pb::Pipeline) -> bool {
+    p.observed_generation >= p.generation
+        && !matches!(
+            p.phase.as_str(),
+            "UNASSIGNED" | "PENDING" | "PAUSING" | "RESUMING" | "DELETING"
+        )
 }
 
 /// The page size to request: never more than still wanted under --limit, so a small
@@ -823,6 +838,23 @@ mod tests {
         assert_eq!(next_page_size(None, Some(20), 15), 5);
         assert_eq!(next_page_size(Some(10), Some(20), 15), 5);
         assert_eq!(next_page_size(None, Some(5000), 0), 1000);
+    }
+
+    #[test]
+    fn converged_means_the_owner_acted_on_the_latest_change() {
+        let p = |generation, observed, phase: &str| pb::Pipeline {
+            generation,
+            observed_generation: observed,
+            phase: phase.into(),
+            ..Default::default()
+        };
+        assert!(converged(&p(3, 3, "READY")));
+        assert!(converged(&p(3, 3, "BACKFILL")));
+        assert!(converged(&p(3, 3, "PAUSED")));
+        assert!(!converged(&p(3, 2, "READY")));
+        for phase in ["UNASSIGNED", "PENDING", "PAUSING", "RESUMING", "DELETING"] {
+            assert!(!converged(&p(3, 3, phase)), "{phase}");
+        }
     }
 
     #[test]
