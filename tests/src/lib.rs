@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod local_stack;
 pub mod stack;
 
 use std::future::Future;
@@ -266,6 +267,22 @@ impl Deployment {
     /// Starts the control plane and creates the operator token, without connecting
     /// (for a control plane that serves TLS); returns its address.
     pub async fn start_control_plane_process(&mut self) -> Result<String> {
+        let (addr, process) = self.spawn_control_plane("control-plane").await?;
+        self.control_plane = Some(process);
+        self.control_plane_addr = Some(addr.clone());
+        if self.token.is_none() {
+            self.token = Some(self.create_token(TEST_TENANT, "operator").await?);
+        }
+        Ok(addr)
+    }
+
+    /// Starts one more control-plane replica of the deployment (same database, topics
+    /// and settings), logging as `name`; returns its address and process.
+    pub async fn start_control_plane_replica(&self, name: &str) -> Result<(String, Process)> {
+        self.spawn_control_plane(name).await
+    }
+
+    async fn spawn_control_plane(&self, name: &str) -> Result<(String, Process)> {
         let mut command = Command::new(bin_path("sluice-control-plane")?);
         command.args(["--listen", "127.0.0.1:0", "--signal-partitions", "4"]);
         self.with_secrets_key(&mut command);
@@ -276,7 +293,7 @@ impl Deployment {
             .env("SLUICE_SIGNALS_TOPIC", &self.signals_topic)
             .env("SLUICE_TOPIC_NAMESPACE", &self.topic_namespace)
             .stdout(Stdio::piped())
-            .stderr(self.log_file("control-plane")?)
+            .stderr(self.log_file(name)?)
             .kill_on_drop(true)
             .spawn()?;
         let stdout = child.stdout.take().context("stdout is piped")?;
@@ -291,15 +308,13 @@ impl Deployment {
         })
         .await
         .context("control plane did not start listening")??;
-        self.control_plane = Some(Process {
-            name: "control-plane".into(),
-            child,
-        });
-        self.control_plane_addr = Some(addr.clone());
-        if self.token.is_none() {
-            self.token = Some(self.create_token(TEST_TENANT, "operator").await?);
-        }
-        Ok(addr)
+        Ok((
+            addr,
+            Process {
+                name: name.into(),
+                child,
+            },
+        ))
     }
 
     /// KAFKA_BOOTSTRAP_SERVERS and `--kafka-property` flags for a process.
@@ -378,6 +393,17 @@ impl Deployment {
     /// A client with the deployment's operator token.
     pub async fn client(&self) -> Result<Client> {
         self.client_with(self.token.as_deref()).await
+    }
+
+    /// A client of the control plane at `addr` with the deployment's operator token.
+    pub async fn client_at(&self, addr: &str) -> Result<Client> {
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        Ok(PipelineServiceClient::with_interceptor(
+            channel,
+            BearerToken::new(self.token.as_deref())?,
+        ))
     }
 
     /// A client sending `token` (None: no authorization header at all).
