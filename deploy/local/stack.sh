@@ -3,18 +3,26 @@
 # two workers (worker-1, worker-2; $SLUICE_LOCAL_WORKERS sets how many), started
 # from the target/debug binaries against the PostgreSQL and Kafka that up.sh started.
 #
-#   stack.sh start [--no-build]   build the binaries (cargo build --locked), then start
-#                                 whatever is not running; waits until ready
-#   stack.sh stop                 SIGTERM, wait up to $SLUICE_STOP_TIMEOUT s, SIGKILL
-#   stack.sh restart [--no-build] stop, then start
-#   stack.sh status               each process with pid and log; exit 3 if any is down
+#   stack.sh start [--no-build] [NAME...]
+#                         build the binaries (cargo build --locked), then start
+#                         whatever is not running (or only NAME...); waits until ready
+#   stack.sh stop [NAME...]
+#                         SIGTERM, wait up to $SLUICE_STOP_TIMEOUT s, SIGKILL; workers
+#                         before the control plane
+#   stack.sh restart [--no-build] [NAME...]
+#                         stop, then start (NAME... one after another: a rolling restart)
+#   stack.sh status       each process with pid and log; exit 3 if any is down
 #
+# NAME is control-plane or worker-<name> (e.g. worker-3: a worker beyond
+# $SLUICE_LOCAL_WORKERS is started by naming it, and stays known while it runs).
 # Pid files and logs live in $SLUICE_LOCAL_DIR/run (default <repo>/.local/run).
-# Endpoints come from $SLUICE_LOCAL_DIR/env (written by up.sh). The control plane
+# Endpoints come from $SLUICE_LOCAL_DIR/env (written by up.sh); a variable already set
+# in the caller's environment wins over that file. The control plane
 # listens on $SLUICE_LISTEN (default 127.0.0.1:50051); start writes sluicectl's config
 # (server + an operator token of tenant "demo") to $SLUICE_LOCAL_DIR/sluicectl.yaml,
 # so `SLUICE_CONFIG=.local/sluicectl.yaml sluicectl list` works. Other SLUICE_* variables
-# (SLUICE_LOG, SLUICE_SESSION_TIMEOUT_MS, ...) are passed through to the binaries.
+# (SLUICE_LOG, SLUICE_SESSION_TIMEOUT_MS, SLUICE_SECRETS_KEY_FILE, ...) are passed
+# through to the binaries.
 set -euo pipefail
 
 # shellcheck source=lib.sh
@@ -25,7 +33,6 @@ RUN_DIR=$LOCAL_DIR/run
 STACK_LOCK=$RUN_DIR/.lock
 START_TIMEOUT=${SLUICE_START_TIMEOUT:-90}
 STOP_TIMEOUT=${SLUICE_STOP_TIMEOUT:-40}
-LISTEN=${SLUICE_LISTEN:-127.0.0.1:50051}
 WORKER_COUNT=${SLUICE_LOCAL_WORKERS:-2}
 [[ $WORKER_COUNT =~ ^[1-9][0-9]?$ ]] || die "SLUICE_LOCAL_WORKERS must be a number from 1 to 99"
 START_WORKERS=()
@@ -50,7 +57,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
 BIN_DIR=$TARGET_DIR/debug
 
 usage() {
-  sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+  sed -n '2,27s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
   exit 2
 }
 
@@ -114,8 +121,14 @@ log_tail() {
 
 load_env() {
   [[ -r $ENV_FILE ]] || die "$ENV_FILE not found: run deploy/local/up.sh first"
+  # What the caller set wins over the file (e.g. a new SLUICE_SECRETS_KEY_FILE for
+  # one restart).
+  local callers
+  callers=$(export -p | grep -E '^declare -x (DATABASE_URL|KAFKA_BOOTSTRAP_SERVERS|SLUICE_[A-Z0-9_]+)=' || true)
   # shellcheck source=/dev/null
   source "$ENV_FILE"
+  # declare inside a function makes locals: -g keeps them global.
+  eval "${callers//declare -x /declare -gx }"
   export DATABASE_URL KAFKA_BOOTSTRAP_SERVERS SLUICE_SECRETS_KEY_FILE
 }
 
@@ -190,27 +203,30 @@ start_control_plane() {
     log "control plane already running (pid $pid, listening on $addr)"
     return
   fi
-  local host=${LISTEN%:*} port=${LISTEN##*:}
+  # Read here, after load_env: the env file may set it.
+  local listen=${SLUICE_LISTEN:-127.0.0.1:50051}
+  local host=${listen%:*} port=${listen##*:}
   host=${host#[}
   host=${host%]}
   if [[ $host == 0.0.0.0 || $host == :: ]]; then
     host=127.0.0.1
   fi
   if [[ $port != 0 ]] && port_open "$host" "$port"; then
-    die "port $port ($LISTEN) is already in use by another process; stop it or set SLUICE_LISTEN"
+    die "port $port ($listen) is already in use by another process; stop it or set SLUICE_LISTEN"
   fi
   rm -f "$RUN_DIR/control-plane.addr"
-  log "starting control plane on $LISTEN (log: $log)"
-  pid=$(spawn control-plane "$(bin_of control-plane)" --listen "$LISTEN")
+  log "starting control plane on $listen (log: $log)"
+  pid=$(spawn control-plane "$(bin_of control-plane)" --listen "$listen")
   wait_for_log control-plane "$pid" '^listening on '
   addr=$(sed -n 's/^listening on //p' "$log" | head -n 1)
   echo "$addr" >"$RUN_DIR/control-plane.addr"
   log "control plane listening on $addr (pid $pid)"
 }
 
+# Starts the given workers (those not running yet).
 start_workers() {
   local name pid started=()
-  for name in "${START_WORKERS[@]}"; do
+  for name in "$@"; do
     pid=$(pid_of "$name")
     if [[ -n $pid ]]; then
       log "$name already running (pid $pid)"
@@ -281,61 +297,101 @@ ensure_client_config() {
   (umask 077 && printf 'server: http://%s\ntoken: %s\n' "$addr" "$token" >"$CLIENT_CONFIG")
 }
 
-cmd_start() {
-  local do_build=1 arg
+# Parses [--no-build] (if allowed) and NAME... into DO_BUILD and NAMES.
+DO_BUILD=1
+NAMES=()
+parse_names() {
+  local allow_no_build=$1 arg
+  shift
   for arg in "$@"; do
     case $arg in
-      --no-build) do_build=0 ;;
+      --no-build)
+        ((allow_no_build)) || usage
+        DO_BUILD=0
+        ;;
+      control-plane | worker-[a-z0-9]*)
+        [[ $arg =~ ^(control-plane|worker-[a-z0-9][a-z0-9-]{0,40})$ ]] ||
+          die "bad process name '$arg' (control-plane or worker-<letters, digits, ->)"
+        [[ " ${NAMES[*]} " == *" $arg "* ]] || NAMES+=("$arg")
+        ;;
       *) echo "unknown argument: $arg" >&2; usage ;;
     esac
   done
-  load_env
-  take_stack_lock
-  if ((do_build)); then
-    build
-  fi
+}
+
+# Starts NAMES (all processes when empty): the control plane first.
+start_names() {
   local name
   for name in control-plane worker; do
     [[ -x $(bin_of "$name") ]] || die "$(bin_of "$name") missing; run without --no-build"
   done
-  start_control_plane
-  ensure_client_config
-  start_workers
-  for name in "${PROCESSES[@]}"; do
-    local pid
+  local want=("${NAMES[@]}")
+  if ((${#want[@]} == 0)); then
+    want=(control-plane "${START_WORKERS[@]}")
+  fi
+  if [[ " ${want[*]} " == *" control-plane "* ]]; then
+    start_control_plane
+  fi
+  if [[ -n $(pid_of control-plane) && -r $RUN_DIR/control-plane.addr ]]; then
+    ensure_client_config
+  fi
+  local workers=()
+  for name in "${want[@]}"; do
+    [[ $name == control-plane ]] || workers+=("$name")
+  done
+  start_workers ${workers[@]+"${workers[@]}"}
+  local pid missing=()
+  for name in "${want[@]}"; do
     pid=$(pid_of "$name")
-    if [[ -n $pid ]] && is_stale "$pid"; then
+    if [[ -z $pid ]]; then
+      missing+=("$name")
+    elif is_stale "$pid"; then
       log "note: $name (pid $pid) runs an older build; 'stack.sh restart' picks up the new one"
     fi
   done
-  cmd_status >/dev/null || die "not everything is running; see 'stack.sh status'"
-  cmd_status
+  ((${#missing[@]} == 0)) || die "not running: ${missing[*]}; see 'stack.sh status'"
 }
 
-cmd_stop() {
-  [[ $# -eq 0 ]] || usage
-  if [[ ! -d $RUN_DIR ]]; then
-    log "Sluice processes not running"
-    return
-  fi
+cmd_start() {
+  parse_names 1 "$@"
+  load_env
   take_stack_lock
-  local name pid workers=() cp=()
-  for name in "${WORKERS[@]}"; do
+  if ((DO_BUILD)); then
+    build
+  fi
+  start_names
+  # Workers started by name beyond $SLUICE_LOCAL_WORKERS are listed too.
+  local name
+  for name in "${NAMES[@]}"; do
+    [[ $name == control-plane || " ${WORKERS[*]} " == *" $name "* ]] || WORKERS+=("$name")
+  done
+  PROCESSES=(control-plane "${WORKERS[@]}")
+  cmd_status || true
+}
+
+# Stops NAMES (all processes when empty): workers first, they stop their pipelines at
+# a safe point and release them.
+stop_names() {
+  local name pid workers=() cp=() want=("${NAMES[@]}")
+  if ((${#want[@]} == 0)); then
+    want=("${PROCESSES[@]}")
+  fi
+  for name in "${want[@]}"; do
     pid=$(pid_of "$name")
-    if [[ -n $pid ]]; then
+    [[ -n $pid ]] || continue
+    if [[ $name == control-plane ]]; then
+      cp=("control-plane:$pid")
+    else
       workers+=("$name:$pid")
     fi
   done
-  pid=$(pid_of control-plane)
-  if [[ -n $pid ]]; then
-    cp=("control-plane:$pid")
-  fi
   if ((${#workers[@]} + ${#cp[@]} == 0)); then
-    rm -f "$RUN_DIR"/*.pid "$RUN_DIR/control-plane.addr"
-    log "Sluice processes not running"
+    if ((${#NAMES[@]} == 0)); then
+      rm -f "$RUN_DIR"/*.pid "$RUN_DIR/control-plane.addr"
+    fi
+    log "${NAMES[*]:-Sluice processes} not running"
     return
   fi
-  # Workers first: they stop their pipelines at a safe point and release them.
   if ((${#workers[@]})); then
     log "stopping ${workers[*]%%:*}"
     stop_pids "${workers[@]}"
@@ -344,7 +400,41 @@ cmd_stop() {
     log "stopping control-plane"
     stop_pids "${cp[@]}"
   fi
-  log "Sluice processes stopped"
+  log "${NAMES[*]:-Sluice processes} stopped"
+}
+
+cmd_stop() {
+  parse_names 0 "$@"
+  if [[ ! -d $RUN_DIR ]]; then
+    log "Sluice processes not running"
+    return
+  fi
+  take_stack_lock
+  stop_names
+}
+
+# Without names: stop everything, then start everything. With names: one after
+# another, each stopped and started again before the next (a rolling restart).
+cmd_restart() {
+  parse_names 1 "$@"
+  load_env
+  take_stack_lock
+  if ((DO_BUILD)); then
+    build
+  fi
+  if ((${#NAMES[@]} == 0)); then
+    stop_names
+    start_names
+  else
+    local all=("${NAMES[@]}") name
+    for name in "${all[@]}"; do
+      NAMES=("$name")
+      stop_names
+      start_names
+    done
+    NAMES=("${all[@]}")
+  fi
+  cmd_status || true
 }
 
 cmd_status() {
@@ -380,12 +470,7 @@ cmd_status() {
 case ${1:-} in
   start) shift; cmd_start "$@" ;;
   stop) shift; cmd_stop "$@" ;;
-  restart)
-    shift
-    cmd_stop
-    exec 8>&-
-    cmd_start "$@"
-    ;;
+  restart) shift; cmd_restart "$@" ;;
   status) shift; cmd_status "$@" || exit 3 ;;
   *) usage ;;
 esac

@@ -32,7 +32,8 @@ trap 'rm -f "$log"' EXIT
 status=0
 # With arguments (e.g. `-p sluice-e2e lifecycle`) they select what runs; without, all:
 # every test, then the chaos suite (tests/tests/chaos.rs: workers killed, frozen and
-# restarted, Kafka and PostgreSQL restarted mid-backfill), one chaos test at a time so
+# restarted, Kafka and PostgreSQL restarted mid-backfill) and the outage runbooks'
+# drills (tests/tests/runbooks.rs), one test at a time so
 # that nothing else competes with the faults it injects. SLUICE_SKIP_CHAOS=1 skips it;
 # SLUICE_CHAOS_ROWS / _KILLS / _ROUNDS make it longer (docs/testing.md).
 if [ "$#" -gt 0 ]; then
@@ -40,8 +41,8 @@ if [ "$#" -gt 0 ]; then
 else
   cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
   if [ "${SLUICE_SKIP_CHAOS:-0}" != 1 ]; then
-    echo "[sluice-test] chaos suite"
-    cargo test --locked -p sluice-e2e --test chaos -- --ignored --test-threads=1 2>&1 |
+    echo "[sluice-test] chaos suite and outage drills"
+    cargo test --locked -p sluice-e2e --test chaos --test runbooks -- --ignored --test-threads=1 2>&1 |
       tee -a "$log" || status=$?
   fi
 fi
