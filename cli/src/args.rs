@@ -166,6 +166,23 @@ Examples:
   sluicectl apply -f orders.json -o json")]
     Apply(ApplyArgs),
 
+    /// Change a pipeline in your editor: its desired state (spec and desired_status) as
+    /// YAML, applied like `apply -f` when you save.
+    #[command(after_help = "\
+The editor is $SLUICE_EDITOR, else $VISUAL, else $EDITOR, else vi. Leaving the file
+unchanged (or emptying it) cancels. Secret values show as ******** and are kept unless
+you replace them. The change is made against the version you opened: if someone else
+changed the pipeline meanwhile, nothing is applied (ABORTED). When the server refuses
+the edit, the file is kept and its path printed, to fix and `apply -f`.
+
+Examples:
+  sluicectl edit orders-sync
+  SLUICE_EDITOR=nano sluicectl edit acme/orders-sync")]
+    Edit {
+        /// Pipeline id.
+        id: String,
+    },
+
     /// Show one pipeline.
     #[command(after_help = "Example:\n  sluicectl get orders-sync -o json")]
     Get {

@@ -67,6 +67,7 @@ pub async fn run(cli: Cli) -> Result<String, CliError> {
             create(&mut client, plan, args.wait, format).await
         }
         Command::Apply(args) => apply(&mut client, apply_documents, &args, format).await,
+        Command::Edit { id } => edit(&mut client, id, format).await,
         Command::Get { id } => {
             let p = client
                 .get_pipeline(pb::GetPipelineRequest { id })
@@ -507,7 +508,7 @@ async fn apply(
 ) -> Result<String, CliError> {
     let mut done: Vec<Applied> = Vec::new();
     for doc in documents {
-        match apply_one(client, doc, args.dry_run).await {
+        match apply_one(client, doc, args.dry_run, None).await {
             Ok(applied) => {
                 if format == OutputFormat::Table {
                     print!("{}", render_applied(&applied));
@@ -532,6 +533,116 @@ async fn apply(
     })
 }
 
+/// `sluicectl edit ID`: the pipeline's desired state in an editor, applied on save.
+async fn edit(client: &mut Client, id: String, format: OutputFormat) -> Result<String, CliError> {
+    let current = client
+        .get_pipeline(pb::GetPipelineRequest { id: id.clone() })
+        .await?
+        .into_inner();
+    let mut doc = serde_json::Map::new();
+    doc.insert("id".into(), serde_json::Value::String(id.clone()));
+    if let serde_json::Value::Object(rest) = apply::desired_view(&current) {
+        doc.extend(rest);
+    }
+    let original = format!(
+        "# Edit pipeline {id}; save and quit to apply. Unchanged or empty: nothing happens.\n\
+         # Secret values show as ******** and are kept unless you replace them.\n{}",
+        serde_yaml::to_string(&serde_json::Value::Object(doc)).unwrap_or_default()
+    );
+    let safe: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let path =
+        std::env::temp_dir().join(format!("sluicectl-edit-{safe}-{}.yaml", std::process::id()));
+    let origin = path.display().to_string();
+    let io = |e: std::io::Error| CliError::ReadSpec {
+        origin: origin.clone(),
+        source: e,
+    };
+    write_private(&path, &original).map_err(io)?;
+    run_editor(&path)?;
+    let edited = std::fs::read_to_string(&path).map_err(io)?;
+    let content = edited
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<String>();
+    if edited == original || content.trim().is_empty() {
+        let _ = std::fs::remove_file(&path);
+        return Ok("edit cancelled, no changes made\n".into());
+    }
+    // On any failure the edit stays on disk (the error keeps its own exit status).
+    let kept = |e: CliError| {
+        eprintln!("your edit is kept in {origin}: fix it and run `sluicectl apply -f {origin}`");
+        e
+    };
+    let mut docs =
+        apply::parse_documents(&edited, FileFormat::Yaml, &origin).map_err(|e| kept(e.into()))?;
+    if docs.len() != 1 || docs[0].id.as_deref() != Some(id.as_str()) {
+        return Err(kept(CliError::BadInput {
+            origin: origin.clone(),
+            message: format!(
+                "the edit must stay one document with id {id} (to make another pipeline, use create or apply)"
+            ),
+        }));
+    }
+    let applied = apply_one(client, docs.remove(0), false, Some(&current.etag))
+        .await
+        .map_err(kept)?;
+    let _ = std::fs::remove_file(&path);
+    Ok(match format {
+        OutputFormat::Table => render_applied(&applied),
+        OutputFormat::Json => serde_json::to_string_pretty(&applied).unwrap_or_default(),
+    })
+}
+
+/// Writes a file only its owner can read (it may hold a pipeline's config).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
+}
+
+/// Runs the operator's editor on `path` and waits for it.
+fn run_editor(path: &Path) -> Result<(), CliError> {
+    let editor = ["SLUICE_EDITOR", "VISUAL", "EDITOR"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+        .unwrap_or_else(|| "vi".into());
+    // Through the shell, so an editor with arguments (`code --wait`) works.
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sluicectl-edit")
+        .arg(path)
+        .status()
+        .map_err(|e| CliError::BadInput {
+            origin: editor.clone(),
+            message: format!("cannot start the editor: {e}"),
+        })?;
+    if !status.success() {
+        return Err(CliError::BadInput {
+            origin: editor,
+            message: format!(
+                "the editor exited with {status}; nothing was applied (the file is {})",
+                path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn render_applied(a: &Applied) -> String {
     let mut out = format!("pipeline/{} {}", a.id, a.action);
     if a.action != "unchanged" && a.generation > 0 {
@@ -546,10 +657,13 @@ fn render_applied(a: &Applied) -> String {
     out
 }
 
+/// Applies one document. `etag`: the version the change was made against (edit);
+/// otherwise the version read here.
 async fn apply_one(
     client: &mut Client,
     doc: PipelineFile,
     dry_run: bool,
+    etag: Option<&str>,
 ) -> Result<Applied, CliError> {
     let set_status = doc.desired_status.is_some();
     let plan = spec_file::build_create(Some(doc), CreateFlags::default())?;
@@ -585,7 +699,7 @@ async fn apply_one(
     let mut pipeline = plan.request.pipeline.unwrap_or_default();
     pipeline.id = id.clone();
     // The change is made against what was shown: a concurrent writer makes it ABORTED.
-    pipeline.etag = current.etag.clone();
+    pipeline.etag = etag.map_or_else(|| current.etag.clone(), str::to_owned);
     let mut paths = vec!["spec".to_owned()];
     if set_status {
         paths.push("desired_status".into());

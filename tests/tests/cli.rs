@@ -15,11 +15,16 @@ struct Ctl {
 
 impl Ctl {
     async fn run(&self, args: &[&str]) -> Result<Output> {
+        self.run_with(args, &[]).await
+    }
+
+    async fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
         Ok(tokio::process::Command::new(bin_path("sluicectl")?)
             .arg("--server")
             .arg(&self.server)
             .args(args)
             .env("SLUICE_TOKEN", &self.token)
+            .envs(env.iter().copied())
             // No config file of the machine's user may leak into the test.
             .env("XDG_CONFIG_HOME", "/nonexistent")
             .output()
@@ -365,5 +370,103 @@ async fn apply_creates_and_updates_with_a_diff_and_dry_run_changes_nothing() -> 
     assert!(stdout.contains("pipeline/ap-new updated"), "{stdout}");
     assert!(stderr.contains("INVALID_ARGUMENT"), "{stderr}");
     assert_eq!(ctl.run(&["get", "ap-bad"]).await?.status.code(), Some(1));
+    d.shutdown().await
+}
+
+/// `sluicectl edit` with editors that are scripts: one changes the count, one saves
+/// nothing, one breaks the YAML, and one edits a version someone changed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_applies_the_saved_change_and_refuses_what_it_cannot() -> Result<()> {
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    let ctl = Ctl {
+        server: format!(
+            "http://{}",
+            d.control_plane_addr.clone().unwrap_or_default()
+        ),
+        token: d.token.clone().unwrap_or_default(),
+    };
+    client
+        .create_pipeline(generator_pipeline(
+            "ed",
+            2000,
+            1,
+            d.destination(&unique("ed"), false),
+            sluice_protocol::pb::DesiredStatus::Paused,
+        ))
+        .await?;
+    let dir = std::env::temp_dir().join(unique("edit"));
+    std::fs::create_dir_all(&dir)?;
+    let editor = |name: &str, body: &str| -> Result<String> {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\nset -e\n{body}\n"))?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        Ok(path.display().to_string())
+    };
+    let generation = |v: &Value| v["generation"].as_i64().unwrap_or(-1);
+
+    // Saved unchanged: nothing happens.
+    let keep = editor("keep.sh", "true")?;
+    let out = ctl
+        .run_with(&["edit", "ed"], &[("SLUICE_EDITOR", &keep)])
+        .await?;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("edit cancelled"));
+    assert_eq!(generation(&ctl.json(&["get", "ed"]).await?), 1);
+
+    // A change: applied, with its diff; the password stays as it was.
+    let change = editor("change.sh", r#"sed -i 's/count: 2000/count: 2500/' "$1""#)?;
+    let out = ctl
+        .run_with(&["edit", "ed"], &[("SLUICE_EDITOR", &change)])
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("pipeline/ed updated (generation 2)")
+            && stdout.contains("-       count: 2000")
+            && stdout.contains("+       count: 2500"),
+        "{stdout}"
+    );
+    let now = ctl.json(&["get", "ed"]).await?;
+    assert_eq!(generation(&now), 2);
+    assert_eq!(now["spec"]["source"]["config"]["count"], 2500);
+
+    // Broken YAML: refused with exit status 64, the edit kept, nothing changed.
+    let break_it = editor("break.sh", r#"printf 'spec: [\n' >> "$1""#)?;
+    let out = ctl
+        .run_with(&["edit", "ed"], &[("SLUICE_EDITOR", &break_it)])
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("your edit is kept in"), "{stderr}");
+    assert_eq!(generation(&ctl.json(&["get", "ed"]).await?), 2);
+
+    // Someone else changes the pipeline while the editor is open: ABORTED, nothing of
+    // the edit applied.
+    let sluicectl = bin_path("sluicectl")?.display().to_string();
+    let racing = editor(
+        "race.sh",
+        &format!(
+            r#"{sluicectl} --server {} resume ed > /dev/null
+sed -i 's/count: 2500/count: 3000/' "$1""#,
+            ctl.server
+        ),
+    )?;
+    let out = ctl
+        .run_with(&["edit", "ed"], &[("SLUICE_EDITOR", &racing)])
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("abort") || stderr.contains("etag"),
+        "{stderr}"
+    );
+    let last = ctl.json(&["get", "ed"]).await?;
+    assert_eq!(generation(&last), 3, "only the resume was applied");
+    assert_eq!(last["spec"]["source"]["config"]["count"], 2500);
     d.shutdown().await
 }
