@@ -21,6 +21,9 @@ pub struct PipelineView {
     pub generation: i64,
     pub observed_generation: i64,
     pub owner: String,
+    /// Why no worker owns it, when the worker of its partition declined it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub unassigned_reason: String,
     pub last_error: String,
     /// The activity the worker is retrying, if one keeps failing.
     pub pending_activity: Option<PendingActivityView>,
@@ -129,6 +132,7 @@ impl From<&pb::Pipeline> for PipelineView {
             generation: p.generation,
             observed_generation: p.observed_generation,
             owner: p.owner.clone(),
+            unassigned_reason: p.unassigned_reason.clone(),
             last_error: p.last_error.clone(),
             pending_activity: p.pending_activity.as_ref().map(|a| PendingActivityView {
                 name: a.name.clone(),
@@ -218,7 +222,7 @@ pub fn render_pipeline(p: &pb::Pipeline, format: OutputFormat) -> String {
                 .as_ref()
                 .map(PendingActivityView::summary)
                 .unwrap_or_default();
-            let rows: [(&str, &str); 13] = [
+            let rows: [(&str, &str); 14] = [
                 ("ID", &view.id),
                 ("TENANT", &view.tenant),
                 ("PHASE", &view.phase),
@@ -226,6 +230,7 @@ pub fn render_pipeline(p: &pb::Pipeline, format: OutputFormat) -> String {
                 ("STATUS", &view.status),
                 ("GENERATION", &gen),
                 ("OWNER", &view.owner),
+                ("UNASSIGNED", &view.unassigned_reason),
                 ("LAST ERROR", &view.last_error),
                 ("RETRYING", &retrying),
                 ("SOURCE", view.source_type()),
@@ -455,6 +460,7 @@ mod tests {
             generation: 3,
             observed_generation: 2,
             owner: "worker-1".into(),
+            unassigned_reason: String::new(),
             last_error: String::new(),
             pending_activity: Some(pb::PendingActivity {
                 name: "write-batch".into(),

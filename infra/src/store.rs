@@ -24,7 +24,8 @@ pub enum StoreError {
 /// The columns [`record_from_row`] expects, in a form that can be spliced into queries.
 pub const PIPELINE_COLUMNS: &str = "id, tenant, name, spec, desired_status, status, generation, \
      observed_generation, owner, owner_epoch, last_error, partition, incarnation, \
-     pending_activity, sync_requests, reset_request, create_time, update_time";
+     pending_activity, sync_requests, reset_request, create_time, update_time, \
+     unassigned_reason";
 
 /// Limits on every session of Sluice's own database, so that no session waits for ever
 /// behind another: a process stopped in the middle of a transaction (SIGSTOP, a VM
@@ -158,6 +159,7 @@ pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
             .map_err(|e| corrupt("reset_request", &e))?,
         create_time: SystemTime::from(create_time),
         update_time: SystemTime::from(update_time),
+        unassigned_reason: row.try_get("unassigned_reason")?,
     })
 }
 

@@ -34,6 +34,8 @@ pub struct PipelineRecord {
     pub incarnation: i64,
     /// The activity the owning worker is retrying, if any.
     pub pending_activity: Option<PendingActivity>,
+    /// Why no worker owns the pipeline, when the worker of its partition declined it.
+    pub unassigned_reason: Option<String>,
     /// Sync runs asked for with TriggerSync, all told.
     pub sync_requests: i64,
     /// Streams to read again from the start once applied (empty: all), if a reset is
@@ -311,6 +313,13 @@ pub fn record_to_pb(r: &PipelineRecord, fields: &dyn crate::secrets::SecretField
         create_time: Some(r.create_time.into()),
         update_time: Some(r.update_time.into()),
         pending_activity: r.pending_activity.as_ref().map(pending_activity_to_pb),
+        // Only while nobody owns it: a claim clears it, but an owner shown with an
+        // old reason would contradict itself.
+        unassigned_reason: if r.owner.as_deref().is_none_or(str::is_empty) {
+            r.unassigned_reason.clone().unwrap_or_default()
+        } else {
+            String::new()
+        },
     }
 }
 

@@ -51,6 +51,8 @@ pub struct Config {
     /// Prefix of the records topics and Kafka transactional ids this deployment's
     /// workers create: deployments sharing a Kafka cluster need different ones.
     pub topic_namespace: String,
+    /// The most pipelines this worker owns at once (None: no limit).
+    pub max_pipelines: Option<usize>,
 }
 
 /// What every workflow of this worker shares.
@@ -68,6 +70,7 @@ pub struct WorkerContext {
     pub attempt_timeout: Duration,
     pub resync_interval: Duration,
     pub replication_factor: i32,
+    pub max_pipelines: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +131,7 @@ pub async fn run(
         attempt_timeout: config.attempt_timeout,
         resync_interval: config.resync_interval,
         replication_factor: config.replication_factor,
+        max_pipelines: config.max_pipelines,
     });
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();

@@ -67,6 +67,12 @@ struct Cli {
     #[arg(long, env = "SLUICE_ATTEMPT_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     attempt_timeout_ms: u64,
+    /// The most pipelines this worker owns at once (0: no limit). A worker at capacity
+    /// takes no more: the pipelines of its partitions that it cannot take show as
+    /// UNASSIGNED with the reason until it has room (a pipeline removed, or the limit
+    /// raised).
+    #[arg(long, env = "SLUICE_MAX_PIPELINES", default_value_t = 0)]
+    max_pipelines: usize,
 }
 
 #[tokio::main]
@@ -112,6 +118,7 @@ async fn main() -> ExitCode {
         files_dir: cli.files_dir.filter(|d| !d.as_os_str().is_empty()),
         destination_hosts,
         topic_namespace: cli.connection.topic_namespace.clone(),
+        max_pipelines: (cli.max_pipelines > 0).then_some(cli.max_pipelines),
     };
     let _metrics = match cli.metrics.metrics_listen {
         Some(addr) => {

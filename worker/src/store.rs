@@ -138,7 +138,7 @@ pub async fn claim(
     // back from the new partition's owner.
     let row = sqlx::query(
         "UPDATE pipelines SET owner = $2, owner_epoch = nextval('pipeline_owner_epoch_seq'), \
-         pending_activity = NULL, update_time = now() \
+         pending_activity = NULL, unassigned_reason = NULL, update_time = now() \
          WHERE id = $1 AND partition = $3 RETURNING owner_epoch, incarnation",
     )
     .bind(key)
@@ -151,6 +151,28 @@ pub async fn claim(
         epoch: r.get(0),
         incarnation: r.get(1),
     }))
+}
+
+/// Records why this worker, assigned the pipeline's partition, does not take it: the
+/// pipeline shows UNASSIGNED with the reason until a worker claims it. A pipeline that
+/// moved to another partition meanwhile is left alone.
+pub async fn decline(
+    pool: &PgPool,
+    key: &str,
+    partition: i32,
+    reason: &str,
+) -> Result<(), ActivityError> {
+    sqlx::query(
+        "UPDATE pipelines SET owner = NULL, unassigned_reason = $3 \
+         WHERE id = $1 AND partition = $2 \
+         AND unassigned_reason IS DISTINCT FROM $3",
+    )
+    .bind(key)
+    .bind(partition)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Gives ownership up so the phase shows UNASSIGNED until another worker claims it.

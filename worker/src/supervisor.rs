@@ -138,6 +138,29 @@ impl Supervisor {
     }
 
     fn start_traced(&mut self, pipeline_id: String, partition: i32, trace: Option<String>) {
+        if let Some(max) = self.ctx.max_pipelines {
+            let running = self
+                .workflows
+                .values()
+                .filter(|h| !h.task.is_finished())
+                .count();
+            if running >= max {
+                // Recorded off the supervisor's loop: it must keep serving rebalances.
+                let ctx = Arc::clone(&self.ctx);
+                let reason = format!(
+                    "{} is at capacity ({max} pipelines, --max-pipelines)",
+                    ctx.worker_id
+                );
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        store::decline(&ctx.pool, &pipeline_id, partition, &reason).await
+                    {
+                        tracing::warn!(pipeline_id, error = %e, "could not record a declined pipeline");
+                    }
+                });
+                return;
+            }
+        }
         self.next_seq += 1;
         let handle = workflow::spawn(
             Arc::clone(&self.ctx),

@@ -30,6 +30,7 @@ fn context(pool: PgPool, assignment: Arc<Assignment>) -> Arc<WorkerContext> {
         attempt_timeout: Duration::from_secs(5),
         resync_interval: Duration::from_secs(60),
         replication_factor: 1,
+        max_pipelines: None,
     })
 }
 
