@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod local_stack;
+pub mod procstat;
 pub mod stack;
 
 use std::future::Future;

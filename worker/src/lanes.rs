@@ -8,18 +8,19 @@
 //! - the **write lane** writes the records topic to the destination, rows and offsets
 //!   committed together.
 //!
-//! Every lane stops at a safe point when its cancellation token fires.
+//! Every lane stops at a safe point when its cancellation token fires. The write and
+//! live lanes read through the worker's shared consumer ([`crate::feeds`]); the read
+//! and live lanes close their producers when idle, so an idle pipeline holds no Kafka
+//! client.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::FutureExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use sluice_connectors::records::{Lane, PendingRecord, RecordTags};
 use sluice_connectors::{Destination, Position, ReadMode, Source, SourceRecord, WriteTarget};
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::activity::ActivityError;
 use crate::claim::Activities;
+use crate::feeds::Feed;
 use crate::store::{self, Checkpoint, RunState, StreamProgress};
 use crate::WorkerContext;
 
@@ -47,6 +49,8 @@ const BATCH_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// Inputs the live lane applies in one transaction, at most.
 const LIVE_BATCH: usize = 500;
+/// How long a live lane keeps its producer without inputs.
+const LIVE_IDLE_CLOSE: Duration = Duration::from_secs(10);
 
 /// Longest a lane's transaction may stay open before the broker aborts it: bounds how
 /// long a stopped owner's open transaction can hold back the write lane (which reads
@@ -531,6 +535,9 @@ async fn read_lane(
                     lane.checkpoint.next_trigger.take().unwrap_or_default()
                 }
                 None => {
+                    // Idle until the next sync: no Kafka client is kept for it (the
+                    // next run makes its producer again).
+                    producer.lock().await.close();
                     let last = lane.checkpoint.last_sync_ms.unwrap_or_else(now_ms);
                     let due = lane.schedule.as_ref().and_then(|s| {
                         let last = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(last)?;
@@ -658,7 +665,12 @@ async fn live_lane(
     let ctx = Arc::clone(activities.ctx());
     let consumer = activities
         .run("open-inputs-consumer", &cancel, || async {
-            topic_consumer(&ctx, &lane.inputs_topic, lane.after)
+            Feed::open(
+                &ctx.feeds,
+                &lane.inputs_topic,
+                RECORDS_PARTITION,
+                lane.after,
+            )
         })
         .await;
     let consumer = match consumer {
@@ -669,10 +681,15 @@ async fn live_lane(
     let never = CancellationToken::new();
     let result: Result<(), ActivityError> = async {
         loop {
-            // Safe point: no input is open while waiting for the first.
+            // Safe point: no input is open while waiting for the first. A lane that
+            // has had no input for a while gives its producer up.
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 m = consumer.recv() => m,
+                _ = tokio::time::sleep(LIVE_IDLE_CLOSE) => {
+                    producer.lock().await.close();
+                    continue;
+                }
             };
             let mut inputs = Vec::new();
             match first {
@@ -1025,7 +1042,12 @@ async fn write_lane(
     )));
     let consumer = activities
         .run("open-records-consumer", &cancel, || async {
-            topic_consumer(&ctx, &lane.topic, state.next_offset)
+            Feed::open(
+                &ctx.feeds,
+                &lane.topic,
+                RECORDS_PARTITION,
+                state.next_offset,
+            )
         })
         .await;
     let consumer = match consumer {
@@ -1050,7 +1072,7 @@ async fn consume_and_write(
     activities: &Activities,
     lane: &WriteLane,
     target: &WriteTarget<'_>,
-    consumer: &StreamConsumer,
+    consumer: &Feed,
     cancel: &CancellationToken,
     committed: &watch::Sender<i64>,
 ) -> Result<(), ActivityError> {
@@ -1247,39 +1269,4 @@ fn pending_record(
         Ok(Err(other)) => Err(poison(format!("not a record message: {other:?}"))),
         Err(e) => Err(poison(e.to_string())),
     }
-}
-
-/// A consumer of partition 0 of `topic` from `start`, reading committed records only.
-fn topic_consumer(
-    ctx: &WorkerContext,
-    topic: &str,
-    start: i64,
-) -> Result<StreamConsumer, ActivityError> {
-    // Offsets live in the destination, never in Kafka: this consumer is assigned its
-    // partition by hand, never joins a group and never commits. librdkafka still wants
-    // a group.id for a consumer handle.
-    let consumer: StreamConsumer = ctx
-        .kafka
-        .client_config()
-        .set("group.id", format!("sluice-writer-{topic}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // Backfill slices are transactions: only committed ones are written.
-        .set("isolation.level", "read_committed")
-        // An offset the topic does not have is an error, not a silent jump.
-        .set("auto.offset.reset", "error")
-        .set("allow.auto.create.topics", "false")
-        .set("enable.partition.eof", "false")
-        // The default pre-fetch buffer (64 MiB per consumer) is far too much for a
-        // worker that runs many pipelines.
-        .set("queued.max.messages.kbytes", "2048")
-        .set("fetch.wait.max.ms", "100")
-        // With so small a queue, the default backoff (1 s) after the queue fills would
-        // stall a backlog's consumption for a second each time it does.
-        .set("fetch.queue.backoff.ms", "10")
-        .create()?;
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, RECORDS_PARTITION, Offset::Offset(start.max(0)))?;
-    consumer.assign(&assignment)?;
-    Ok(consumer)
 }

@@ -7,6 +7,7 @@
 
 pub mod activity;
 pub mod claim;
+pub mod feeds;
 pub mod lanes;
 pub mod membership;
 pub mod metrics;
@@ -71,6 +72,8 @@ pub struct WorkerContext {
     pub resync_interval: Duration,
     pub replication_factor: i32,
     pub max_pipelines: Option<usize>,
+    /// The one consumer every lane of this worker reads its topics through.
+    pub feeds: feeds::SharedConsumer,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +135,7 @@ pub async fn run(
         resync_interval: config.resync_interval,
         replication_factor: config.replication_factor,
         max_pipelines: config.max_pipelines,
+        feeds: feeds::shared_consumer(&config.kafka, &config.worker_id)?,
     });
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();

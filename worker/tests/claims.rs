@@ -31,6 +31,8 @@ fn context(pool: PgPool, assignment: Arc<Assignment>) -> Arc<WorkerContext> {
         resync_interval: Duration::from_secs(60),
         replication_factor: 1,
         max_pipelines: None,
+        feeds: sluice_worker::feeds::shared_consumer(&KafkaSettings::new("127.0.0.1:1"), "w")
+            .expect("a consumer needs no broker to be made"),
     })
 }
 

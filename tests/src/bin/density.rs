@@ -1,0 +1,99 @@
+//! Benchmark: density. One worker owns N READY, idle pipelines (generator sources of
+//! one record, PostgreSQL destinations). Measured: the time until all are READY, and
+//! the worker's threads, open files and resident memory with 10 pipelines and with N,
+//! once they settle; the cost per added pipeline is compared with the goal of 50 KB
+//! (the reference), so the figure is a ratio.
+//!
+//! Run (release build):
+//! `cargo build --release --bins && cargo run --release -p sluice-e2e --bin density -- --pipelines 10000`
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use sluice_e2e::procstat::settled;
+use sluice_e2e::*;
+use sluice_protocol::pb::DesiredStatus;
+
+const GOAL_KB_PER_PIPELINE: f64 = 50.0;
+
+#[derive(Debug, Parser)]
+#[command(about = "Measure what idle READY pipelines cost one worker")]
+struct Args {
+    /// READY pipelines on the worker at the end.
+    #[arg(long, default_value_t = 10_000)]
+    pipelines: usize,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut d = Deployment::new().await?;
+    let mut client = d.start_control_plane().await?;
+    d.start_worker("dense").await?;
+    let pid = d.worker("dense")?.pid().context("worker pid")?;
+
+    create(&d, &mut client, 0, 10).await?;
+    ready(&d, 10).await?;
+    let few = settled(pid).await?;
+    let started = Instant::now();
+    create(&d, &mut client, 10, args.pipelines).await?;
+    ready(&d, args.pipelines).await?;
+    let took = started.elapsed();
+    let lots = settled(pid).await?;
+    let added = (args.pipelines - 10) as f64;
+    let per_pipeline = (lots.rss_kb as f64 - few.rss_kb as f64) / added;
+    println!(
+        "{} READY idle pipelines on one worker: {} created and READY in {:.1} s ({:.0} per s)",
+        args.pipelines,
+        args.pipelines - 10,
+        took.as_secs_f64(),
+        added / took.as_secs_f64()
+    );
+    println!(
+        "threads {} -> {}, open files {} -> {}, RSS {} KB -> {} KB (10 -> {} pipelines)",
+        few.threads, lots.threads, few.files, lots.files, few.rss_kb, lots.rss_kb, args.pipelines
+    );
+    println!(
+        "RSS per idle pipeline {per_pipeline:.1} KB = {:.2}x the {GOAL_KB_PER_PIPELINE} KB goal; \
+         Kafka partitions used: {} (a records and an inputs topic of one partition each)",
+        per_pipeline / GOAL_KB_PER_PIPELINE,
+        2 * args.pipelines
+    );
+    d.shutdown().await
+}
+
+async fn create(d: &Deployment, client: &mut Client, from: usize, to: usize) -> Result<()> {
+    for i in from..to {
+        client
+            .create_pipeline(generator_pipeline(
+                &format!("dense-{i}"),
+                1,
+                1,
+                d.destination(&format!("dense_{i}"), true),
+                DesiredStatus::Active,
+            ))
+            .await?;
+        if (i + 1) % 1000 == 0 {
+            eprintln!("created {}", i + 1);
+        }
+    }
+    Ok(())
+}
+
+async fn ready(d: &Deployment, n: usize) -> Result<()> {
+    wait_for(
+        "every pipeline READY",
+        Duration::from_secs(7200),
+        || async {
+            let ready: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pipelines WHERE status = 'READY' \
+             AND observed_generation >= generation AND owner IS NOT NULL",
+            )
+            .fetch_one(&d.pool)
+            .await?;
+            Ok((ready == n as i64).then_some(()))
+        },
+    )
+    .await
+}
