@@ -446,6 +446,7 @@ async fn read_lane(
     };
     let result: Result<(), ActivityError> = async {
         if !lane.checkpoint.backfill_done {
+            let _slot = read_slot(&ctx, &cancel).await?;
             let run = match lane.checkpoint.run.clone() {
                 Some(run) => run,
                 None => {
@@ -554,6 +555,7 @@ async fn read_lane(
                     }
                 }
             };
+            let slot = read_slot(&ctx, &cancel).await?;
             let run = match lane.checkpoint.run.clone() {
                 Some(run) => run,
                 None => reader.start_run(&trigger).await?,
@@ -631,11 +633,25 @@ async fn read_lane(
             };
             lane.checkpoint.run = Some(run.clone());
             reader.save(json!({ "run": run })).await?;
+            drop(slot);
         }
     }
     .await;
     if let Err(e) = result {
         fail(e);
+    }
+}
+
+/// A slot of the worker's concurrent reads, held while a run reads its source and
+/// produces (its transactional producer open): a burst of new pipelines backfills a
+/// bounded number at a time instead of opening a Kafka client each at once.
+async fn read_slot<'a>(
+    ctx: &'a WorkerContext,
+    cancel: &CancellationToken,
+) -> Result<tokio::sync::SemaphorePermit<'a>, ActivityError> {
+    tokio::select! {
+        slot = ctx.read_slots.acquire() => slot.map_err(|_| ActivityError::Cancelled),
+        _ = cancel.cancelled() => Err(ActivityError::Cancelled),
     }
 }
 

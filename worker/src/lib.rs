@@ -74,7 +74,18 @@ pub struct WorkerContext {
     pub max_pipelines: Option<usize>,
     /// The one consumer every lane of this worker reads its topics through.
     pub feeds: feeds::SharedConsumer,
+    /// Setups that may run at once (topic creation, destination DDL): a burst of new
+    /// pipelines queues here instead of timing out against the store pool and Kafka.
+    pub setup_slots: Arc<tokio::sync::Semaphore>,
+    /// Runs that may read at once (each with a transactional producer open).
+    pub read_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// How many runs of one worker read their sources at the same time.
+pub const READ_CONCURRENCY: usize = 32;
+
+/// How many pipelines one worker sets up at the same time.
+pub const SETUP_CONCURRENCY: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -136,6 +147,8 @@ pub async fn run(
         replication_factor: config.replication_factor,
         max_pipelines: config.max_pipelines,
         feeds: feeds::shared_consumer(&config.kafka, &config.worker_id)?,
+        setup_slots: Arc::new(tokio::sync::Semaphore::new(SETUP_CONCURRENCY)),
+        read_slots: Arc::new(tokio::sync::Semaphore::new(READ_CONCURRENCY)),
     });
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();

@@ -655,6 +655,12 @@ impl Workflow {
         let topic = self.records_topic();
         let inputs = inputs_topic(&ctx.topic_namespace, &claim.key, claim.incarnation);
         let first_setup = self.checkpoint.spec_fingerprint.is_none();
+        // Waiting for a slot is not part of the attempt (its timeout): a change to the
+        // pipeline still interrupts it.
+        let _slot = tokio::select! {
+            slot = ctx.setup_slots.acquire() => slot.map_err(|_| ActivityError::Cancelled)?,
+            _ = self.pass.cancelled() => return Err(ActivityError::Cancelled),
+        };
         let catalog = self
             .activities
             .run("setup", &self.pass, || async {

@@ -33,6 +33,8 @@ fn context(pool: PgPool, assignment: Arc<Assignment>) -> Arc<WorkerContext> {
         max_pipelines: None,
         feeds: sluice_worker::feeds::shared_consumer(&KafkaSettings::new("127.0.0.1:1"), "w")
             .expect("a consumer needs no broker to be made"),
+        setup_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+        read_slots: Arc::new(tokio::sync::Semaphore::new(1)),
     })
 }
 

@@ -29,6 +29,10 @@ struct Args {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let mut d = Deployment::new().await?;
+    d.control_plane_args = vec![
+        "--max-pipelines-per-tenant".into(),
+        (args.pipelines + 10).to_string(),
+    ];
     let mut client = d.start_control_plane().await?;
     d.start_worker("dense").await?;
     let pid = d.worker("dense")?.pid().context("worker pid")?;
