@@ -595,6 +595,21 @@ pub async fn get(client: &mut Client, id: &str) -> Result<pb::Pipeline, tonic::S
 }
 
 /// Polls `check` until it returns Some or `timeout` passes.
+/// Waits until `n` pipelines of the deployment are READY, owned, for their current
+/// generation (read from the database: one query for a whole fleet).
+pub async fn wait_fleet_ready(pool: &PgPool, n: usize, timeout: Duration) -> Result<()> {
+    wait_for("the fleet to be READY", timeout, || async {
+        let ready: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pipelines WHERE status = 'READY' \
+             AND observed_generation >= generation AND owner IS NOT NULL",
+        )
+        .fetch_one(pool)
+        .await?;
+        Ok((ready == n as i64).then_some(()))
+    })
+    .await
+}
+
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,

@@ -86,18 +86,5 @@ async fn create(d: &Deployment, client: &mut Client, from: usize, to: usize) -> 
 }
 
 async fn ready(d: &Deployment, n: usize) -> Result<()> {
-    wait_for(
-        "every pipeline READY",
-        Duration::from_secs(7200),
-        || async {
-            let ready: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pipelines WHERE status = 'READY' \
-             AND observed_generation >= generation AND owner IS NOT NULL",
-            )
-            .fetch_one(&d.pool)
-            .await?;
-            Ok((ready == n as i64).then_some(()))
-        },
-    )
-    .await
+    wait_fleet_ready(&d.pool, n, Duration::from_secs(7200)).await
 }

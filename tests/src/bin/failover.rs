@@ -99,20 +99,7 @@ async fn one_run(args: &Args, session_ms: u64) -> Result<(Duration, usize)> {
             ))
             .await?;
     }
-    wait_for(
-        "the fleet to be READY",
-        Duration::from_secs(300),
-        || async {
-            let ready: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pipelines WHERE status = 'READY' \
-             AND observed_generation >= generation AND owner IS NOT NULL",
-            )
-            .fetch_one(&d.pool)
-            .await?;
-            Ok((ready == args.pipelines as i64).then_some(()))
-        },
-    )
-    .await?;
+    wait_fleet_ready(&d.pool, args.pipelines, Duration::from_secs(300)).await?;
     let victims: BTreeSet<String> =
         sqlx::query_scalar::<_, String>("SELECT id FROM pipelines WHERE owner = 'victim'")
             .fetch_all(&d.pool)
