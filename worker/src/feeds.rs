@@ -78,7 +78,10 @@ pub fn shared_consumer(
     Ok(consumer)
 }
 
-/// One lane's view of one topic partition of the shared consumer.
+/// One lane's view of one topic partition of the shared consumer. At most one feed
+/// per partition may be open: the partition queue and the assignment are the
+/// consumer's, so a feed dropped after another was opened for the same partition would
+/// close that one's. Lanes close their feed before they end.
 pub struct Feed {
     queue: StreamPartitionQueue<DefaultConsumerContext>,
     consumer: SharedConsumer,

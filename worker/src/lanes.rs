@@ -772,7 +772,9 @@ async fn live_lane(
         }
     }
     .await;
-    tokio::task::spawn_blocking(move || drop(consumer));
+    // The feed is closed before the lane ends: lanes started next for this pipeline
+    // open the same partition, and must not have it closed under them.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     if let Err(e) = result {
         fail(e);
     }
@@ -1072,10 +1074,10 @@ async fn write_lane(
     };
     let result =
         consume_and_write(&activities, &lane, &target, &consumer, &cancel, &committed).await;
-    // Closing a consumer blocks while librdkafka stops its threads. The lane has
-    // already stopped writing, so close it off the async threads and let a pause
-    // complete without waiting for it.
-    tokio::task::spawn_blocking(move || drop(consumer));
+    // The feed is closed (unassigned, off the async threads: librdkafka answers the
+    // call from its own thread) before the lane ends: lanes started next for this
+    // pipeline open the same partition, and must not have it closed under them.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     if let Err(e) = result {
         fail(e);
     }
