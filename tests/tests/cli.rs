@@ -14,6 +14,17 @@ struct Ctl {
 }
 
 impl Ctl {
+    /// sluicectl pointed at the deployment's control plane, with its operator token.
+    fn of(d: &Deployment) -> Self {
+        Self {
+            server: format!(
+                "http://{}",
+                d.control_plane_addr.clone().unwrap_or_default()
+            ),
+            token: d.token.clone().unwrap_or_default(),
+        }
+    }
+
     async fn run(&self, args: &[&str]) -> Result<Output> {
         self.run_with(args, &[]).await
     }
@@ -55,13 +66,7 @@ async fn operator_workflow_through_sluicectl() -> Result<()> {
     let mut d = Deployment::new().await?;
     d.start_control_plane().await?;
     d.start_worker("w1").await?;
-    let ctl = Ctl {
-        server: format!(
-            "http://{}",
-            d.control_plane_addr.clone().unwrap_or_default()
-        ),
-        token: d.token.clone().unwrap_or_default(),
-    };
+    let ctl = Ctl::of(&d);
 
     let table = unique("cli");
     let spec_file = std::env::temp_dir().join(format!("{}.yaml", unique("spec")));
@@ -208,13 +213,7 @@ async fn a_retrying_activity_is_shown_by_get_and_sluicectl() -> Result<()> {
     let mut d = Deployment::new().await?;
     let mut client = d.start_control_plane().await?;
     d.start_worker("w1").await?;
-    let ctl = Ctl {
-        server: format!(
-            "http://{}",
-            d.control_plane_addr.clone().unwrap_or_default()
-        ),
-        token: d.token.clone().unwrap_or_default(),
-    };
+    let ctl = Ctl::of(&d);
     // Nothing listens on port 1: setup fails with "connection refused", a transient
     // error, and keeps retrying.
     client
@@ -281,13 +280,7 @@ async fn a_retrying_activity_is_shown_by_get_and_sluicectl() -> Result<()> {
 async fn apply_creates_and_updates_with_a_diff_and_dry_run_changes_nothing() -> Result<()> {
     let mut d = Deployment::new().await?;
     d.start_control_plane().await?;
-    let ctl = Ctl {
-        server: format!(
-            "http://{}",
-            d.control_plane_addr.clone().unwrap_or_default()
-        ),
-        token: d.token.clone().unwrap_or_default(),
-    };
+    let ctl = Ctl::of(&d);
     let doc = |id: &str, count: u32| {
         format!(
             "id: {id}\ndesired_status: PAUSED\nspec:\n  source:\n    type: generator\n    config:\n      count: {count}\n  destination:\n    type: postgres\n    config:\n      url: {}\n      table: {}_t\n",
@@ -379,13 +372,7 @@ async fn apply_creates_and_updates_with_a_diff_and_dry_run_changes_nothing() -> 
 async fn edit_applies_the_saved_change_and_refuses_what_it_cannot() -> Result<()> {
     let mut d = Deployment::new().await?;
     let mut client = d.start_control_plane().await?;
-    let ctl = Ctl {
-        server: format!(
-            "http://{}",
-            d.control_plane_addr.clone().unwrap_or_default()
-        ),
-        token: d.token.clone().unwrap_or_default(),
-    };
+    let ctl = Ctl::of(&d);
     client
         .create_pipeline(generator_pipeline(
             "ed",
