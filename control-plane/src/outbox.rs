@@ -79,6 +79,9 @@ impl OutboxRelay {
         if let Err(e) = crate::store::purge_request_log(&self.pool).await {
             tracing::warn!(error = %e, "request log cleanup failed");
         }
+        if let Err(e) = crate::store::purge_ownership_history(&self.pool).await {
+            tracing::warn!(error = %e, "ownership history cleanup failed");
+        }
         // Watch resume tokens are honoured for a day; their tombstones a little longer.
         let keep = crate::service::WATCH_TOKEN_LIFETIME + std::time::Duration::from_secs(3600);
         if let Err(e) = crate::store::delete_old_tombstones(&self.pool, keep).await {

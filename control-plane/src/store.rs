@@ -124,6 +124,20 @@ pub async fn purge_request_log(pool: &PgPool) -> Result<u64, StoreError> {
     Ok(done.rows_affected())
 }
 
+/// The ownership history is kept for a week; each existing pipeline's latest row stays
+/// whatever its age (it tells who owns the pipeline now, or who owned it last).
+pub async fn purge_ownership_history(pool: &PgPool) -> Result<u64, StoreError> {
+    let done = sqlx::query(
+        "DELETE FROM pipeline_ownership o WHERE claimed_at < now() - interval '7 days' \
+         AND (EXISTS (SELECT 1 FROM pipeline_ownership n \
+                      WHERE n.pipeline_id = o.pipeline_id AND n.epoch > o.epoch) \
+              OR NOT EXISTS (SELECT 1 FROM pipelines p WHERE p.id = o.pipeline_id))",
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Serialises creates within a tenant (for the pipelines-per-tenant limit) and returns
 /// how many pipelines the tenant has.
 pub async fn lock_tenant_and_count(

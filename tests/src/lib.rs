@@ -157,6 +157,8 @@ pub struct Deployment {
     pub kafka_properties_file: Option<PathBuf>,
     /// Extra flags for the control plane (set before starting it).
     pub control_plane_args: Vec<String>,
+    /// Partitions of the signals topic the control plane creates (default 4).
+    pub signal_partitions: u32,
     workers: Vec<Process>,
 }
 
@@ -256,6 +258,7 @@ impl Deployment {
             process_kafka: None,
             kafka_properties_file: None,
             control_plane_args: Vec::new(),
+            signal_partitions: 4,
             workers: Vec::new(),
         })
     }
@@ -285,7 +288,8 @@ impl Deployment {
 
     async fn spawn_control_plane(&self, name: &str) -> Result<(String, Process)> {
         let mut command = Command::new(bin_path("sluice-control-plane")?);
-        command.args(["--listen", "127.0.0.1:0", "--signal-partitions", "4"]);
+        command.args(["--listen", "127.0.0.1:0", "--signal-partitions"]);
+        command.arg(self.signal_partitions.to_string());
         self.with_secrets_key(&mut command);
         self.with_kafka(&mut command);
         let mut child = command

@@ -217,6 +217,22 @@ async fn owners_frozen_during_spec_changes_never_land_stale_records() -> Result<
     }
     ensure!(since.is_some(), "no round ran");
     never_failed(&mut client, &["frozen".to_owned()]).await?;
+    // The ownership history sees what happened: in every round the frozen owner still
+    // held its claim (it had not stopped) when the successor claimed, and it ended as
+    // fenced once it woke.
+    let overlaps: Vec<(String, String)> = sqlx::query_as(
+        "SELECT a.worker, coalesce(a.end_reason, 'open') FROM pipeline_ownership a \
+         JOIN pipeline_ownership b ON b.pipeline_id = a.pipeline_id AND b.epoch > a.epoch \
+         AND NOT EXISTS (SELECT 1 FROM pipeline_ownership m WHERE m.pipeline_id = a.pipeline_id \
+                         AND m.epoch > a.epoch AND m.epoch < b.epoch) \
+         WHERE a.ended_at IS NULL OR a.ended_at > b.claimed_at",
+    )
+    .fetch_all(&d.pool)
+    .await?;
+    ensure!(
+        overlaps.len() as u64 >= rounds && overlaps.iter().all(|(_, why)| why == "fenced"),
+        "the history shows {overlaps:?} for {rounds} frozen owners"
+    );
     d.shutdown().await
 }
 

@@ -136,10 +136,15 @@ pub async fn claim(
     // Only while the pipeline is on the partition this worker was assigned: a signal
     // that was sent before the pipeline moved to another partition must not take it
     // back from the new partition's owner.
+    // The claim and its row in the ownership history are one statement.
     let row = sqlx::query(
-        "UPDATE pipelines SET owner = $2, owner_epoch = nextval('pipeline_owner_epoch_seq'), \
-         pending_activity = NULL, unassigned_reason = NULL, update_time = now() \
-         WHERE id = $1 AND partition = $3 RETURNING owner_epoch, incarnation",
+        "WITH claimed AS (UPDATE pipelines SET owner = $2, \
+             owner_epoch = nextval('pipeline_owner_epoch_seq'), \
+             pending_activity = NULL, unassigned_reason = NULL, update_time = now() \
+           WHERE id = $1 AND partition = $3 RETURNING id, owner_epoch, incarnation), \
+         logged AS (INSERT INTO pipeline_ownership (epoch, pipeline_id, incarnation, worker) \
+           SELECT owner_epoch, id, incarnation, $2 FROM claimed) \
+         SELECT owner_epoch, incarnation FROM claimed",
     )
     .bind(key)
     .bind(worker_id)
@@ -176,12 +181,37 @@ pub async fn decline(
 }
 
 /// Gives ownership up so the phase shows UNASSIGNED until another worker claims it.
+/// The claim's ownership-history row ends in the same statement, so it ends before any
+/// next owner's row can begin ("fenced" if a newer claim holds the pipeline already).
 pub async fn release(pool: &PgPool, claim: &Claim) -> Result<(), ActivityError> {
     sqlx::query(
-        "UPDATE pipelines SET owner = NULL, update_time = now() WHERE id = $1 AND owner_epoch = $2",
+        "WITH released AS (UPDATE pipelines SET owner = NULL, update_time = now() \
+             WHERE id = $1 AND owner_epoch = $2 RETURNING id) \
+         UPDATE pipeline_ownership SET ended_at = clock_timestamp(), \
+             end_reason = CASE WHEN EXISTS (SELECT 1 FROM released) \
+                               THEN 'released' ELSE 'fenced' END \
+         WHERE epoch = $2 AND ended_at IS NULL",
     )
     .bind(&claim.key)
     .bind(claim.epoch)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Ends the claim's ownership-history row (if release has not): the workflow stopped,
+/// its lanes halted, for `reason` ("fenced", "removed", "moved", "stopped").
+pub async fn end_ownership(
+    pool: &PgPool,
+    claim: &Claim,
+    reason: &str,
+) -> Result<(), ActivityError> {
+    sqlx::query(
+        "UPDATE pipeline_ownership SET ended_at = clock_timestamp(), end_reason = $2 \
+         WHERE epoch = $1 AND ended_at IS NULL",
+    )
+    .bind(claim.epoch)
+    .bind(reason)
     .execute(pool)
     .await?;
     Ok(())

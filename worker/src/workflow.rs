@@ -127,16 +127,36 @@ async fn run(
             return;
         }
     };
+    let ended = own(&ctx, id, &claim, partition_cell, &wake, &trace, &stop).await;
+    // The ownership history's row of this claim ends once the lanes have halted (release
+    // has ended it already on a graceful stop). Best effort: a row left open reads as an
+    // owner that never said it stopped.
+    if let Err(e) = store::end_ownership(&ctx.pool, &claim, ended).await {
+        tracing::warn!(pipeline_id = id, error = %e, "could not record the end of ownership");
+    }
+}
+
+/// Runs the claimed pipeline until the workflow ends; returns why it ended, for the
+/// ownership history.
+async fn own(
+    ctx: &Arc<WorkerContext>,
+    id: &str,
+    claim: &Claim,
+    partition_cell: &AtomicI32,
+    wake: &Notify,
+    trace: &std::sync::Mutex<Option<String>>,
+    stop: &CancellationToken,
+) -> &'static str {
     let _owned = crate::metrics::Owned::new(&claim.key);
-    let activities = Activities::new(Arc::clone(&ctx), claim.clone());
+    let activities = Activities::new(Arc::clone(ctx), claim.clone());
     let checkpoint = match activities
-        .run("load-checkpoint", &stop, || {
-            store::load_checkpoint(&ctx.pool, &claim)
+        .run("load-checkpoint", stop, || {
+            store::load_checkpoint(&ctx.pool, claim)
         })
         .await
     {
         Ok(c) => c,
-        Err(_) => return,
+        Err(_) => return "stopped",
     };
     tracing::info!(
         pipeline_id = id,
@@ -176,7 +196,7 @@ async fn run(
         sluice_infra::telemetry::set_parent(&pass_span, parent.as_deref());
         sluice_infra::telemetry::record_trace_id(&pass_span);
         let row = activities
-            .run("load", &stop, || async {
+            .run("load", stop, || async {
                 Ok(get_pipeline(&ctx.pool, id).await?)
             })
             .instrument(pass_span.clone())
@@ -185,7 +205,7 @@ async fn run(
             Ok(Some(row)) => row,
             Ok(None) => {
                 wf.stop_lanes().await;
-                return;
+                return "removed";
             }
             Err(ActivityError::Cancelled) => break,
             Err(e) => {
@@ -201,7 +221,7 @@ async fn run(
                 "fenced by a newer owner"
             );
             wf.stop_lanes().await;
-            return;
+            return "fenced";
         }
         if row.partition != partition_cell.load(Ordering::Relaxed) {
             // Moved to another signals-topic partition (`signals-topic
@@ -217,8 +237,8 @@ async fn run(
                     "pipeline moved to another signals partition; releasing it"
                 );
                 wf.stop_lanes().await;
-                let _ = store::release(&ctx.pool, &claim).await;
-                return;
+                let _ = store::release(&ctx.pool, claim).await;
+                return "moved";
             }
         }
         if !fenced_early {
@@ -242,13 +262,13 @@ async fn run(
                     // it: cancel the pass and reconcile again from the fresh row. The
                     // resync branch covers a lost signal the same way.
                     _ = wake.notified(), if !interrupted => {
-                        if generation_changed(&ctx, id, row.generation).await {
+                        if generation_changed(ctx, id, row.generation).await {
                             interrupted = true;
                             pass.cancel();
                         }
                     }
                     _ = tokio::time::sleep(ctx.resync_interval), if !interrupted => {
-                        if generation_changed(&ctx, id, row.generation).await {
+                        if generation_changed(ctx, id, row.generation).await {
                             interrupted = true;
                             pass.cancel();
                         }
@@ -259,7 +279,7 @@ async fn run(
         match outcome {
             Ok(Flow::Removed) => {
                 tracing::info!(pipeline_id = id, "pipeline torn down and removed");
-                return;
+                return "removed";
             }
             Ok(Flow::Continue) => {}
             Err(ActivityError::Cancelled) if stop.is_cancelled() => break,
@@ -271,7 +291,7 @@ async fn run(
                     "fenced by a newer owner"
                 );
                 wf.stop_lanes().await;
-                return;
+                return "fenced";
             }
             Err(e) => {
                 let message = e.to_string();
@@ -280,7 +300,7 @@ async fn run(
                 wf.pass = stop.child_token();
                 // A run in progress ends with the pipeline (best effort: the status
                 // write below is what matters).
-                let _ = store::fail_running_runs(&ctx.pool, &claim, &message).await;
+                let _ = store::fail_running_runs(&ctx.pool, claim, &message).await;
                 let write = StatusWrite {
                     to: PipelineStatus::Error,
                     observed_generation: row.generation,
@@ -290,7 +310,7 @@ async fn run(
                 match wf.write_status(&write).instrument(pass_span.clone()).await {
                     Err(ActivityError::Fenced) => {
                         wf.stop_lanes().await;
-                        return;
+                        return "fenced";
                     }
                     Err(e) => {
                         tracing::warn!(pipeline_id = id, error = %e, "could not record ERROR")
@@ -341,7 +361,7 @@ async fn run(
             &ctx.retry,
             ctx.attempt_timeout,
             &release_window,
-            || store::release(&ctx.pool, &claim),
+            || store::release(&ctx.pool, claim),
         )
         .await
     })
@@ -353,6 +373,7 @@ async fn run(
         );
     }
     tracing::info!(pipeline_id = id, "pipeline released");
+    "stopped"
 }
 
 /// Whether the stored generation moved past `seen` (or the row is gone). Errors count
