@@ -5,7 +5,8 @@
 //! topic no longer holds, to that lane alone) and added to the consumer's assignment at
 //! the lane's start offset; dropping the feed takes it out again.
 //!
-//! Memory is bounded per partition by the consumer's pre-fetch limit: a lane that is
+//! Memory is bounded per partition by the consumer's pre-fetch window (from the
+//! records budget, crate::budget): a lane that is
 //! busy writing leaves its queue full and librdkafka stops fetching that partition. A
 //! lane that is not running holds no partition. Offsets are never committed to Kafka:
 //! they live in the destination, so the consumer joins no group.
@@ -28,6 +29,7 @@ pub type SharedConsumer = Arc<StreamConsumer>;
 pub fn shared_consumer(
     kafka: &KafkaSettings,
     worker_id: &str,
+    window_kib: u64,
 ) -> Result<SharedConsumer, KafkaError> {
     let consumer: StreamConsumer = kafka
         .client_config()
@@ -42,7 +44,7 @@ pub fn shared_consumer(
         .set("enable.partition.eof", "false")
         // Per partition (each is a queue of its own): what a lane may have fetched
         // ahead of its writes.
-        .set("queued.max.messages.kbytes", "2048")
+        .set("queued.max.messages.kbytes", window_kib.to_string())
         // An idle partition costs one entry of a fetch request every half second;
         // records that arrive are returned at once, whatever this is.
         .set("fetch.wait.max.ms", "500")

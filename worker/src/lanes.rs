@@ -309,6 +309,8 @@ impl Reader<'_> {
         tags: &RecordTags,
     ) -> Result<Option<i64>, ActivityError> {
         let mut end = None;
+        // What a record of this stream costs in flight: a guess until a slice was read.
+        let mut per_record = crate::budget::FIRST_GUESS;
         loop {
             let (after, done) = match mode {
                 ReadMode::Backfill => (progress.backfill_after.clone(), progress.backfill_done),
@@ -329,17 +331,22 @@ impl Reader<'_> {
                     store::check_epoch(&self.ctx.pool, self.claim)
                 })
                 .await?;
+            // The slice's part of the records budget, held until its transaction
+            // committed. A slice is read smaller than the source's size when that
+            // would take more than a quarter of the budget.
+            let limit = source
+                .slice_size()
+                .min(self.ctx.read_records.records_in_share(per_record));
+            let mut reservation = self
+                .ctx
+                .read_records
+                .reserve(limit * per_record, self.cancel)
+                .await?;
             let started = tokio::time::Instant::now();
             let slice = self
                 .activities
                 .run("read-slice", self.cancel, || {
-                    source.read(
-                        &self.ctx.connectors,
-                        stream,
-                        mode,
-                        after.as_ref(),
-                        source.slice_size(),
-                    )
+                    source.read(&self.ctx.connectors, stream, mode, after.as_ref(), limit)
                 })
                 .await?;
             Stages::add(&self.stages.read, started);
@@ -354,6 +361,15 @@ impl Reader<'_> {
                     encode_record(stream, r, Position(position), tags)
                 })
                 .collect();
+            let cost = encoded
+                .iter()
+                .map(|r| r.key.len() + r.payload.len())
+                .sum::<usize>()
+                * crate::budget::MEMORY_FACTOR;
+            if !encoded.is_empty() {
+                per_record = (cost / encoded.len()).max(1);
+            }
+            reservation.resize(cost, self.cancel).await?;
             let producing = tokio::time::Instant::now();
             let produced = self
                 .activities
@@ -413,9 +429,11 @@ impl Reader<'_> {
             if slice.done || (mode == ReadMode::Sync && slice.records.is_empty()) {
                 return Ok(end);
             }
+            let pace = source.pace(slice.records.len());
+            drop((slice, encoded, reservation));
             tokio::select! {
                 _ = self.cancel.cancelled() => return Err(ActivityError::Cancelled),
-                _ = tokio::time::sleep_until(started + source.pace(slice.records.len())) => {}
+                _ = tokio::time::sleep_until(started + pace) => {}
             }
         }
     }
@@ -1098,6 +1116,11 @@ async fn consume_and_write(
     let id = target.claim.key.as_str();
     let batch_size = lane.destination.batch_size();
     let mut batch: Vec<PendingRecord> = Vec::with_capacity(batch_size);
+    let mut batch_bytes = 0;
+    let mut batch_cap = batch_size;
+    // The lane's part of the records budget for one batch and the next one, consumed
+    // while the first is written; taken again for every batch. An idle lane holds none.
+    let mut reservation = None;
     loop {
         let consuming = tokio::time::Instant::now();
         if batch.is_empty() {
@@ -1107,7 +1130,7 @@ async fn consume_and_write(
                 m = consumer.recv() => m,
             };
             match first {
-                Ok(m) => batch.push(pending_record(&m)?),
+                Ok(m) => take(&m, &mut batch, &mut batch_bytes)?,
                 Err(e) => {
                     consumer_error(id, &lane.topic, e)?;
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1115,12 +1138,25 @@ async fn consume_and_write(
                 }
             }
         }
+        if reservation.is_none() {
+            // Two batches of records the size of the first; a batch smaller than the
+            // destination's size when two would take more than half the budget.
+            let per_record =
+                (batch_bytes.div_ceil(batch.len()) * crate::budget::MEMORY_FACTOR).max(1);
+            batch_cap = batch_size.min(ctx.write_records.records_in_share(per_record));
+            let guess = 2 * batch_cap * per_record;
+            match ctx.write_records.reserve(guess, cancel).await {
+                Ok(r) => reservation = Some(r),
+                Err(ActivityError::Cancelled) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
         let deadline = tokio::time::Instant::now() + BATCH_MAX_WAIT;
-        while batch.len() < batch_size {
+        while batch.len() < batch_cap {
             // Records already fetched are taken without arming a timer.
             match consumer.recv().now_or_never() {
                 Some(Ok(m)) => {
-                    batch.push(pending_record(&m)?);
+                    take(&m, &mut batch, &mut batch_bytes)?;
                     continue;
                 }
                 Some(Err(e)) => {
@@ -1133,7 +1169,7 @@ async fn consume_and_write(
             tokio::select! {
                 biased;
                 m = consumer.recv() => match m {
-                    Ok(m) => batch.push(pending_record(&m)?),
+                    Ok(m) => take(&m, &mut batch, &mut batch_bytes)?,
                     Err(e) => {
                         consumer_error(id, &lane.topic, e)?;
                         break;
@@ -1143,10 +1179,22 @@ async fn consume_and_write(
             }
         }
         Stages::add(&lane.stages.consume, consuming);
+        // Now that the batch's size is known: room for it and one more like it.
+        if let Some(r) = reservation.as_mut() {
+            match r
+                .resize(2 * batch_bytes * crate::budget::MEMORY_FACTOR, cancel)
+                .await
+            {
+                Ok(()) => {}
+                Err(ActivityError::Cancelled) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
         let writing = tokio::time::Instant::now();
         // Rows and offset commit atomically; cancelling mid-attempt rolls the
         // transaction back, and the batch is read again from the stored offset.
         let mut next = Vec::with_capacity(batch_size);
+        let mut next_bytes = 0;
         let written = {
             let write = activities.run("write-batch", cancel, || async {
                 let catalog = lane
@@ -1163,8 +1211,8 @@ async fn consume_and_write(
                 tokio::select! {
                     biased;
                     r = &mut write => break r,
-                    m = consumer.recv(), if next.len() < batch_size => match m {
-                        Ok(m) => next.push(pending_record(&m)?),
+                    m = consumer.recv(), if next.len() < batch_cap => match m {
+                        Ok(m) => take(&m, &mut next, &mut next_bytes)?,
                         Err(e) => consumer_error(id, &lane.topic, e)?,
                     },
                 }
@@ -1190,8 +1238,22 @@ async fn consume_and_write(
             Err(ActivityError::Cancelled) => return Ok(()),
             Err(e) => return Err(e),
         }
+        // Back in line for the next batch: lanes with long backlogs take turns.
+        reservation = None;
         batch = next;
+        batch_bytes = next_bytes;
     }
+}
+
+/// Decodes a fetched record onto `batch`, counting its encoded bytes.
+fn take(
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    batch: &mut Vec<PendingRecord>,
+    bytes: &mut usize,
+) -> Result<(), ActivityError> {
+    batch.push(pending_record(message)?);
+    *bytes += message.payload_len() + message.key_len();
+    Ok(())
 }
 
 /// How often, at most, a write lane deletes the records its destination committed.

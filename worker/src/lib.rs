@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod activity;
+pub mod budget;
 pub mod claim;
 pub mod feeds;
 pub mod lanes;
@@ -54,6 +55,8 @@ pub struct Config {
     pub topic_namespace: String,
     /// The most pipelines this worker owns at once (None: no limit).
     pub max_pipelines: Option<usize>,
+    /// Bytes of records in flight this worker may hold (see [`budget`]).
+    pub records_memory: u64,
 }
 
 /// What every workflow of this worker shares.
@@ -79,6 +82,11 @@ pub struct WorkerContext {
     pub setup_slots: Arc<tokio::sync::Semaphore>,
     /// Runs that may read at once (each with a transactional producer open).
     pub read_slots: Arc<tokio::sync::Semaphore>,
+    /// The budgets for records in flight: half of `--records-memory-mb` for the read
+    /// lanes, half for the write lanes, so a slow destination (write lanes waiting
+    /// with full batches) never holds reads back: its backlog waits in Kafka.
+    pub read_records: budget::RecordsBudget,
+    pub write_records: budget::RecordsBudget,
 }
 
 /// How many runs of one worker read their sources at the same time.
@@ -146,9 +154,15 @@ pub async fn run(
         resync_interval: config.resync_interval,
         replication_factor: config.replication_factor,
         max_pipelines: config.max_pipelines,
-        feeds: feeds::shared_consumer(&config.kafka, &config.worker_id)?,
+        feeds: feeds::shared_consumer(
+            &config.kafka,
+            &config.worker_id,
+            budget::prefetch_window_kib(config.records_memory),
+        )?,
         setup_slots: Arc::new(tokio::sync::Semaphore::new(SETUP_CONCURRENCY)),
         read_slots: Arc::new(tokio::sync::Semaphore::new(READ_CONCURRENCY)),
+        read_records: budget::RecordsBudget::new("read", config.records_memory / 2),
+        write_records: budget::RecordsBudget::new("write", config.records_memory / 2),
     });
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();

@@ -73,6 +73,14 @@ struct Cli {
     /// raised).
     #[arg(long, env = "SLUICE_MAX_PIPELINES", default_value_t = 0)]
     max_pipelines: usize,
+    /// Memory for records in flight, in MiB: source slices being read and produced,
+    /// and batches being written. Lanes wait when it is spent; what they would read
+    /// waits in the source or the records topic. Records fetched ahead of a write lane
+    /// come on top: at most a window of a 256th of this (64 KiB to 2 MiB) per
+    /// pipeline with unwritten records.
+    #[arg(long, env = "SLUICE_RECORDS_MEMORY_MB", default_value_t = sluice_worker::budget::DEFAULT_MB,
+          value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+    records_memory_mb: u64,
 }
 
 #[tokio::main]
@@ -119,6 +127,7 @@ async fn main() -> ExitCode {
         destination_hosts,
         topic_namespace: cli.connection.topic_namespace.clone(),
         max_pipelines: (cli.max_pipelines > 0).then_some(cli.max_pipelines),
+        records_memory: cli.records_memory_mb << 20,
     };
     let _metrics = match cli.metrics.metrics_listen {
         Some(addr) => {

@@ -35,6 +35,8 @@ pub struct WorkerMetrics {
     pub runs: Family<Labels, Counter>,
     pub run_seconds: Family<Labels, Histogram, Buckets>,
     pub change_applied_seconds: Family<Labels, Histogram, Buckets>,
+    pub records_reserved_bytes: Family<Labels, Gauge>,
+    pub records_budget_bytes: Family<Labels, Gauge>,
     /// Serializes lag updates, which read two gauges written by different lanes.
     lag_lock: Mutex<()>,
 }
@@ -67,6 +69,8 @@ impl WorkerMetrics {
             runs: Family::default(),
             run_seconds: Family::new_with_constructor(Buckets(durations)),
             change_applied_seconds: Family::new_with_constructor(Buckets(latency)),
+            records_reserved_bytes: Family::default(),
+            records_budget_bytes: Family::default(),
             lag_lock: Mutex::new(()),
         };
         registry.register(
@@ -136,10 +140,36 @@ impl WorkerMetrics {
              worker's stop or start work; on the database's clock",
             m.change_applied_seconds.clone(),
         );
+        registry.register(
+            "sluice_worker_records_reserved_bytes",
+            "Records in flight as reserved from the worker's budget, by lanes (read: source \
+             slices until produced; write: batches until written), in estimated bytes",
+            m.records_reserved_bytes.clone(),
+        );
+        registry.register(
+            "sluice_worker_records_budget_bytes",
+            "The worker's budget for records in flight (--records-memory-mb), half for the \
+             read lanes and half for the write lanes",
+            m.records_budget_bytes.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             ..m
         }
+    }
+
+    /// The reserved bytes of the read or write lanes' records budget changed.
+    pub fn records_reserved(&self, lanes: &'static str, bytes: u64) {
+        self.records_reserved_bytes
+            .get_or_create(&vec![("lanes", lanes.to_owned())])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The read or write lanes' records budget.
+    pub fn records_budget(&self, lanes: &'static str, bytes: u64) {
+        self.records_budget_bytes
+            .get_or_create(&vec![("lanes", lanes.to_owned())])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The destination committed up to `offset`.

@@ -31,10 +31,12 @@ fn context(pool: PgPool, assignment: Arc<Assignment>) -> Arc<WorkerContext> {
         resync_interval: Duration::from_secs(60),
         replication_factor: 1,
         max_pipelines: None,
-        feeds: sluice_worker::feeds::shared_consumer(&KafkaSettings::new("127.0.0.1:1"), "w")
+        feeds: sluice_worker::feeds::shared_consumer(&KafkaSettings::new("127.0.0.1:1"), "w", 2048)
             .expect("a consumer needs no broker to be made"),
         setup_slots: Arc::new(tokio::sync::Semaphore::new(1)),
         read_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+        read_records: sluice_worker::budget::RecordsBudget::new("read", 32 << 20),
+        write_records: sluice_worker::budget::RecordsBudget::new("write", 32 << 20),
     })
 }
 
