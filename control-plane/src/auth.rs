@@ -154,10 +154,85 @@ pub fn hash_token(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
 
-/// Checks the request's bearer token against the stored hashes. Revoked tokens are
-/// refused at once: every call looks its token up.
+/// The channel a revocation is announced on (its payload: the token's id).
+pub const REVOKED_CHANNEL: &str = "sluice_token_revoked";
+
+/// Tokens recently found valid, so that most calls need no database round trip for
+/// their token. A revocation reaches every control plane as a notification on
+/// [`REVOKED_CHANNEL`] and evicts the token at once; an entry also expires after the
+/// cache's time to live, which bounds how long a revoked token can still be accepted by
+/// a control plane that missed the notification (its listener reconnecting clears the
+/// whole cache as well). Unknown and revoked tokens are never cached.
+#[derive(Debug)]
+pub struct TokenCache {
+    ttl: std::time::Duration,
+    entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (Caller, std::time::Instant)>>,
+}
+
+/// Entries at most; a full cache is emptied (tokens are few; this bounds a flood of
+/// distinct valid tokens, not the usual case).
+const TOKEN_CACHE_ENTRIES: usize = 10_000;
+
+impl TokenCache {
+    /// A cache whose entries live `ttl` (zero: nothing is cached).
+    pub fn new(ttl: std::time::Duration) -> Self {
+        Self {
+            ttl,
+            entries: Default::default(),
+        }
+    }
+
+    pub fn ttl(&self) -> std::time::Duration {
+        self.ttl
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Vec<u8>, (Caller, std::time::Instant)>>
+    {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, hash: &[u8]) -> Option<Caller> {
+        let mut entries = self.lock();
+        match entries.get(hash) {
+            Some((caller, at)) if at.elapsed() < self.ttl => Some(caller.clone()),
+            Some(_) => {
+                entries.remove(hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&self, hash: Vec<u8>, caller: Caller) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.lock();
+        if entries.len() >= TOKEN_CACHE_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(hash, (caller, std::time::Instant::now()));
+    }
+
+    /// Forgets the token with this id (it was revoked).
+    pub fn evict(&self, token_id: uuid::Uuid) {
+        self.lock()
+            .retain(|_, (caller, _)| caller.token_id != token_id);
+    }
+
+    /// Forgets every token (revocations may have been missed).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+/// Checks the request's bearer token against the stored hashes, or the cache of tokens
+/// recently found valid (see [`TokenCache`] for how soon a revocation takes effect).
 pub async fn authenticate(
     pool: &PgPool,
+    cache: &TokenCache,
     metadata: &tonic::metadata::MetadataMap,
     method: &'static str,
 ) -> Result<Caller, ApiError> {
@@ -177,10 +252,14 @@ pub async fn authenticate(
             reason: "TOKEN_INVALID",
             why: "the authorization header is not a bearer token",
         })?;
+    let hash = hash_token(token);
+    if let Some(caller) = cache.get(&hash) {
+        return Ok(caller);
+    }
     let row = sqlx::query(
         "SELECT id, tenant, role FROM api_tokens WHERE token_hash = $1 AND revoke_time IS NULL",
     )
-    .bind(hash_token(token))
+    .bind(&hash)
     .fetch_optional(pool)
     .await?;
     let Some(row) = row else {
@@ -188,13 +267,15 @@ pub async fn authenticate(
         return Err(invalid());
     };
     let role: String = row.try_get("role")?;
-    Ok(Caller {
+    let caller = Caller {
         token_id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
         role: role
             .parse()
             .map_err(|e: String| ApiError::Internal(sluice_infra::store::StoreError::Corrupt(e)))?,
-    })
+    };
+    cache.put(hash, caller.clone());
+    Ok(caller)
 }
 
 /// A token as listed (the secret itself is never stored).
@@ -255,14 +336,22 @@ pub async fn list_tokens(pool: &PgPool) -> Result<Vec<TokenInfo>, sqlx::Error> {
         .collect()
 }
 
-/// Revokes a token; false when no such (unrevoked) token exists.
+/// Revokes a token and announces it to every control plane (delivered when the
+/// revocation commits); false when no such (unrevoked) token exists.
 pub async fn revoke_token(pool: &PgPool, id: uuid::Uuid) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "UPDATE api_tokens SET revoke_time = now() WHERE id = $1 AND revoke_time IS NULL",
     )
     .bind(id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(REVOKED_CHANNEL)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -276,6 +365,25 @@ mod tests {
             tenant: tenant.into(),
             role,
         }
+    }
+
+    #[test]
+    fn the_token_cache_expires_evicts_and_can_be_off() {
+        let hash = hash_token("sluice_x");
+        let cache = TokenCache::new(std::time::Duration::from_millis(50));
+        cache.put(hash.clone(), caller("t1", Role::Viewer));
+        assert_eq!(cache.get(&hash).map(|c| c.tenant), Some("t1".into()));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(cache.get(&hash).is_none(), "expired");
+        cache.put(hash.clone(), caller("t1", Role::Viewer));
+        cache.evict(uuid::Uuid::nil());
+        assert!(cache.get(&hash).is_none(), "evicted by token id");
+        let off = TokenCache::new(std::time::Duration::ZERO);
+        off.put(hash.clone(), caller("t1", Role::Viewer));
+        assert!(
+            off.get(&hash).is_none(),
+            "a zero time to live caches nothing"
+        );
     }
 
     #[test]

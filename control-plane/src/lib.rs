@@ -49,6 +49,9 @@ pub struct Config {
     pub destination_hosts: sluice_protocol::hosts::HostPolicy,
     /// Prefix of the per-pipeline topics (the inputs topics made here).
     pub topic_namespace: String,
+    /// How long a token found valid is trusted without a lookup (see
+    /// [`auth::TokenCache`]); zero looks every call's token up.
+    pub token_cache_ttl: std::time::Duration,
 }
 
 /// PEM files of the gRPC listener's TLS identity; with `client_ca`, clients must
@@ -186,7 +189,12 @@ pub async fn run(
         shutdown.await;
         let _ = closing_tx.send(true);
     };
-    let listener_task = tokio::spawn(listen_for_changes(pool.clone(), changes_tx));
+    let tokens = Arc::new(auth::TokenCache::new(config.token_cache_ttl));
+    let listener_task = tokio::spawn(listen_for_changes(
+        pool.clone(),
+        changes_tx,
+        Arc::clone(&tokens),
+    ));
     let api = PipelineApi::new(
         pool.clone(),
         partitions as u32,
@@ -198,7 +206,8 @@ pub async fn run(
             changes: changes_rx,
             closing: closing_rx,
         },
-    );
+    )
+    .with_token_cache(tokens);
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         server = server.tls_config(tls.server_config()?)?;
@@ -234,21 +243,43 @@ pub async fn run(
 }
 
 /// Counts the pipelines table's change notifications, so that WatchPipelines streams
-/// look for changes at once instead of at their next poll. Lost notifications (the
-/// connection drops) only delay a watcher until that poll.
-async fn listen_for_changes(pool: sqlx::PgPool, changes: tokio::sync::watch::Sender<u64>) {
+/// look for changes at once instead of at their next poll, and evicts revoked tokens
+/// from the token cache. Lost notifications (the connection drops) only delay a
+/// watcher until that poll; the token cache is emptied then, since a revocation may
+/// have been among them.
+async fn listen_for_changes(
+    pool: sqlx::PgPool,
+    changes: tokio::sync::watch::Sender<u64>,
+    tokens: Arc<auth::TokenCache>,
+) {
     loop {
         let listener = async {
             let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
-            listener.listen("sluice_pipelines").await?;
+            listener
+                .listen_all(["sluice_pipelines", auth::REVOKED_CHANNEL])
+                .await?;
+            // Listening now: whatever was revoked before is seen by the lookups.
+            tokens.clear();
             loop {
-                listener.recv().await?;
-                changes.send_modify(|n| *n += 1);
+                let Some(notification) = listener.try_recv().await? else {
+                    tokens.clear();
+                    changes.send_modify(|n| *n += 1);
+                    continue;
+                };
+                if notification.channel() == auth::REVOKED_CHANNEL {
+                    match notification.payload().parse() {
+                        Ok(id) => tokens.evict(id),
+                        Err(_) => tokens.clear(),
+                    }
+                } else {
+                    changes.send_modify(|n| *n += 1);
+                }
             }
         };
         let result: Result<(), sqlx::Error> = listener.await;
+        tokens.clear();
         if let Err(e) = result {
-            tracing::warn!(error = %e, "pipeline change notifications interrupted; watchers poll meanwhile");
+            tracing::warn!(error = %e, "change notifications interrupted; watchers poll meanwhile");
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }

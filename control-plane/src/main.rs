@@ -142,6 +142,13 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_MAX_PIPELINES_PER_TENANT", default_value_t = Limits::default().max_pipelines_per_tenant,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_pipelines_per_tenant: u64,
+    /// How long, in milliseconds, a token found valid is trusted without looking it up
+    /// again (0: every call looks its token up). `tokens revoke` evicts the token from
+    /// every running control plane at once; this bounds how long one that missed the
+    /// announcement (its database connection dropping at that moment) may still accept it.
+    #[arg(long, env = "SLUICE_TOKEN_CACHE_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    token_cache_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +294,7 @@ async fn serve(cli: ServeArgs) -> ExitCode {
         max_request_bytes: cli.max_request_bytes as usize,
         tls,
         destination_hosts,
+        token_cache_ttl: std::time::Duration::from_millis(cli.token_cache_ms),
     };
     let _metrics = match cli.metrics.metrics_listen {
         Some(addr) => {

@@ -61,6 +61,8 @@ pub struct PipelineApi {
     limits: Limits,
     destination_hosts: HostPolicy,
     inputs: Inputs,
+    /// Tokens recently found valid.
+    tokens: Arc<crate::auth::TokenCache>,
 }
 
 /// What WatchPipelines streams listen to.
@@ -145,6 +147,7 @@ impl PipelineApi {
     ) -> Self {
         Self {
             pool,
+            tokens: Arc::new(crate::auth::TokenCache::new(std::time::Duration::ZERO)),
             watches,
             signal_partitions,
             outbox_wakeup,
@@ -152,6 +155,12 @@ impl PipelineApi {
             destination_hosts,
             inputs,
         }
+    }
+
+    /// Authenticates with `tokens` (the default looks every call's token up).
+    pub fn with_token_cache(mut self, tokens: Arc<crate::auth::TokenCache>) -> Self {
+        self.tokens = tokens;
+        self
     }
 
     /// The pipeline, locked, unless it is deleted.
@@ -398,7 +407,7 @@ impl PipelineApi {
         method: &'static str,
         access: Access,
     ) -> Result<Caller, ApiError> {
-        let caller = authenticate(&self.pool, request.metadata(), method).await?;
+        let caller = authenticate(&self.pool, &self.tokens, request.metadata(), method).await?;
         caller.authorize(access, method)?;
         Ok(caller)
     }
@@ -946,6 +955,7 @@ impl PipelineApi {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let watcher = Watcher {
             pool: self.pool.clone(),
+            tokens: Arc::clone(&self.tokens),
             changes: self.watches.changes.clone(),
             closing: self.watches.closing.clone(),
             metadata,
@@ -960,6 +970,7 @@ impl PipelineApi {
 /// One WatchPipelines stream: a snapshot (unless resumed), then the changes.
 struct Watcher {
     pool: PgPool,
+    tokens: Arc<crate::auth::TokenCache>,
     changes: tokio::sync::watch::Receiver<u64>,
     closing: tokio::sync::watch::Receiver<bool>,
     metadata: tonic::metadata::MetadataMap,
@@ -1041,9 +1052,10 @@ impl Watcher {
                         .await;
                 }
                 Woke::Reauth => {
-                    let still = authenticate(&self.pool, &self.metadata, "WatchPipelines")
-                        .await
-                        .and_then(|c| c.authorize(Access::Read, "WatchPipelines"));
+                    let still =
+                        authenticate(&self.pool, &self.tokens, &self.metadata, "WatchPipelines")
+                            .await
+                            .and_then(|c| c.authorize(Access::Read, "WatchPipelines"));
                     if let Err(e) = still {
                         return self.fail(e).await;
                     }

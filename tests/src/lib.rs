@@ -402,12 +402,17 @@ impl Deployment {
 
     /// A client of the control plane at `addr` with the deployment's operator token.
     pub async fn client_at(&self, addr: &str) -> Result<Client> {
+        self.client_at_with(addr, self.token.as_deref()).await
+    }
+
+    /// A client of the control plane (replica) at `addr` that sends `token`.
+    pub async fn client_at_with(&self, addr: &str, token: Option<&str>) -> Result<Client> {
         let channel = Channel::from_shared(format!("http://{addr}"))?
             .connect()
             .await?;
         Ok(PipelineServiceClient::with_interceptor(
             channel,
-            BearerToken::new(self.token.as_deref())?,
+            BearerToken::new(token)?,
         ))
     }
 

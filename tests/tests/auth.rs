@@ -345,6 +345,99 @@ async fn revoked_tokens_are_refused_at_once() -> Result<()> {
     d.shutdown().await
 }
 
+/// A token id from `tokens list`, by the token's name.
+async fn token_id(d: &Deployment, name: &str) -> Result<String> {
+    let list = tokio::process::Command::new(bin_path("sluice-control-plane")?)
+        .args(["tokens", "list"])
+        .env("DATABASE_URL", &d.database_url)
+        .output()
+        .await?;
+    String::from_utf8(list.stdout)?
+        .lines()
+        .find(|l| l.contains(name))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .context("the token is listed")
+}
+
+/// Whether `client`'s token is refused, polling until it is or `within` passes; returns
+/// how long it took.
+async fn refused_within(
+    client: &mut Client,
+    within: std::time::Duration,
+) -> Result<Option<std::time::Duration>> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        match client
+            .list_pipelines(pb::ListPipelinesRequest::default())
+            .await
+        {
+            Err(e) if e.code() == Code::Unauthenticated => return Ok(Some(start.elapsed())),
+            Err(e) => return Err(e.into()),
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    Ok(None)
+}
+
+/// Control planes trust a token found valid for `--token-cache-ms` without a lookup.
+/// A revocation is announced to every replica and evicts the token at once; one that
+/// missed the announcement (here: a revocation written to the database behind the
+/// control planes' back) refuses the token once its cache entry expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_tokens_are_evicted_on_revocation_and_expire_otherwise() -> Result<()> {
+    let ttl = std::time::Duration::from_secs(3);
+    let mut d = Deployment::new().await?;
+    d.control_plane_args = vec!["--token-cache-ms".into(), ttl.as_millis().to_string()];
+    d.start_control_plane().await?;
+    let (replica_addr, _replica) = d.start_control_plane_replica("replica").await?;
+    let first_addr = d.control_plane_addr.clone().context("address")?;
+
+    // Announced: both replicas refuse at once, long before the cache would expire.
+    let token = d.create_token("t7", "viewer").await?;
+    let mut clients = vec![
+        d.client_at_with(&first_addr, Some(&token)).await?,
+        d.client_at_with(&replica_addr, Some(&token)).await?,
+    ];
+    for c in &mut clients {
+        c.list_pipelines(pb::ListPipelinesRequest::default())
+            .await?;
+    }
+    let id = token_id(&d, "viewer-t7").await?;
+    let revoke = tokio::process::Command::new(bin_path("sluice-control-plane")?)
+        .args(["tokens", "revoke", &id])
+        .env("DATABASE_URL", &d.database_url)
+        .output()
+        .await?;
+    assert!(revoke.status.success());
+    for c in &mut clients {
+        let took = refused_within(c, std::time::Duration::from_secs(1)).await?;
+        assert!(
+            took.is_some(),
+            "a replica still accepts a revoked token after 1 s"
+        );
+    }
+
+    // Not announced: the cached token is still accepted, until its entry expires.
+    let token = d.create_token("t8", "viewer").await?;
+    let mut client = d.client_at_with(&replica_addr, Some(&token)).await?;
+    client
+        .list_pipelines(pb::ListPipelinesRequest::default())
+        .await?;
+    sqlx::query("UPDATE api_tokens SET revoke_time = now() WHERE name = 'viewer-t8'")
+        .execute(&d.pool)
+        .await?;
+    client
+        .list_pipelines(pb::ListPipelinesRequest::default())
+        .await
+        .context("a cached token is trusted until its entry expires")?;
+    let took = refused_within(&mut client, ttl + std::time::Duration::from_secs(2))
+        .await?
+        .context("a missed revocation takes effect once the cache entry expires")?;
+    assert!(took <= ttl + std::time::Duration::from_secs(1), "{took:?}");
+    d.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_answer_resource_exhausted_naming_the_limit() -> Result<()> {
     let mut d = Deployment::new().await?;
