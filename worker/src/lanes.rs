@@ -713,15 +713,25 @@ async fn live_lane(
     };
     let producer = tokio::sync::Mutex::new(SliceProducer::new(Arc::clone(&ctx), &claim, "live"));
     let never = CancellationToken::new();
+    // Whether the producer may be open (no timer runs for a lane that has none).
+    let mut producing = false;
     let result: Result<(), ActivityError> = async {
         loop {
             // Safe point: no input is open while waiting for the first. A lane that
             // has had no input for a while gives its producer up.
+            let idle = async {
+                if producing {
+                    tokio::time::sleep(LIVE_IDLE_CLOSE).await
+                } else {
+                    std::future::pending().await
+                }
+            };
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 m = consumer.recv() => m,
-                _ = tokio::time::sleep(LIVE_IDLE_CLOSE) => {
+                _ = idle => {
                     producer.lock().await.close();
+                    producing = false;
                     continue;
                 }
             };
@@ -772,6 +782,7 @@ async fn live_lane(
                     encoded.push(encode_record(stream, &record, position, &tags));
                 }
             }
+            producing = true;
             let produced = activities
                 .run("produce-inputs", &cancel, || async {
                     producer.lock().await.produce(&lane.records_topic, &encoded).await
@@ -1115,7 +1126,8 @@ async fn consume_and_write(
     let ctx = activities.ctx();
     let id = target.claim.key.as_str();
     let batch_size = lane.destination.batch_size();
-    let mut batch: Vec<PendingRecord> = Vec::with_capacity(batch_size);
+    // Batches get their room when records arrive: an idle lane holds none.
+    let mut batch: Vec<PendingRecord> = Vec::new();
     let mut batch_bytes = 0;
     let mut batch_cap = batch_size;
     // The lane's part of the records budget for one batch and the next one, consumed
@@ -1124,6 +1136,7 @@ async fn consume_and_write(
     loop {
         let consuming = tokio::time::Instant::now();
         if batch.is_empty() {
+            batch = Vec::new();
             // Safe point: no batch is open while waiting for the first record.
             let first = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -1144,6 +1157,7 @@ async fn consume_and_write(
             let per_record =
                 (batch_bytes.div_ceil(batch.len()) * crate::budget::MEMORY_FACTOR).max(1);
             batch_cap = batch_size.min(ctx.write_records.records_in_share(per_record));
+            batch.reserve(batch_cap.saturating_sub(batch.len()));
             let guess = 2 * batch_cap * per_record;
             match ctx.write_records.reserve(guess, cancel).await {
                 Ok(r) => reservation = Some(r),
@@ -1193,7 +1207,7 @@ async fn consume_and_write(
         let writing = tokio::time::Instant::now();
         // Rows and offset commit atomically; cancelling mid-attempt rolls the
         // transaction back, and the batch is read again from the stored offset.
-        let mut next = Vec::with_capacity(batch_size);
+        let mut next = Vec::new();
         let mut next_bytes = 0;
         let written = {
             let write = activities.run("write-batch", cancel, || async {

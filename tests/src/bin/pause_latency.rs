@@ -3,7 +3,12 @@
 //! READY pipeline. Starts its own control plane and worker against the local
 //! PostgreSQL and Kafka (deploy/local/up.sh), like the end-to-end tests.
 //!
-//! Run: `cargo build --bins && cargo run -p sluice-e2e --bin pause-latency -- --pauses 200`
+//! Under load: `--others N` READY pipelines owned by the same worker (idle, their write
+//! lanes reading), and `--backfill R` one more pipeline backfilling R records into
+//! PostgreSQL throughout the measurement (started again whenever it finishes).
+//!
+//! Run: `cargo build --release --bins && cargo run --release -p sluice-e2e --bin
+//! pause-latency -- --pauses 200 --others 1000 --backfill 2000000`
 
 use std::time::{Duration, SystemTime};
 
@@ -18,14 +23,52 @@ struct Args {
     /// Number of pause/resume cycles to measure.
     #[arg(long, default_value_t = 200)]
     pauses: usize,
+    /// Other READY pipelines on the same worker.
+    #[arg(long, default_value_t = 0)]
+    others: usize,
+    /// Records of one more pipeline that backfills during the measurement (0: none).
+    #[arg(long, default_value_t = 0)]
+    backfill: u64,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let mut d = Deployment::new().await?;
+    d.control_plane_args = vec![
+        "--max-pipelines-per-tenant".into(),
+        (args.others + 10).to_string(),
+    ];
     let mut client = d.start_control_plane().await?;
     d.start_worker("bench-worker").await?;
+    for i in 0..args.others {
+        client
+            .create_pipeline(generator_pipeline(
+                &format!("other-{i}"),
+                1,
+                1,
+                d.destination(&unique(&format!("other_{i}")), true),
+                DesiredStatus::Active,
+            ))
+            .await?;
+    }
+    wait_fleet_ready(&d.pool, args.others, Duration::from_secs(3600)).await?;
+    if args.others > 0 {
+        println!("{} other pipelines READY", args.others);
+    }
+    let backfill = if args.backfill > 0 {
+        client
+            .create_pipeline(pipeline_request(
+                "busy",
+                generator_config(args.backfill, 1, 5000, 0),
+                d.destination(&unique("busy"), true),
+                DesiredStatus::Active,
+            ))
+            .await?;
+        Some(tokio::spawn(keep_backfilling(d.client().await?)))
+    } else {
+        None
+    };
     let table = unique("bench");
     client
         .create_pipeline(generator_pipeline(
@@ -85,6 +128,14 @@ async fn main() -> Result<()> {
         )
         .await?;
     }
+    if let Some(task) = backfill {
+        task.abort();
+        let runs: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pipeline_runs WHERE pipeline_id = 't1.busy'")
+                .fetch_one(&d.pool)
+                .await?;
+        println!("backfill runs of the busy pipeline during the measurement: {runs}");
+    }
     breakdown(&d).await?;
     report(
         "UpdatePipeline returned -> PAUSED persisted",
@@ -95,6 +146,36 @@ async fn main() -> Result<()> {
         &mut from_request,
     );
     d.shutdown().await
+}
+
+/// Resets and resumes the busy pipeline whenever its backfill finished, so that one
+/// backfill is always running.
+async fn keep_backfilling(mut client: Client) -> Result<()> {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let p = get(&mut client, "busy").await?;
+        if p.status == PipelineStatus::Ready as i32 {
+            client
+                .update_pipeline(set_desired("busy", DesiredStatus::Paused))
+                .await?;
+            wait_converged(
+                &mut client,
+                "busy",
+                PipelineStatus::Paused,
+                Duration::from_secs(60),
+            )
+            .await?;
+            client
+                .reset_pipeline(sluice_protocol::pb::ResetPipelineRequest {
+                    pipeline_id: "busy".into(),
+                    ..Default::default()
+                })
+                .await?;
+            client
+                .update_pipeline(set_desired("busy", DesiredStatus::Active))
+                .await?;
+        }
+    }
 }
 
 /// Where the time goes, averaged over every pause: commit of the change (outbox row
