@@ -16,9 +16,10 @@ const PIPELINES: usize = 8;
 const RECORDS: u64 = 100_000;
 const BUDGET_MB: u64 = 32;
 /// What else grows while eight pipelines backfill, whatever the backlog: their
-/// transactional producers, destination pools and allocator slack. Measured at 70 to
-/// 80 MB above the budget in this test (and 400 MB in all without a binding budget).
-const ALLOWANCE_MB: u64 = 112;
+/// transactional producers, destination pools and allocator slack. Measured at 78 to
+/// 93 MB above the budget in this test, over five runs (and 400 MB in all without a
+/// binding budget).
+const ALLOWANCE_MB: u64 = 128;
 const SETTLE: Duration = Duration::from_secs(120);
 
 fn free_port() -> Result<u16> {
