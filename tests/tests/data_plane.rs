@@ -864,6 +864,23 @@ async fn stripe_objects_land_typed_and_events_update_them() -> Result<()> {
         .fetch_one(&d.pool)
         .await?;
     ensure!(count == 1, "{count} customers");
+    // Applied inputs are deleted from the inputs topic: its log start reaches them.
+    let incarnation: i64 = sqlx::query_scalar("SELECT incarnation FROM pipelines WHERE id = $1")
+        .bind(sluice_e2e::key("stripe"))
+        .fetch_one(&d.pool)
+        .await?;
+    let inputs = sluice_protocol::topics::inputs_topic(
+        &d.topic_namespace,
+        &sluice_e2e::key("stripe"),
+        incarnation,
+    );
+    let admin =
+        sluice_infra::kafka::KafkaSettings::new(d.infra.kafka_bootstrap_servers.clone()).admin()?;
+    wait_for("applied inputs deleted from Kafka", CONVERGE, || async {
+        let (low, high) = admin.watermarks(&inputs, 0).await?;
+        Ok((low == high && low >= 3).then_some(()))
+    })
+    .await?;
 
     // A sync: stripe-mock's objects are all older than the backfill.
     client

@@ -715,6 +715,7 @@ async fn live_lane(
     let never = CancellationToken::new();
     // Whether the producer may be open (no timer runs for a lane that has none).
     let mut producing = false;
+    let mut trimmer: Option<(watch::Sender<i64>, AbortOnDrop)> = None;
     let result: Result<(), ActivityError> = async {
         loop {
             // Safe point: no input is open while waiting for the first. A lane that
@@ -798,6 +799,21 @@ async fn live_lane(
                 })
                 .await?;
             lane.after = next;
+            // Inputs applied are deleted from the inputs topic (its lane reads from
+            // `live_after` on, which never goes back); the trimmer starts with the
+            // first input, so a lane that never gets one costs no task.
+            let (applied, _) = trimmer.get_or_insert_with(|| {
+                let (tx, rx) = watch::channel(lane.after);
+                let task = tokio::spawn(trim_records(
+                    ctx.admin.clone(),
+                    lane.inputs_topic.clone(),
+                    rx,
+                    cancel.clone(),
+                    claim.key.clone(),
+                ));
+                (tx, AbortOnDrop(task))
+            });
+            applied.send_replace(next);
         }
     }
     .await;
@@ -1285,7 +1301,8 @@ impl Drop for AbortOnDrop {
 /// Deletes the records of the records topic below the destination's committed offset,
 /// a few seconds after commits (one DeleteRecords per interval at most). Safe because
 /// every reader of the topic starts at the destination's committed offset or later (a
-/// new owner, a resumed or changed pipeline), and that offset never goes back.
+/// new owner, a resumed or changed pipeline), and that offset never goes back. The
+/// live lane trims its inputs topic the same way, below the inputs it applied.
 async fn trim_records(
     admin: sluice_infra::kafka::Admin,
     topic: String,
