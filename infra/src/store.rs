@@ -62,6 +62,9 @@ pub fn connect_options(url: &str, limits: SessionLimits) -> Result<PgConnectOpti
     ]))
 }
 
+/// How long a pooled connection may sit idle before it is pinged on its next use.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// Connects, retrying until `deadline` elapses so a process may start before Postgres.
 pub async fn connect(
     url: &str,
@@ -74,6 +77,19 @@ pub async fn connect(
         match PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            // A connection in steady use goes out without a ping: the ping was one more
+            // round trip per query (half the database time of a GetPipeline). One that
+            // sat idle is pinged first, so a database restart is noticed before a
+            // caller's query fails on a dead connection.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > PING_WHEN_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options.clone())
             .await
         {

@@ -2,8 +2,9 @@
 //! (`go install github.com/bojand/ghz/cmd/ghz@v0.93.0`) on the same machine. Two control
 //! planes of one deployment (no worker): one with the token cache (the default, 2 s)
 //! and one with it off (`--token-cache-ms 0`, every call looks its token up), each
-//! driven in turn with authenticated GetPipeline and UpdatePipeline calls (a new source
-//! seed each time, round-robin over `--pipelines` pipelines); the gRPC health check of
+//! driven in turn with authenticated GetPipeline and UpdatePipeline calls (each update
+//! pauses or resumes a pipeline, round-robin over `--pipelines` pipelines, so every one
+//! is a change: a new generation and a signal in the outbox); the gRPC health check of
 //! the same server, which touches neither the token nor the database, is the ceiling
 //! of the stack on this machine, measured in the same run.
 //!
@@ -87,9 +88,15 @@ async fn ghz(
             &json!({ "authorization": format!("Bearer {token}") }).to_string(),
         ]);
     }
-    let out = command.arg(addr).stderr(Stdio::inherit()).output().await?;
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("ghz output: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let out = command.arg(addr).stderr(Stdio::piped()).output().await?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "ghz {call} ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
     let latency = |pct: u64| -> f64 {
         report["latencyDistribution"]
             .as_array()
@@ -156,25 +163,21 @@ async fn main() -> Result<()> {
     let gets: Value = (0..args.pipelines)
         .map(|i| json!({ "id": format!("bench-{i}") }))
         .collect();
-    let updates: Value = (0..args.pipelines)
-        .map(|i| {
-            json!({
-                "pipeline": {
-                    "id": format!("bench-{i}"),
-                    "spec": {"source": {"type": "generator", "config": {
-                        "count": 10, "seed": "{{.RequestNumber}}", "slice_size": 1
-                    }}}
-                },
-                "update_mask": "spec.source"
+    // Each update changes its pipeline: ghz goes round the array, pausing every
+    // pipeline, then resuming every one, and so on.
+    let updates: Value = ["DESIRED_STATUS_ACTIVE", "DESIRED_STATUS_PAUSED"]
+        .iter()
+        .flat_map(|desired| {
+            (0..args.pipelines).map(move |i| {
+                json!({
+                    "pipeline": {"id": format!("bench-{i}"), "desired_status": desired},
+                    "update_mask": {"paths": ["desired_status"]}
+                })
             })
         })
         .collect();
     let gets = gets.to_string();
-    // The seed is a number: ghz fills the template into the JSON text.
-    let updates = updates
-        .to_string()
-        .replace("\"{{.RequestNumber}}\"", "{{.RequestNumber}}");
-
+    let updates = updates.to_string();
     let s = args.seconds;
     let ceiling = ghz(
         &bin,
@@ -230,5 +233,10 @@ async fn main() -> Result<()> {
             ceiling.rps,
         );
     }
+    let (changes, pipelines): (i64, i64) =
+        sqlx::query_as("SELECT coalesce(sum(generation - 1), 0)::BIGINT, count(*) FROM pipelines")
+            .fetch_one(&d.pool)
+            .await?;
+    println!("changes stored: {changes} over {pipelines} pipelines");
     d.shutdown().await
 }
