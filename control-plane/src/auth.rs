@@ -159,14 +159,21 @@ pub const REVOKED_CHANNEL: &str = "sluice_token_revoked";
 
 /// Tokens recently found valid, so that most calls need no database round trip for
 /// their token. A revocation reaches every control plane as a notification on
-/// [`REVOKED_CHANNEL`] and evicts the token at once; an entry also expires after the
-/// cache's time to live, which bounds how long a revoked token can still be accepted by
-/// a control plane that missed the notification (its listener reconnecting clears the
-/// whole cache as well). Unknown and revoked tokens are never cached.
+/// [`REVOKED_CHANNEL`] and evicts the token at once. The cache is used only while its
+/// listener is subscribed (from the moment it notices its connection gone until it has
+/// subscribed again, every call looks its token up), and an entry expires after the
+/// cache's time to live, which bounds how long a revoked token can still be accepted
+/// by a control plane whose connection dropped before it noticed. Unknown and revoked
+/// tokens are never cached.
 #[derive(Debug)]
 pub struct TokenCache {
     ttl: std::time::Duration,
     entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (Caller, std::time::Instant)>>,
+    /// Whether revocations are being heard: only then are tokens cached or served
+    /// from the cache (otherwise every call looks its token up).
+    listening: std::sync::atomic::AtomicBool,
+    /// Counts evictions: a lookup that raced one does not cache what it read.
+    evictions: std::sync::atomic::AtomicU64,
 }
 
 /// Entries at most; a full cache is emptied (tokens are few; this bounds a flood of
@@ -179,7 +186,33 @@ impl TokenCache {
         Self {
             ttl,
             entries: Default::default(),
+            listening: Default::default(),
+            evictions: Default::default(),
         }
+    }
+
+    /// Revocations are heard from now on (the listener subscribed): caching starts,
+    /// from an empty cache.
+    pub fn listening(&self) {
+        self.clear();
+        self.listening
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Revocations may be missed (the listener lost its connection): the cache is
+    /// emptied and not used until [`TokenCache::listening`] again.
+    pub fn deaf(&self) {
+        self.listening
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.clear();
+    }
+
+    fn in_use(&self) -> bool {
+        !self.ttl.is_zero() && self.listening.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn evictions(&self) -> u64 {
+        self.evictions.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn ttl(&self) -> std::time::Duration {
@@ -194,6 +227,9 @@ impl TokenCache {
     }
 
     fn get(&self, hash: &[u8]) -> Option<Caller> {
+        if !self.in_use() {
+            return None;
+        }
         let mut entries = self.lock();
         match entries.get(hash) {
             Some((caller, at)) if at.elapsed() < self.ttl => Some(caller.clone()),
@@ -205,11 +241,16 @@ impl TokenCache {
         }
     }
 
-    fn put(&self, hash: Vec<u8>, caller: Caller) {
-        if self.ttl.is_zero() {
+    /// Caches a token read as valid, unless an eviction happened since `seen` (the
+    /// read may predate a revocation).
+    fn put(&self, hash: Vec<u8>, caller: Caller, seen: u64) {
+        if !self.in_use() {
             return;
         }
         let mut entries = self.lock();
+        if self.evictions() != seen {
+            return;
+        }
         if entries.len() >= TOKEN_CACHE_ENTRIES {
             entries.clear();
         }
@@ -218,13 +259,18 @@ impl TokenCache {
 
     /// Forgets the token with this id (it was revoked).
     pub fn evict(&self, token_id: uuid::Uuid) {
-        self.lock()
-            .retain(|_, (caller, _)| caller.token_id != token_id);
+        let mut entries = self.lock();
+        self.evictions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        entries.retain(|_, (caller, _)| caller.token_id != token_id);
     }
 
-    /// Forgets every token (revocations may have been missed).
+    /// Forgets every token.
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut entries = self.lock();
+        self.evictions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        entries.clear();
     }
 }
 
@@ -256,6 +302,7 @@ pub async fn authenticate(
     if let Some(caller) = cache.get(&hash) {
         return Ok(caller);
     }
+    let seen = cache.evictions();
     let row = sqlx::query(
         "SELECT id, tenant, role FROM api_tokens WHERE token_hash = $1 AND revoke_time IS NULL",
     )
@@ -274,7 +321,7 @@ pub async fn authenticate(
             .parse()
             .map_err(|e: String| ApiError::Internal(sluice_infra::store::StoreError::Corrupt(e)))?,
     };
-    cache.put(hash, caller.clone());
+    cache.put(hash, caller.clone(), seen);
     Ok(caller)
 }
 
@@ -370,16 +417,35 @@ mod tests {
     #[test]
     fn the_token_cache_expires_evicts_and_can_be_off() {
         let hash = hash_token("sluice_x");
+        let viewer = || caller("t1", Role::Viewer);
         let cache = TokenCache::new(std::time::Duration::from_millis(50));
-        cache.put(hash.clone(), caller("t1", Role::Viewer));
+        cache.put(hash.clone(), viewer(), cache.evictions());
+        assert!(
+            cache.get(&hash).is_none(),
+            "nothing cached until revocations are heard"
+        );
+        cache.listening();
+        cache.put(hash.clone(), viewer(), cache.evictions());
         assert_eq!(cache.get(&hash).map(|c| c.tenant), Some("t1".into()));
         std::thread::sleep(std::time::Duration::from_millis(60));
         assert!(cache.get(&hash).is_none(), "expired");
-        cache.put(hash.clone(), caller("t1", Role::Viewer));
+        cache.put(hash.clone(), viewer(), cache.evictions());
         cache.evict(uuid::Uuid::nil());
         assert!(cache.get(&hash).is_none(), "evicted by token id");
+        // A lookup that started before an eviction does not cache what it read.
+        let before = cache.evictions();
+        cache.evict(uuid::Uuid::nil());
+        cache.put(hash.clone(), viewer(), before);
+        assert!(cache.get(&hash).is_none(), "a read that raced a revocation");
+        cache.put(hash.clone(), viewer(), cache.evictions());
+        cache.deaf();
+        assert!(
+            cache.get(&hash).is_none(),
+            "unused while revocations may be missed"
+        );
         let off = TokenCache::new(std::time::Duration::ZERO);
-        off.put(hash.clone(), caller("t1", Role::Viewer));
+        off.listening();
+        off.put(hash.clone(), viewer(), off.evictions());
         assert!(
             off.get(&hash).is_none(),
             "a zero time to live caches nothing"

@@ -259,12 +259,12 @@ async fn listen_for_changes(
                 .listen_all(["sluice_pipelines", auth::REVOKED_CHANNEL])
                 .await?;
             // Listening now: whatever was revoked before is seen by the lookups.
-            tokens.clear();
+            tokens.listening();
             loop {
                 let Some(notification) = listener.try_recv().await? else {
-                    tokens.clear();
+                    // The connection dropped: subscribe again on a new one (below).
                     changes.send_modify(|n| *n += 1);
-                    continue;
+                    return Ok(());
                 };
                 if notification.channel() == auth::REVOKED_CHANNEL {
                     match notification.payload().parse() {
@@ -277,7 +277,7 @@ async fn listen_for_changes(
             }
         };
         let result: Result<(), sqlx::Error> = listener.await;
-        tokens.clear();
+        tokens.deaf();
         if let Err(e) = result {
             tracing::warn!(error = %e, "change notifications interrupted; watchers poll meanwhile");
         }

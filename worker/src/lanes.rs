@@ -323,6 +323,21 @@ impl Reader<'_> {
             if self.cancel.is_cancelled() {
                 return Err(ActivityError::Cancelled);
             }
+            // The slice's part of the records budget, held until its transaction
+            // committed (an attempt that fails gives it back: a source or broker that
+            // keeps failing must not hold it through its retries). A slice is read
+            // smaller than the source's size when that would take more than a quarter
+            // of the budget.
+            let limit = source
+                .slice_size()
+                .min(self.ctx.read_records.records_in_share(per_record));
+            let held = std::sync::Mutex::new(Some(
+                self.ctx
+                    .read_records
+                    .reserve(limit * per_record, self.cancel)
+                    .await?,
+            ));
+            let give_back = || drop(held.lock().unwrap_or_else(|e| e.into_inner()).take());
             // A worker that lost the pipeline must not produce another slice. (Should it
             // still, its transaction is fenced once the new owner's producer starts,
             // and the write lane drops a replayed slice.)
@@ -331,22 +346,17 @@ impl Reader<'_> {
                     store::check_epoch(&self.ctx.pool, self.claim)
                 })
                 .await?;
-            // The slice's part of the records budget, held until its transaction
-            // committed. A slice is read smaller than the source's size when that
-            // would take more than a quarter of the budget.
-            let limit = source
-                .slice_size()
-                .min(self.ctx.read_records.records_in_share(per_record));
-            let mut reservation = self
-                .ctx
-                .read_records
-                .reserve(limit * per_record, self.cancel)
-                .await?;
             let started = tokio::time::Instant::now();
             let slice = self
                 .activities
-                .run("read-slice", self.cancel, || {
-                    source.read(&self.ctx.connectors, stream, mode, after.as_ref(), limit)
+                .run("read-slice", self.cancel, || async {
+                    let read = source
+                        .read(&self.ctx.connectors, stream, mode, after.as_ref(), limit)
+                        .await;
+                    if read.is_err() {
+                        give_back();
+                    }
+                    read
                 })
                 .await?;
             Stages::add(&self.stages.read, started);
@@ -369,12 +379,21 @@ impl Reader<'_> {
             if !encoded.is_empty() {
                 per_record = (cost / encoded.len()).max(1);
             }
-            reservation.resize(cost, self.cancel).await?;
+            let mut reservation = held.into_inner().unwrap_or_else(|e| e.into_inner());
+            match reservation.as_mut() {
+                Some(r) => r.resize(cost, self.cancel).await?,
+                None => reservation = Some(self.ctx.read_records.reserve(cost, self.cancel).await?),
+            }
+            let held = std::sync::Mutex::new(reservation);
             let producing = tokio::time::Instant::now();
             let produced = self
                 .activities
                 .run("produce-slice", self.cancel, || async {
-                    self.producer.lock().await.produce(topic, &encoded).await
+                    let produced = self.producer.lock().await.produce(topic, &encoded).await;
+                    if produced.is_err() {
+                        drop(held.lock().unwrap_or_else(|e| e.into_inner()).take());
+                    }
+                    produced
                 })
                 .await?;
             Stages::add(&self.stages.produce, producing);
@@ -430,7 +449,7 @@ impl Reader<'_> {
                 return Ok(end);
             }
             let pace = source.pace(slice.records.len());
-            drop((slice, encoded, reservation));
+            drop((slice, encoded, held));
             tokio::select! {
                 _ = self.cancel.cancelled() => return Err(ActivityError::Cancelled),
                 _ = tokio::time::sleep_until(started + pace) => {}
@@ -1225,6 +1244,10 @@ async fn consume_and_write(
         // transaction back, and the batch is read again from the stored offset.
         let mut next = Vec::new();
         let mut next_bytes = 0;
+        // A failing attempt gives the lane's part of the budget back: a destination
+        // that keeps failing must not hold it through its retries while the other
+        // lanes wait for it.
+        let held = std::sync::Mutex::new(reservation.take());
         let written = {
             let write = activities.run("write-batch", cancel, || async {
                 let catalog = lane
@@ -1232,9 +1255,14 @@ async fn consume_and_write(
                     .read()
                     .expect("catalog lock is never poisoned")
                     .clone();
-                lane.destination
+                let result = lane
+                    .destination
                     .write(&ctx.connectors, target, &catalog, &batch)
-                    .await
+                    .await;
+                if result.is_err() {
+                    drop(held.lock().unwrap_or_else(|e| e.into_inner()).take());
+                }
+                result
             });
             tokio::pin!(write);
             loop {
@@ -1269,7 +1297,7 @@ async fn consume_and_write(
             Err(e) => return Err(e),
         }
         // Back in line for the next batch: lanes with long backlogs take turns.
-        reservation = None;
+        drop(held);
         batch = next;
         batch_bytes = next_bytes;
     }

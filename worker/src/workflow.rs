@@ -131,8 +131,13 @@ async fn run(
     // The ownership history's row of this claim ends once the lanes have halted (release
     // has ended it already on a graceful stop). Best effort: a row left open reads as an
     // owner that never said it stopped.
-    if let Err(e) = store::end_ownership(&ctx.pool, &claim, ended).await {
-        tracing::warn!(pipeline_id = id, error = %e, "could not record the end of ownership");
+    let recorded = tokio::time::timeout(
+        ctx.attempt_timeout,
+        store::end_ownership(&ctx.pool, &claim, ended),
+    )
+    .await;
+    if !matches!(recorded, Ok(Ok(()))) {
+        tracing::warn!(pipeline_id = id, "could not record the end of ownership");
     }
 }
 
