@@ -603,6 +603,33 @@ pub async fn get(client: &mut Client, id: &str) -> Result<pb::Pipeline, tonic::S
         .map(tonic::Response::into_inner)
 }
 
+/// Creates ACTIVE generator pipelines `<prefix>-<i>` for every i of `range`, each of
+/// `count` records into a table of its own (dropped with the pipeline); reports every
+/// thousandth on stderr.
+pub async fn create_generator_fleet(
+    d: &Deployment,
+    client: &mut Client,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    count: u64,
+) -> Result<()> {
+    for i in range {
+        client
+            .create_pipeline(generator_pipeline(
+                &format!("{prefix}-{i}"),
+                count,
+                1,
+                d.destination(&unique(&format!("{prefix}_{i}")), true),
+                pb::DesiredStatus::Active,
+            ))
+            .await?;
+        if (i + 1) % 1000 == 0 {
+            eprintln!("created {}", i + 1);
+        }
+    }
+    Ok(())
+}
+
 /// Polls `check` until it returns Some or `timeout` passes.
 /// Waits until `n` pipelines of the deployment are READY, owned, for their current
 /// generation (read from the database: one query for a whole fleet).

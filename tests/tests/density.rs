@@ -8,22 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sluice_e2e::procstat::{settled, thread_names};
 use sluice_e2e::*;
-use sluice_protocol::pb::{DesiredStatus, PipelineStatus};
+use sluice_protocol::pb::PipelineStatus;
 
 const CONVERGE: Duration = Duration::from_secs(300);
 
 async fn create_ready(d: &Deployment, client: &mut Client, from: usize, to: usize) -> Result<()> {
-    for i in from..to {
-        client
-            .create_pipeline(generator_pipeline(
-                &format!("dense-{i}"),
-                5,
-                1,
-                d.destination(&unique(&format!("dense_{i}")), true),
-                DesiredStatus::Active,
-            ))
-            .await?;
-    }
+    create_generator_fleet(d, client, "dense", from..to, 5).await?;
     for i in from..to {
         wait_converged(
             client,

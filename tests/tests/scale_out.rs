@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use sluice_e2e::*;
-use sluice_protocol::pb::DesiredStatus;
 
 const CONVERGE: Duration = Duration::from_secs(600);
 const SPREAD_WITHIN: Duration = Duration::from_secs(30);
@@ -43,17 +42,7 @@ async fn two_workers_join_and_take_their_share_with_no_double_ownership() -> Res
     d.signal_partitions = 12;
     let mut client = d.start_control_plane().await?;
     d.start_worker("w1").await?;
-    for i in 0..n {
-        client
-            .create_pipeline(generator_pipeline(
-                &format!("out-{i}"),
-                5,
-                1,
-                d.destination(&unique(&format!("out_{i}")), true),
-                DesiredStatus::Active,
-            ))
-            .await?;
-    }
+    create_generator_fleet(&d, &mut client, "out", 0..n, 5).await?;
     wait_fleet_ready(&d.pool, n, CONVERGE).await?;
     let (before, _) = owners(&d).await?;
     ensure!(

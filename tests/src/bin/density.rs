@@ -13,7 +13,6 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use sluice_e2e::procstat::settled;
 use sluice_e2e::*;
-use sluice_protocol::pb::DesiredStatus;
 
 const GOAL_KB_PER_PIPELINE: f64 = 50.0;
 
@@ -68,21 +67,7 @@ async fn main() -> Result<()> {
 }
 
 async fn create(d: &Deployment, client: &mut Client, from: usize, to: usize) -> Result<()> {
-    for i in from..to {
-        client
-            .create_pipeline(generator_pipeline(
-                &format!("dense-{i}"),
-                1,
-                1,
-                d.destination(&format!("dense_{i}"), true),
-                DesiredStatus::Active,
-            ))
-            .await?;
-        if (i + 1) % 1000 == 0 {
-            eprintln!("created {}", i + 1);
-        }
-    }
-    Ok(())
+    create_generator_fleet(d, client, "dense", from..to, 1).await
 }
 
 async fn ready(d: &Deployment, n: usize) -> Result<()> {

@@ -41,17 +41,7 @@ async fn main() -> Result<()> {
     ];
     let mut client = d.start_control_plane().await?;
     d.start_worker("bench-worker").await?;
-    for i in 0..args.others {
-        client
-            .create_pipeline(generator_pipeline(
-                &format!("other-{i}"),
-                1,
-                1,
-                d.destination(&unique(&format!("other_{i}")), true),
-                DesiredStatus::Active,
-            ))
-            .await?;
-    }
+    create_generator_fleet(&d, &mut client, "other", 0..args.others, 1).await?;
     wait_fleet_ready(&d.pool, args.others, Duration::from_secs(3600)).await?;
     if args.others > 0 {
         println!("{} other pipelines READY", args.others);
