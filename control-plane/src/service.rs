@@ -86,9 +86,12 @@ pub struct Inputs {
 
 impl Inputs {
     /// Stores `input` in the incarnation's inputs topic and returns its offset once
-    /// Kafka has acknowledged it.
+    /// Kafka has acknowledged it. The first input of an incarnation makes the topic and
+    /// then tells the owner (through the outbox) to start reading it.
     async fn store(
         &self,
+        pool: &PgPool,
+        outbox_wakeup: &Notify,
         record: &PipelineRecord,
         input: serde_json::Value,
     ) -> Result<i64, ApiError> {
@@ -111,6 +114,9 @@ impl Inputs {
                 )
                 .await
                 .map_err(|e| ApiError::KafkaUnavailable(e.to_string()))?;
+            if !record.inputs_open && store::open_inputs(pool, record).await? {
+                outbox_wakeup.notify_one();
+            }
             self.ready
                 .lock()
                 .expect("topic set lock is never poisoned")
@@ -303,7 +309,10 @@ impl PipelineApi {
         spec.source
             .input_records(&input)
             .map_err(|why| FieldViolation::new("input", why))?;
-        let sequence = self.inputs.store(&record, input).await?;
+        let sequence = self
+            .inputs
+            .store(&self.pool, &self.outbox_wakeup, &record, input)
+            .await?;
         tracing::debug!(tenant = %record.tenant, pipeline = %record.name, sequence, "input stored");
         Ok(pb::PushSourceInputResponse { sequence })
     }

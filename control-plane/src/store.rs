@@ -216,6 +216,31 @@ async fn insert_signal(
     Ok(())
 }
 
+/// Records that `record`'s incarnation has its inputs topic and signals the owner, which
+/// starts the live lane; true if this call did (an incarnation opens its inputs once).
+pub async fn open_inputs(pool: &PgPool, record: &PipelineRecord) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let sql = format!(
+        "UPDATE pipelines SET inputs_incarnation = incarnation \
+         WHERE id = $1 AND incarnation = $2 AND inputs_incarnation IS DISTINCT FROM incarnation \
+         RETURNING {PIPELINE_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(&record.id)
+        .bind(record.incarnation)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let opened = match row {
+        Some(row) => {
+            insert_signal(&mut tx, &record_from_row(&row)?).await?;
+            true
+        }
+        None => false,
+    };
+    tx.commit().await?;
+    Ok(opened)
+}
+
 pub async fn fetch_pipeline(
     pool: &PgPool,
     pipeline: &PipelineRef,

@@ -244,6 +244,26 @@ impl Admin {
         Err(KafkaAdminError::NotVisible(topic.to_owned()))
     }
 
+    /// Topics whose names start with `prefix`, and their partitions all told.
+    pub async fn topics_under(&self, prefix: &str) -> Result<(usize, usize), KafkaAdminError> {
+        let client = Arc::clone(&self.client);
+        // fetch_metadata blocks the calling thread.
+        let metadata = tokio::task::spawn_blocking(move || {
+            client.inner().fetch_metadata(None, Duration::from_secs(30))
+        })
+        .await
+        .expect("metadata task does not panic")?;
+        let topics: Vec<_> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name().starts_with(prefix))
+            .collect();
+        Ok((
+            topics.len(),
+            topics.iter().map(|t| t.partitions().len()).sum(),
+        ))
+    }
+
     pub async fn partition_count(&self, topic: &str) -> Result<Option<i32>, KafkaAdminError> {
         let client = Arc::clone(&self.client);
         let topic = topic.to_owned();

@@ -25,7 +25,7 @@ pub enum StoreError {
 pub const PIPELINE_COLUMNS: &str = "id, tenant, name, spec, desired_status, status, generation, \
      observed_generation, owner, owner_epoch, last_error, partition, incarnation, \
      pending_activity, sync_requests, reset_request, create_time, update_time, \
-     unassigned_reason";
+     unassigned_reason, inputs_incarnation";
 
 /// Limits on every session of Sluice's own database, so that no session waits for ever
 /// behind another: a process stopped in the middle of a transaction (SIGSTOP, a VM
@@ -145,6 +145,8 @@ pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
     let status: Option<String> = row.try_get("status")?;
     let create_time: DateTime<Utc> = row.try_get("create_time")?;
     let update_time: DateTime<Utc> = row.try_get("update_time")?;
+    let incarnation: i64 = row.try_get("incarnation")?;
+    let inputs_incarnation: Option<i64> = row.try_get("inputs_incarnation")?;
     Ok(PipelineRecord {
         id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
@@ -161,7 +163,8 @@ pub fn record_from_row(row: &PgRow) -> Result<PipelineRecord, StoreError> {
         owner_epoch: row.try_get("owner_epoch")?,
         last_error: row.try_get("last_error")?,
         partition: row.try_get("partition")?,
-        incarnation: row.try_get("incarnation")?,
+        incarnation,
+        inputs_open: inputs_incarnation == Some(incarnation),
         pending_activity: row
             .try_get::<Option<serde_json::Value>, _>("pending_activity")?
             .map(serde_json::from_value)

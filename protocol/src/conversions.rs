@@ -32,6 +32,9 @@ pub struct PipelineRecord {
     /// Which life of this key the row is: a new value every time the pipeline is
     /// created, so an id deleted and created again is a new incarnation.
     pub incarnation: i64,
+    /// Whether this incarnation's inputs topic exists (made on the first
+    /// PushSourceInput); its live lane runs only then.
+    pub inputs_open: bool,
     /// The activity the owning worker is retrying, if any.
     pub pending_activity: Option<PendingActivity>,
     /// Why no worker owns the pipeline, when the worker of its partition declined it.

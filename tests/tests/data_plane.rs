@@ -804,7 +804,23 @@ async fn stripe_objects_land_typed_and_events_update_them() -> Result<()> {
         "a stream the spec does not select was read"
     );
 
-    // Events through the live lane.
+    // Events through the live lane, which a READY pipeline starts on its first input:
+    // until then it has no inputs topic.
+    let incarnation: i64 = sqlx::query_scalar("SELECT incarnation FROM pipelines WHERE id = $1")
+        .bind(sluice_e2e::key("stripe"))
+        .fetch_one(&d.pool)
+        .await?;
+    let inputs = sluice_protocol::topics::inputs_topic(
+        &d.topic_namespace,
+        &sluice_e2e::key("stripe"),
+        incarnation,
+    );
+    let admin =
+        sluice_infra::kafka::KafkaSettings::new(d.infra.kafka_bootstrap_servers.clone()).admin()?;
+    ensure!(
+        admin.partition_count(&inputs).await?.is_none(),
+        "inputs topic {inputs} made before any input was pushed"
+    );
     let mut customer = stripe.get("/v1/customers").await?["data"][0].clone();
     let id = customer["id"].as_str().context("an id")?.to_owned();
     customer["email"] = json!("updated@example.com");
@@ -865,17 +881,6 @@ async fn stripe_objects_land_typed_and_events_update_them() -> Result<()> {
         .await?;
     ensure!(count == 1, "{count} customers");
     // Applied inputs are deleted from the inputs topic: its log start reaches them.
-    let incarnation: i64 = sqlx::query_scalar("SELECT incarnation FROM pipelines WHERE id = $1")
-        .bind(sluice_e2e::key("stripe"))
-        .fetch_one(&d.pool)
-        .await?;
-    let inputs = sluice_protocol::topics::inputs_topic(
-        &d.topic_namespace,
-        &sluice_e2e::key("stripe"),
-        incarnation,
-    );
-    let admin =
-        sluice_infra::kafka::KafkaSettings::new(d.infra.kafka_bootstrap_servers.clone()).admin()?;
     wait_for("applied inputs deleted from Kafka", CONVERGE, || async {
         let (low, high) = admin.watermarks(&inputs, 0).await?;
         Ok((low == high && low >= 3).then_some(()))

@@ -91,6 +91,8 @@ pub enum LaneEvent {
 pub struct Lanes {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The live lane, until it is started (on the pipeline's first pushed input).
+    live: Option<(Activities, LiveLane, mpsc::UnboundedSender<LaneEvent>)>,
     /// Next records-topic offset the destination has committed (-1 until known).
     pub committed: watch::Receiver<i64>,
     /// How many syncs were asked for (TriggerSync), all told.
@@ -105,6 +107,8 @@ pub struct LaneParams {
     pub topic: String,
     /// The topic pushed inputs wait in.
     pub inputs_topic: String,
+    /// Whether that topic exists (an input was pushed): the live lane starts only then.
+    pub inputs_open: bool,
     /// The streams the spec selects (empty: all).
     pub streams: Vec<String>,
     pub schedule: Option<Schedule>,
@@ -167,19 +171,15 @@ impl Lanes {
             records_start_offset: params.checkpoint.records_start_offset,
             spec_version: params.checkpoint.spec_version,
         };
-        let live = tokio::spawn(live_lane(
-            activities.clone(),
-            LiveLane {
-                source: Arc::clone(&params.source),
-                inputs_topic: params.inputs_topic,
-                records_topic: params.topic.clone(),
-                catalog: Arc::clone(&catalog),
-                spec_version: params.checkpoint.spec_version,
-                after: params.checkpoint.live_after,
-            },
-            cancel.clone(),
-            events.clone(),
-        ));
+        let live = LiveLane {
+            source: Arc::clone(&params.source),
+            inputs_topic: params.inputs_topic,
+            records_topic: params.topic.clone(),
+            catalog: Arc::clone(&catalog),
+            spec_version: params.checkpoint.spec_version,
+            after: params.checkpoint.live_after,
+        };
+        let live = Some((activities.clone(), live, events.clone()));
         let read = tokio::spawn(read_lane(
             activities.clone(),
             ReadLane {
@@ -204,11 +204,26 @@ impl Lanes {
             events,
             committed_tx,
         ));
-        Self {
+        let mut lanes = Self {
             cancel,
-            tasks: vec![read, live, write, forward],
+            tasks: vec![read, write, forward],
+            live,
             committed,
             sync_requests,
+        };
+        if params.inputs_open {
+            lanes.open_inputs();
+        }
+        lanes
+    }
+
+    /// Starts the live lane, unless it runs already: the pipeline's inputs topic
+    /// exists.
+    pub fn open_inputs(&mut self) {
+        if let Some((activities, lane, events)) = self.live.take() {
+            let cancel = self.cancel.clone();
+            self.tasks
+                .push(tokio::spawn(live_lane(activities, lane, cancel, events)));
         }
     }
 
@@ -223,6 +238,9 @@ impl Lanes {
 
     /// Stops every lane at its next safe point and waits for them.
     pub async fn stop(self) {
+        // A live lane never started holds a sender of the events the forwarding task
+        // waits on: dropped first, or that task would wait for ever.
+        drop(self.live);
         self.cancel.cancel();
         for task in self.tasks {
             let _ = task.await;

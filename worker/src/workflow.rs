@@ -257,6 +257,9 @@ async fn own(
         wf.pass = stop.child_token();
         let pass = wf.pass.clone();
         let mut interrupted = false;
+        // A signal that changed no generation (the first pushed input opened the inputs
+        // topic) is acted on by another pass once this one ends.
+        let mut woken = false;
         let outcome = {
             let reconcile = wf.reconcile(&row).instrument(pass_span.clone());
             tokio::pin!(reconcile);
@@ -270,6 +273,8 @@ async fn own(
                         if generation_changed(ctx, id, row.generation).await {
                             interrupted = true;
                             pass.cancel();
+                        } else {
+                            woken = true;
                         }
                     }
                     _ = tokio::time::sleep(ctx.resync_interval), if !interrupted => {
@@ -281,6 +286,7 @@ async fn own(
                 }
             }
         };
+        let again = interrupted || (woken && matches!(outcome, Ok(Flow::Continue)));
         match outcome {
             Ok(Flow::Removed) => {
                 tracing::info!(pipeline_id = id, "pipeline torn down and removed");
@@ -324,7 +330,7 @@ async fn own(
                 }
             }
         }
-        if interrupted {
+        if again {
             continue;
         }
 
@@ -475,8 +481,11 @@ impl Workflow {
             .map_err(|v| format!("stored spec is invalid: {v}"));
         let fingerprint = spec_fingerprint(&row.spec, registry());
         self.activities.set_retry(row.spec.retry.as_ref());
-        if let Some(lanes) = &self.lanes {
+        if let Some(lanes) = &mut self.lanes {
             lanes.request_syncs(row.sync_requests);
+            if row.inputs_open {
+                lanes.open_inputs();
+            }
         }
         let mut backfill_complete = None;
         let mut reset_pending = row.reset_request.is_some();
@@ -519,8 +528,7 @@ impl Workflow {
                     let valid = spec
                         .as_ref()
                         .map_err(|why| ActivityError::config(why.clone()))?;
-                    self.setup(valid, &row.spec.streams, &fingerprint, generation)
-                        .await?;
+                    self.setup(valid, row, &fingerprint).await?;
                     self.setup_ran = true;
                 }
                 Step::CheckBackfill => {
@@ -557,6 +565,7 @@ impl Workflow {
                                 &claim.key,
                                 claim.incarnation,
                             ),
+                            inputs_open: row.inputs_open,
                             streams: row.spec.streams.clone(),
                             schedule,
                             sync_requests: row.sync_requests,
@@ -665,14 +674,16 @@ impl Workflow {
 
     /// Setup: discovers the streams, creates the records topic and what the
     /// destination needs for them, and records both in the checkpoint. A changed spec
-    /// starts a new spec version: the backfill reads everything again.
+    /// starts a new spec version: the backfill reads everything again. The inputs
+    /// topic is the control plane's to make, on the first push; setup only makes sure
+    /// of it once it was made.
     async fn setup(
         &mut self,
         spec: &ValidatedSpec,
-        selected: &[String],
+        row: &PipelineRecord,
         fingerprint: &str,
-        generation: i64,
     ) -> Result<(), ActivityError> {
+        let (selected, generation) = (&row.spec.streams, row.generation);
         if self.status != Some(PipelineStatus::Setup) {
             self.set_status(PipelineStatus::Setup, generation, "setting up")
                 .await?;
@@ -697,7 +708,12 @@ impl Workflow {
                 }
                 // Records (and pushed inputs) are kept until the pipeline is deleted: a
                 // long pause must not let unwritten records expire.
-                for t in [&topic, &inputs] {
+                let made = if row.inputs_open {
+                    &[&topic, &inputs][..]
+                } else {
+                    &[&topic][..]
+                };
+                for t in made {
                     ctx.admin
                         .ensure_topic(t, 1, ctx.replication_factor, &[("retention.ms", "-1")])
                         .await?;

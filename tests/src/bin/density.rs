@@ -44,6 +44,11 @@ async fn main() -> Result<()> {
     ready(&d, args.pipelines).await?;
     let took = started.elapsed();
     let lots = settled(pid).await?;
+    let admin =
+        sluice_infra::kafka::KafkaSettings::new(d.infra.kafka_bootstrap_servers.clone()).admin()?;
+    let (topics, partitions) = admin
+        .topics_under(&format!("{}.", d.topic_namespace))
+        .await?;
     let added = (args.pipelines - 10) as f64;
     let per_pipeline = (lots.rss_kb as f64 - few.rss_kb as f64) / added;
     println!(
@@ -59,9 +64,9 @@ async fn main() -> Result<()> {
     );
     println!(
         "RSS per idle pipeline {per_pipeline:.1} KB = {:.2}x the {GOAL_KB_PER_PIPELINE} KB goal; \
-         Kafka partitions used: {} (a records and an inputs topic of one partition each)",
+         Kafka: {topics} topics, {partitions} partitions in the deployment's namespace \
+         (inputs topics are made on a pipeline's first push; none was pushed to)",
         per_pipeline / GOAL_KB_PER_PIPELINE,
-        2 * args.pipelines
     );
     d.shutdown().await
 }
