@@ -541,16 +541,56 @@ impl PipelineApi {
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         let mask = parse_mask(&paths, &patch)?;
 
+        // Optimistic first: read the row, work the change out, and write it in one
+        // statement only if the row is still at the generation read (two round trips, no
+        // transaction held across them). Should another change have come in between, the
+        // row is read again under its lock, where nothing can.
+        if !req.validate_only {
+            let current = store::fetch_pipeline(&self.pool, &target)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(pipeline.id.clone()))?;
+            let change = match self.plan_update(&current, &pipeline, &patch, &mask)? {
+                Some(change) => change,
+                None => return Ok(current),
+            };
+            if let Some(record) =
+                store::write_desired_at(&self.pool, &current, change.0, &change.1).await?
+            {
+                return Ok(self.updated(caller, record));
+            }
+        }
         let mut tx = self.pool.begin().await?;
         let current = store::lock_pipeline(&mut tx, &target)
             .await?
             .ok_or_else(|| ApiError::NotFound(pipeline.id.clone()))?;
-        if current.desired_status == DesiredStatus::Deleted {
-            return Err(ApiError::Deleted(pipeline.id));
+        let Some((desired, spec)) = self.plan_update(&current, &pipeline, &patch, &mask)? else {
+            return Ok(current);
+        };
+        let record = store::write_desired_at(&mut *tx, &current, desired, &spec)
+            .await?
+            .ok_or_else(changed_under_lock)?;
+        if req.validate_only {
+            tx.rollback().await?;
+            return Ok(record);
         }
-        check_etag(&current, &pipeline.id, &pipeline.etag)?;
-        let (desired, mut spec) =
-            apply_patch(current.desired_status, &current.spec, &patch, &mask)?;
+        tx.commit().await?;
+        Ok(self.updated(caller, record))
+    }
+
+    /// What an update makes of `current`: the desired status and the spec to store, or
+    /// None when it changes nothing.
+    fn plan_update(
+        &self,
+        current: &PipelineRecord,
+        pipeline: &pb::Pipeline,
+        patch: &sluice_protocol::mask::PipelinePatch,
+        mask: &[sluice_protocol::mask::MaskPath],
+    ) -> Result<Option<(DesiredStatus, serde_json::Value)>, ApiError> {
+        if current.desired_status == DesiredStatus::Deleted {
+            return Err(ApiError::Deleted(pipeline.id.clone()));
+        }
+        check_etag(current, &pipeline.id, &pipeline.etag)?;
+        let (desired, mut spec) = apply_patch(current.desired_status, &current.spec, patch, mask)?;
         restore_redacted(&mut spec, &current.spec, registry());
         // A pipeline's destination keeps its bookkeeping (offsets, table ownership) in
         // a place of its type: another type would start over somewhere else while the
@@ -574,30 +614,26 @@ impl PipelineApi {
         let retry_requested = current.status == Some(PipelineStatus::Error)
             && mask.contains(&sluice_protocol::mask::MaskPath::DesiredStatus);
         if unchanged && !retry_requested {
-            return Ok(current);
+            return Ok(None);
         }
-        let record = store::write_desired(
-            &mut tx,
-            &current.id,
+        Ok(Some((
             desired,
-            &stored_spec_json(&spec, registry(), &current.id)?,
-        )
-        .await?;
-        if req.validate_only {
-            tx.rollback().await?;
-            return Ok(record);
-        }
-        tx.commit().await?;
+            stored_spec_json(&spec, registry(), &current.id)?,
+        )))
+    }
+
+    /// After an update committed: the outbox relay is woken, the change logged.
+    fn updated(&self, caller: &Caller, record: PipelineRecord) -> PipelineRecord {
         self.outbox_wakeup.notify_one();
         tracing::info!(
             tenant = %record.tenant,
             pipeline = %record.name,
             token = %caller.token_id,
-            desired_status = %desired,
+            desired_status = %record.desired_status,
             generation = record.generation,
             "pipeline updated"
         );
-        Ok(record)
+        record
     }
 
     async fn delete(
@@ -631,7 +667,9 @@ impl PipelineApi {
             current
         } else {
             let stored = stored_spec_json(&current.spec, registry(), &current.id)?;
-            store::write_desired(&mut tx, &current.id, DesiredStatus::Deleted, &stored).await?
+            store::write_desired_at(&mut *tx, &current, DesiredStatus::Deleted, &stored)
+                .await?
+                .ok_or_else(changed_under_lock)?
         };
         let response = record_to_pb(&record, registry());
         if let Some(rid) = request_id {
@@ -760,6 +798,13 @@ fn display_id(caller: &Caller, target: &PipelineRef) -> String {
 }
 
 /// Conditional writes (AIP-154): an empty etag means unconditional.
+/// A conditional write of a row locked by the same transaction found it changed.
+fn changed_under_lock() -> ApiError {
+    ApiError::Internal(sluice_infra::store::StoreError::Corrupt(
+        "a locked row changed under its lock".into(),
+    ))
+}
+
 fn check_etag(current: &PipelineRecord, raw_id: &str, sent: &str) -> Result<(), ApiError> {
     let current_etag = current.etag();
     if sent.is_empty() || sent == current_etag {

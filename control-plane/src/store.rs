@@ -171,26 +171,43 @@ pub async fn lock_pipeline(
     row.as_ref().map(record_from_row).transpose()
 }
 
-/// Writes a new desired state, bumps the generation and queues the signal.
-pub async fn write_desired(
-    tx: &mut Transaction<'_, Postgres>,
-    id: &str,
+/// Writes a new desired state if `current` is still what the row holds (same
+/// incarnation, same generation), bumps the generation and queues the signal, in one
+/// statement; None if the row changed since `current` was read.
+pub async fn write_desired_at<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    current: &PipelineRecord,
     desired: DesiredStatus,
     spec: &serde_json::Value,
-) -> Result<PipelineRecord, StoreError> {
+) -> Result<Option<PipelineRecord>, StoreError> {
+    let signal = Signal {
+        pipeline_id: current.id.clone(),
+        generation: current.generation + 1,
+    };
+    // The change's trace goes along with its signal.
+    let traceparent = sluice_infra::telemetry::traceparent(&tracing::Span::current());
     let sql = format!(
-        "UPDATE pipelines SET desired_status = $2, spec = $3, generation = generation + 1, generation_time = now(), \
-         update_time = now() WHERE id = $1 RETURNING {PIPELINE_COLUMNS}"
+        "WITH changed AS ( \
+             UPDATE pipelines SET desired_status = $2, spec = $3, generation = generation + 1, \
+                 generation_time = now(), update_time = now() \
+             WHERE id = $1 AND incarnation = $4 AND generation = $5 \
+             RETURNING {PIPELINE_COLUMNS}), \
+         signal AS ( \
+             INSERT INTO signal_outbox (pipeline_id, partition, payload, traceparent) \
+             SELECT id, partition, $6, $7 FROM changed) \
+         SELECT * FROM changed"
     );
     let row = sqlx::query(&sql)
-        .bind(id)
+        .bind(&current.id)
         .bind(desired.as_str())
         .bind(spec)
-        .fetch_one(&mut **tx)
+        .bind(current.incarnation)
+        .bind(current.generation)
+        .bind(signal.to_bytes())
+        .bind(traceparent)
+        .fetch_optional(executor)
         .await?;
-    let record = record_from_row(&row)?;
-    insert_signal(tx, &record).await?;
-    Ok(record)
+    row.as_ref().map(record_from_row).transpose()
 }
 
 async fn insert_signal(

@@ -94,7 +94,44 @@ async fn concurrent_conditional_updates_have_exactly_one_winner_per_version() ->
         assert_ne!(after.etag, before.etag);
     }
 
-    // Without an etag the write is unconditional.
+    // Without an etag the write is unconditional: 50 at once all land, one generation
+    // and one signal each (an update that lost a race with another is read again and
+    // applied on top, never dropped nor signalled twice).
+    let before = get(&mut client, "race").await?;
+    let signalled_before = signals(&d, "race").await?;
+    let mut tasks = Vec::new();
+    for i in 0..50u64 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .update_pipeline(set_count("race", 5000 + i, ""))
+                .await
+        }));
+    }
+    let mut generations = Vec::new();
+    for task in tasks {
+        generations.push(task.await??.into_inner().generation);
+    }
+    generations.sort_unstable();
+    let expected: Vec<i64> = (before.generation + 1..=before.generation + 50).collect();
+    assert_eq!(generations, expected, "each update its own generation");
+    assert_eq!(
+        get(&mut client, "race").await?.generation,
+        before.generation + 50
+    );
+    let payloads: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT payload FROM signal_outbox WHERE pipeline_id = $1 ORDER BY id")
+            .bind(key("race"))
+            .fetch_all(&d.pool)
+            .await?;
+    let mut signalled: Vec<i64> = payloads
+        .iter()
+        .map(|p| sluice_protocol::signal::Signal::from_bytes(p).map(|s| s.generation))
+        .collect::<Result<_, _>>()?;
+    signalled.sort_unstable();
+    signalled.retain(|g| *g > before.generation);
+    assert_eq!(signalled, expected, "one signal per generation");
+    assert_eq!(signals(&d, "race").await?, signalled_before + 50);
     client.update_pipeline(set_count("race", 7, "")).await?;
     // A stale etag on delete is refused and deletes nothing.
     let err = client
