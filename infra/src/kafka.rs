@@ -171,23 +171,26 @@ impl Admin {
         Ok(high)
     }
 
-    /// Deletes the records of `topic`'s `partition` below `offset` (Kafka's
-    /// DeleteRecords: the log start moves up; later records keep their offsets).
+    /// Deletes, in one request, the records of each `(topic, partition)` below its
+    /// offset (Kafka's DeleteRecords: the log start moves up; later records keep their
+    /// offsets). Returns the ones that failed, with why.
     pub async fn delete_records_before(
         &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-    ) -> Result<(), KafkaAdminError> {
+        below: &[(String, i32, i64)],
+    ) -> Result<Vec<(String, i32, RDKafkaErrorCode)>, KafkaAdminError> {
         let mut list = rdkafka::TopicPartitionList::new();
-        list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))?;
-        let done = self.client.delete_records(&list, &Self::options()).await?;
-        for element in done.elements() {
-            if let Err(e) = element.error() {
-                return Err(e.into());
-            }
+        for (topic, partition, offset) in below {
+            list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))?;
         }
-        Ok(())
+        let done = self.client.delete_records(&list, &Self::options()).await?;
+        Ok(done
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                let code = e.error().err()?.rdkafka_error_code()?;
+                Some((e.topic().to_owned(), e.partition(), code))
+            })
+            .collect())
     }
 
     /// The low and high watermarks of `topic`'s `partition`: the first offset still

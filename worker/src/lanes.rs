@@ -92,7 +92,7 @@ pub struct Lanes {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// The live lane, until it is started (on the pipeline's first pushed input).
-    live: Option<(Activities, LiveLane, mpsc::UnboundedSender<LaneEvent>)>,
+    live: Option<(Activities, LiveLane, LaneEvents)>,
     /// Next records-topic offset the destination has committed (-1 until known).
     pub committed: watch::Receiver<i64>,
     /// How many syncs were asked for (TriggerSync), all told.
@@ -149,15 +149,7 @@ impl Lanes {
         seq: u64,
         events: mpsc::UnboundedSender<(u64, LaneEvent)>,
     ) -> Self {
-        let (lane_tx, mut lane_rx) = mpsc::unbounded_channel();
-        let forward = tokio::spawn(async move {
-            while let Some(event) = lane_rx.recv().await {
-                if events.send((seq, event)).is_err() {
-                    return;
-                }
-            }
-        });
-        let events = lane_tx;
+        let events = LaneEvents { seq, tx: events };
         let cancel = CancellationToken::new();
         let (committed_tx, committed) = watch::channel(-1);
         let (sync_requests, requests) = watch::channel(params.sync_requests);
@@ -206,7 +198,7 @@ impl Lanes {
         ));
         let mut lanes = Self {
             cancel,
-            tasks: vec![read, write, forward],
+            tasks: vec![read, write],
             live,
             committed,
             sync_requests,
@@ -238,9 +230,6 @@ impl Lanes {
 
     /// Stops every lane at its next safe point and waits for them.
     pub async fn stop(self) {
-        // A live lane never started holds a sender of the events the forwarding task
-        // waits on: dropped first, or that task would wait for ever.
-        drop(self.live);
         self.cancel.cancel();
         for task in self.tasks {
             let _ = task.await;
@@ -248,7 +237,21 @@ impl Lanes {
     }
 }
 
-fn failing(events: &mpsc::UnboundedSender<LaneEvent>) -> impl Fn(ActivityError) + '_ {
+/// Where a start of the lanes reports: the workflow's channel, each event tagged with
+/// the start's number.
+#[derive(Clone)]
+struct LaneEvents {
+    seq: u64,
+    tx: mpsc::UnboundedSender<(u64, LaneEvent)>,
+}
+
+impl LaneEvents {
+    fn send(&self, event: LaneEvent) -> Result<(), mpsc::error::SendError<(u64, LaneEvent)>> {
+        self.tx.send((self.seq, event))
+    }
+}
+
+fn failing(events: &LaneEvents) -> impl Fn(ActivityError) + '_ {
     move |e: ActivityError| {
         if !matches!(e, ActivityError::Cancelled) {
             let _ = events.send(LaneEvent::Failed(e));
@@ -484,7 +487,7 @@ async fn read_lane(
     mut requests: watch::Receiver<i64>,
     mut committed: watch::Receiver<i64>,
     cancel: CancellationToken,
-    events: mpsc::UnboundedSender<LaneEvent>,
+    events: LaneEvents,
 ) {
     let fail = failing(&events);
     let claim = activities.claim().clone();
@@ -729,7 +732,7 @@ async fn live_lane(
     activities: Activities,
     mut lane: LiveLane,
     cancel: CancellationToken,
-    events: mpsc::UnboundedSender<LaneEvent>,
+    events: LaneEvents,
 ) {
     let fail = failing(&events);
     let claim = activities.claim().clone();
@@ -752,7 +755,6 @@ async fn live_lane(
     let never = CancellationToken::new();
     // Whether the producer may be open (no timer runs for a lane that has none).
     let mut producing = false;
-    let mut trimmer: Option<(watch::Sender<i64>, AbortOnDrop)> = None;
     let result: Result<(), ActivityError> = async {
         loop {
             // Safe point: no input is open while waiting for the first. A lane that
@@ -837,20 +839,8 @@ async fn live_lane(
                 .await?;
             lane.after = next;
             // Inputs applied are deleted from the inputs topic (its lane reads from
-            // `live_after` on, which never goes back); the trimmer starts with the
-            // first input, so a lane that never gets one costs no task.
-            let (applied, _) = trimmer.get_or_insert_with(|| {
-                let (tx, rx) = watch::channel(lane.after);
-                let task = tokio::spawn(trim_records(
-                    ctx.admin.clone(),
-                    lane.inputs_topic.clone(),
-                    rx,
-                    cancel.clone(),
-                    claim.key.clone(),
-                ));
-                (tx, AbortOnDrop(task))
-            });
-            applied.send_replace(next);
+            // `live_after` on, which never goes back).
+            ctx.trimmer.below(&lane.inputs_topic, RECORDS_PARTITION, next);
         }
     }
     .await;
@@ -1103,7 +1093,7 @@ async fn write_lane(
     activities: Activities,
     lane: WriteLane,
     cancel: CancellationToken,
-    events: mpsc::UnboundedSender<LaneEvent>,
+    events: LaneEvents,
     committed: watch::Sender<i64>,
 ) {
     let fail = failing(&events);
@@ -1129,17 +1119,10 @@ async fn write_lane(
     };
     committed.send_replace(state.next_offset);
     crate::metrics::WORKER.committed(&claim.key, state.next_offset);
-    // Kafka keeps only what the destination has not committed yet.
-    let mut to_trim = committed.subscribe();
-    // What was committed before this lane started is trimmed too.
-    to_trim.mark_changed();
-    let _trimmer = AbortOnDrop(tokio::spawn(trim_records(
-        ctx.admin.clone(),
-        lane.topic.clone(),
-        to_trim,
-        cancel.clone(),
-        claim.key.clone(),
-    )));
+    // Kafka keeps only what the destination has not committed yet (what was committed
+    // before this lane started included).
+    ctx.trimmer
+        .below(&lane.topic, RECORDS_PARTITION, state.next_offset);
     let consumer = activities
         .run("open-records-consumer", &cancel, || async {
             Feed::open(
@@ -1298,6 +1281,8 @@ async fn consume_and_write(
         match written {
             Ok(written) => {
                 committed.send_replace(written.next_offset);
+                ctx.trimmer
+                    .below(&lane.topic, RECORDS_PARTITION, written.next_offset);
                 crate::metrics::WORKER.committed(&target.claim.key, written.next_offset);
                 crate::metrics::WORKER.written(&target.claim.key, written.records.len() as u64);
                 // Runs count what they wrote (a metric: best effort).
@@ -1330,64 +1315,6 @@ fn take(
     batch.push(pending_record(message)?);
     *bytes += message.payload_len() + message.key_len();
     Ok(())
-}
-
-/// How often, at most, a write lane deletes the records its destination committed.
-const TRIM_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Aborts a task when dropped (the task ends with the lane that owns it).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Deletes the records of the records topic below the destination's committed offset,
-/// a few seconds after commits (one DeleteRecords per interval at most). Safe because
-/// every reader of the topic starts at the destination's committed offset or later (a
-/// new owner, a resumed or changed pipeline), and that offset never goes back. The
-/// live lane trims its inputs topic the same way, below the inputs it applied.
-async fn trim_records(
-    admin: sluice_infra::kafka::Admin,
-    topic: String,
-    mut committed: watch::Receiver<i64>,
-    cancel: CancellationToken,
-    pipeline: String,
-) {
-    let mut trimmed = 0i64;
-    let mut retry = false;
-    loop {
-        if !retry {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                changed = committed.changed() => if changed.is_err() { return },
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(TRIM_INTERVAL) => {}
-        }
-        let upto = *committed.borrow_and_update();
-        retry = false;
-        if upto <= trimmed {
-            continue;
-        }
-        match admin
-            .delete_records_before(&topic, RECORDS_PARTITION, upto)
-            .await
-        {
-            Ok(()) => {
-                trimmed = upto;
-                tracing::debug!(pipeline_id = %pipeline, topic, before = upto, "committed records deleted from Kafka");
-            }
-            Err(e) => {
-                retry = true;
-                tracing::warn!(pipeline_id = %pipeline, topic, error = %e, "could not delete committed records; will retry");
-            }
-        }
-    }
 }
 
 /// A consumer error is logged and retried, except one that means the topic does not

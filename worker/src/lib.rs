@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod plan;
 pub mod store;
 pub mod supervisor;
+pub mod trim;
 pub mod workflow;
 
 use std::sync::Arc;
@@ -87,6 +88,8 @@ pub struct WorkerContext {
     /// with full batches) never holds reads back: its backlog waits in Kafka.
     pub read_records: budget::RecordsBudget,
     pub write_records: budget::RecordsBudget,
+    /// Deletes applied records and inputs from Kafka, for every pipeline.
+    pub trimmer: trim::Trimmer,
 }
 
 /// How many runs of one worker read their sources at the same time.
@@ -163,6 +166,13 @@ pub async fn run(
         read_slots: Arc::new(tokio::sync::Semaphore::new(READ_CONCURRENCY)),
         read_records: budget::RecordsBudget::new("read", config.records_memory / 2),
         write_records: budget::RecordsBudget::new("write", config.records_memory / 2),
+        trimmer: trim::Trimmer::default(),
+    });
+    let stop_trimming = CancellationToken::new();
+    let trimming = tokio::spawn({
+        let ctx = Arc::clone(&ctx);
+        let stop = stop_trimming.clone();
+        async move { ctx.trimmer.run(ctx.admin.clone(), stop).await }
     });
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -212,6 +222,8 @@ pub async fn run(
         }
     }
     stop_polling.cancel();
+    stop_trimming.cancel();
+    let _ = trimming.await;
     // Leave the group so the partitions move to the other workers at once.
     consumer.unsubscribe();
     drop(consumer);

@@ -37,6 +37,7 @@ fn context(pool: PgPool, assignment: Arc<Assignment>) -> Arc<WorkerContext> {
         read_slots: Arc::new(tokio::sync::Semaphore::new(1)),
         read_records: sluice_worker::budget::RecordsBudget::new("read", 32 << 20),
         write_records: sluice_worker::budget::RecordsBudget::new("write", 32 << 20),
+        trimmer: Default::default(),
     })
 }
 
