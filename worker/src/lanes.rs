@@ -539,9 +539,9 @@ async fn read_lane(
                         .await?;
                     progress.sync_started = true;
                 }
-                let end = reader
-                    .read_stream(lane.source.as_ref(), &lane.topic, stream, &mut progress, ReadMode::Backfill, &tags)
-                    .await?;
+                // Boxed (here and below): the lane's future would otherwise keep the
+                // size of a read while it idles.
+                let end = Box::pin(reader.read_stream(lane.source.as_ref(), &lane.topic, stream, &mut progress, ReadMode::Backfill, &tags)).await?;
                 if let Some(end) = end {
                     lane.checkpoint.backfill_end_offset = lane.checkpoint.backfill_end_offset.max(end);
                 }
@@ -667,17 +667,13 @@ async fn read_lane(
                         progress.sync_started = true;
                     }
                     end = end.max(
-                        reader
-                            .read_stream(lane.source.as_ref(), &lane.topic, stream, &mut progress, ReadMode::Backfill, &tags)
-                            .await?,
+                        Box::pin(reader.read_stream(lane.source.as_ref(), &lane.topic, stream, &mut progress, ReadMode::Backfill, &tags)).await?,
                     );
                 }
                 tags.lane = Lane::Sync;
                 if progress.sync_after.is_some() {
                     end = end.max(
-                        reader
-                            .read_stream(lane.source.as_ref(), &lane.topic, stream, &mut progress, ReadMode::Sync, &tags)
-                            .await?,
+                        Box::pin(reader.read_stream(lane.source.as_ref(), &lane.topic, stream, &mut progress, ReadMode::Sync, &tags)).await?,
                     );
                 }
                 lane.checkpoint.streams.insert(stream.name.clone(), progress);
@@ -1250,7 +1246,8 @@ async fn consume_and_write(
         // lanes wait for it.
         let held = std::sync::Mutex::new(reservation.take());
         let written = {
-            let write = activities.run("write-batch", cancel, || async {
+            // Boxed: the lane's future would otherwise keep a write's size while idle.
+            let mut write = Box::pin(activities.run("write-batch", cancel, || async {
                 let catalog = lane
                     .catalog
                     .read()
@@ -1264,8 +1261,7 @@ async fn consume_and_write(
                     drop(held.lock().unwrap_or_else(|e| e.into_inner()).take());
                 }
                 result
-            });
-            tokio::pin!(write);
+            }));
             loop {
                 tokio::select! {
                     biased;

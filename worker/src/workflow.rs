@@ -248,9 +248,11 @@ async fn own(
         }
         if !fenced_early {
             fenced_early = true;
-            wf.fence_destination_early(&row)
-                .instrument(pass_span.clone())
-                .await;
+            Box::pin(
+                wf.fence_destination_early(&row)
+                    .instrument(pass_span.clone()),
+            )
+            .await;
         }
         wf.status = row.status;
         wf.observed = row.observed_generation;
@@ -261,8 +263,9 @@ async fn own(
         // topic) is acted on by another pass once this one ends.
         let mut woken = false;
         let outcome = {
-            let reconcile = wf.reconcile(&row).instrument(pass_span.clone());
-            tokio::pin!(reconcile);
+            // Boxed, like the other large steps of this loop: the workflow's future is
+            // as large as its largest step, and stays that large while it idles.
+            let mut reconcile = Box::pin(wf.reconcile(&row).instrument(pass_span.clone()));
             loop {
                 tokio::select! {
                     r = &mut reconcile => break r,
@@ -318,7 +321,7 @@ async fn own(
                     last_error: Some(&message),
                     reason: "activity failed",
                 };
-                match wf.write_status(&write).instrument(pass_span.clone()).await {
+                match Box::pin(wf.write_status(&write).instrument(pass_span.clone())).await {
                     Err(ActivityError::Fenced) => {
                         wf.stop_lanes().await;
                         return "fenced";
