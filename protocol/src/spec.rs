@@ -160,6 +160,14 @@ impl PipelineSpec {
         })
     }
 
+    /// SHA-256 of everything the spec says (secrets included, as held): what a holder
+    /// of many specs keeps to tell whether one changed, instead of a copy.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let bytes = serde_json::to_vec(self).expect("a spec is plain JSON and always serializes");
+        sha2::Sha256::digest(bytes).into()
+    }
+
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).expect("a spec is plain JSON and always serializes")
     }

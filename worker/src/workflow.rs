@@ -11,7 +11,6 @@ use sluice_infra::store::get_pipeline;
 use sluice_protocol::conversions::PipelineRecord;
 use sluice_protocol::schedule::Schedule;
 use sluice_protocol::secrets::spec_fingerprint;
-use sluice_protocol::spec::PipelineSpec;
 use sluice_protocol::status::PipelineStatus;
 use sluice_protocol::topics::{inputs_topic, legacy_records_topic, records_topic};
 use tokio::sync::{mpsc, Notify};
@@ -80,9 +79,9 @@ struct Workflow {
     activities: Activities,
     checkpoint: Checkpoint,
     lanes: Option<Lanes>,
-    /// The spec the running lanes were started with: any other spec (a changed
-    /// password, say, which leaves the fingerprint alone) restarts them.
-    lanes_spec: Option<PipelineSpec>,
+    /// The digest of the spec the running lanes were started with: any other spec (a
+    /// changed password, say, which leaves the fingerprint alone) restarts them.
+    lanes_spec: Option<[u8; 32]>,
     /// Numbers each start of the lanes, so events of lanes already stopped are ignored.
     lanes_seq: u64,
     lane_events_tx: mpsc::UnboundedSender<(u64, LaneEvent)>,
@@ -336,6 +335,9 @@ async fn own(
         if again {
             continue;
         }
+        // The pass is over: its span ends, and nothing of the row is kept while idle.
+        drop(pass_span);
+        drop(row);
 
         let awaiting_destination = wf.status == Some(PipelineStatus::Backfill)
             && wf.checkpoint.backfill_done
@@ -483,6 +485,7 @@ impl Workflow {
             .validate(&row.spec, "spec")
             .map_err(|v| format!("stored spec is invalid: {v}"));
         let fingerprint = spec_fingerprint(&row.spec, registry());
+        let digest = row.spec.digest();
         self.activities.set_retry(row.spec.retry.as_ref());
         if let Some(lanes) = &mut self.lanes {
             lanes.request_syncs(row.sync_requests);
@@ -503,7 +506,7 @@ impl Workflow {
                 setup_ran: self.setup_ran,
                 lanes: match (&self.lanes, &self.lanes_spec) {
                     (None, _) => LanesState::Stopped,
-                    (Some(_), Some(running)) if running == &row.spec => LanesState::Current,
+                    (Some(_), Some(running)) if running == &digest => LanesState::Current,
                     (Some(_), _) => LanesState::Stale,
                 },
                 backfill_complete,
@@ -576,7 +579,7 @@ impl Workflow {
                         self.lanes_seq,
                         self.lane_events_tx.clone(),
                     ));
-                    self.lanes_spec = Some(row.spec.clone());
+                    self.lanes_spec = Some(digest);
                 }
                 Step::WriteStatus(to, reason) => self.set_status(to, generation, reason).await?,
                 Step::PauseUnset => {
