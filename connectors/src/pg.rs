@@ -27,18 +27,41 @@ const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a statement waits for a lock before failing (and being retried).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections one database's pool may open.
+pub const CONNECTIONS_PER_DATABASE: u32 = 4;
+/// Default of the worker's cap on connections to all tenants' databases together.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
+/// How long an operation waits for room under the cap before it fails (and is retried).
+const ROOM_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Pools per database (URL and CA), shared by all pipelines of a worker so that
-/// thousands of pipelines on one database do not open thousands of pools.
-#[derive(Debug, Default)]
+/// thousands of pipelines on one database do not open thousands of pools, and capped
+/// together: at most `max_connections` connections are open to all databases at once.
+/// Each pool opens up to [`CONNECTIONS_PER_DATABASE`], so the worker keeps at most
+/// `max_connections / 4` pools; a database that needs one when that many exist takes
+/// the place of the pool used least recently among those no operation holds (closing
+/// its idle connections), and waits while every pool is held.
+#[derive(Debug)]
 pub struct Pools {
     pools: Mutex<HashMap<String, Database>>,
+    max_connections: u32,
 }
 
-/// A database's pool, and the options it connects with.
+impl Default for Pools {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_CONNECTIONS)
+    }
+}
+
+/// A database's pool, and the options it connects with. Held by an operation for as
+/// long as it uses the database: a held pool is never closed to make room for another.
 #[derive(Debug, Clone)]
 pub struct Database {
     pool: PgPool,
     options: PgConnectOptions,
+    /// Counts the holders (the pool map holds one).
+    holders: std::sync::Arc<()>,
+    last_used: std::sync::Arc<Mutex<std::time::Instant>>,
 }
 
 impl std::ops::Deref for Database {
@@ -81,8 +104,21 @@ impl Database {
 }
 
 impl Pools {
+    /// Pools capped at `max_connections` connections together (at least one pool).
+    pub fn new(max_connections: u32) -> Self {
+        Self {
+            pools: Mutex::default(),
+            max_connections,
+        }
+    }
+
+    /// Pools the cap leaves room for.
+    fn max_pools(&self) -> usize {
+        (self.max_connections / CONNECTIONS_PER_DATABASE).max(1) as usize
+    }
+
     /// The pool for `url` (with an inline CA, if any); the host lists are checked (and
-    /// a CA file read) when the pool is made.
+    /// a CA file read) when the pool is made. Hold it only while using it.
     pub async fn get(
         &self,
         ctx: &Context,
@@ -90,16 +126,70 @@ impl Pools {
         ssl_ca_pem: Option<&str>,
     ) -> Result<Database, ActivityError> {
         let key = format!("{url}\n{}", ssl_ca_pem.unwrap_or_default());
-        if let Some(database) = self.lock().get(&key) {
-            return Ok(database.clone());
+        let mut options = None;
+        let waiting = std::time::Instant::now();
+        loop {
+            if let Some(database) = self.lock().get(&key) {
+                *database.last_used.lock().unwrap_or_else(|e| e.into_inner()) =
+                    std::time::Instant::now();
+                return Ok(database.clone());
+            }
+            if options.is_none() {
+                options = Some(connect_options(ctx, url, ssl_ca_pem).await?);
+            }
+            let opts = options.as_ref().expect("set above");
+            if let Some((database, evicted)) = self.make_room_and_insert(&key, opts) {
+                // The connections given up are closed before the new pool opens any.
+                if let Some(evicted) = evicted {
+                    evicted.pool.close().await;
+                }
+                return Ok(database);
+            }
+            if waiting.elapsed() > ROOM_TIMEOUT {
+                return Err(ActivityError::transient(format!(
+                    "every one of the worker's {} connections to databases is in use \
+                     (--max-database-connections); retrying",
+                    self.max_connections
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        let options = connect_options(ctx, url, ssl_ca_pem).await?;
+    }
+
+    /// Inserts a new pool for `key` if there is room, or if a pool nobody holds can
+    /// give up its place (the least recently used, returned to be closed); None if
+    /// every pool is held.
+    fn make_room_and_insert(
+        &self,
+        key: &str,
+        options: &PgConnectOptions,
+    ) -> Option<(Database, Option<Database>)> {
+        let mut pools = self.lock();
+        if let Some(database) = pools.get(key) {
+            return Some((database.clone(), None));
+        }
+        let mut evicted = None;
+        if pools.len() >= self.max_pools() {
+            let unheld = pools
+                .iter()
+                .filter(|(_, d)| std::sync::Arc::strong_count(&d.holders) == 1)
+                .min_by_key(|(_, d)| *d.last_used.lock().unwrap_or_else(|e| e.into_inner()))
+                .map(|(k, _)| k.clone())?;
+            evicted = pools.remove(&unheld);
+            tracing::debug!("database pool closed to make room under the connection cap");
+        }
         let pool = PgPoolOptions::new()
-            .max_connections(4)
+            .max_connections(CONNECTIONS_PER_DATABASE)
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options.clone());
-        let database = Database { pool, options };
-        Ok(self.lock().entry(key).or_insert(database).clone())
+        let database = Database {
+            pool,
+            options: options.clone(),
+            holders: std::sync::Arc::new(()),
+            last_used: std::sync::Arc::new(Mutex::new(std::time::Instant::now())),
+        };
+        pools.insert(key.to_owned(), database.clone());
+        Some((database, evicted))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Database>> {

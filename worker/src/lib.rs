@@ -58,6 +58,8 @@ pub struct Config {
     pub max_pipelines: Option<usize>,
     /// Bytes of records in flight this worker may hold (see [`budget`]).
     pub records_memory: u64,
+    /// Connections to tenants' databases, all pools together.
+    pub max_database_connections: u32,
 }
 
 /// What every workflow of this worker shares.
@@ -148,7 +150,7 @@ pub async fn run(
             // the pipelines of a stopped one over.
             idle_in_transaction_timeout: (config.session_timeout / 3)
                 .clamp(Duration::from_secs(1), Duration::from_secs(30)),
-            pg_pools: Default::default(),
+            pg_pools: sluice_connectors::pg::Pools::new(config.max_database_connections),
         },
         assignment: Arc::clone(&assignment),
         topic_namespace: config.topic_namespace.clone(),

@@ -81,6 +81,15 @@ struct Cli {
     #[arg(long, env = "SLUICE_RECORDS_MEMORY_MB", default_value_t = sluice_worker::budget::DEFAULT_MB,
           value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
     records_memory_mb: u64,
+    /// The most connections this worker keeps open to tenants' PostgreSQL databases
+    /// (sources and destinations) all together. Each database gets a pool of up to 4;
+    /// past the cap, a database takes over the least recently used pool that no
+    /// operation is using, and an operation that finds every pool in use waits (then
+    /// fails and is retried).
+    #[arg(long, env = "SLUICE_MAX_DATABASE_CONNECTIONS",
+          default_value_t = sluice_connectors::pg::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(4..=1_000_000))]
+    max_database_connections: u32,
 }
 
 #[tokio::main]
@@ -128,6 +137,7 @@ async fn main() -> ExitCode {
         topic_namespace: cli.connection.topic_namespace.clone(),
         max_pipelines: (cli.max_pipelines > 0).then_some(cli.max_pipelines),
         records_memory: cli.records_memory_mb << 20,
+        max_database_connections: cli.max_database_connections,
     };
     let _metrics = match cli.metrics.metrics_listen {
         Some(addr) => {
