@@ -1,4 +1,4 @@
-//! What a process costs, from /proc: threads, open files, resident memory.
+//! What a process costs, from /proc: threads, open files, resident memory, CPU.
 
 use std::time::Duration;
 
@@ -29,6 +29,38 @@ pub fn cost(pid: u32) -> Result<Cost> {
             .trim()
             .parse()?,
     })
+}
+
+/// CPU time the process has used (user and system), in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from the third on.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat line")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
+        + fields.get(12).context("stime")?.parse::<f64>()?;
+    Ok(ticks / clock_ticks_per_second())
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`; 100 on Linux if unknown).
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The share of one core the process uses over `window`.
+pub async fn cpu_share(pid: u32, window: Duration) -> Result<f64> {
+    let before = cpu_seconds(pid)?;
+    tokio::time::sleep(window).await;
+    Ok((cpu_seconds(pid)? - before) / window.as_secs_f64())
 }
 
 /// The cost once threads and open files stop moving for longer than the runtime keeps

@@ -563,14 +563,55 @@ pub async fn clear_pending(pool: &PgPool, claim: &Claim, name: &str) -> Result<(
 }
 
 /// Ids of the pipelines stored on the given signals-topic partitions.
+/// What the supervisor's periodic resync compares with what each workflow last read of
+/// its row: a difference (or a row gone) means a change the workflow has not seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowVersion {
+    pub incarnation: i64,
+    pub generation: i64,
+    pub owner_epoch: i64,
+    pub partition: i32,
+    pub inputs_open: bool,
+}
+
+impl RowVersion {
+    pub fn of(row: &sluice_protocol::conversions::PipelineRecord) -> Self {
+        Self {
+            incarnation: row.incarnation,
+            generation: row.generation,
+            owner_epoch: row.owner_epoch,
+            partition: row.partition,
+            inputs_open: row.inputs_open,
+        }
+    }
+}
+
+/// The pipelines on `partitions`, with their row versions.
 pub async fn pipelines_on_partitions(
     pool: &PgPool,
     partitions: &[i32],
-) -> Result<Vec<(String, i32)>, ActivityError> {
-    let rows =
-        sqlx::query("SELECT id, partition FROM pipelines WHERE partition = ANY($1) ORDER BY id")
-            .bind(partitions)
-            .fetch_all(pool)
-            .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+) -> Result<Vec<(String, RowVersion)>, ActivityError> {
+    let rows = sqlx::query(
+        "SELECT id, incarnation, generation, owner_epoch, partition, \
+                COALESCE(inputs_incarnation = incarnation, false) AS inputs_open \
+         FROM pipelines WHERE partition = ANY($1) ORDER BY id",
+    )
+    .bind(partitions)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("id")?,
+                RowVersion {
+                    incarnation: r.try_get("incarnation")?,
+                    generation: r.try_get("generation")?,
+                    owner_epoch: r.try_get("owner_epoch")?,
+                    partition: r.try_get("partition")?,
+                    inputs_open: r.try_get("inputs_open")?,
+                },
+            ))
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Into::into)
 }

@@ -72,7 +72,7 @@ impl Supervisor {
                         self.workflows.remove(&id);
                     }
                 }
-                _ = resync.tick() => self.start_missing(&self.owned.iter().copied().collect::<Vec<_>>()).await,
+                _ = resync.tick() => self.resync().await,
             }
         }
         let all: Vec<String> = self.workflows.keys().cloned().collect();
@@ -175,8 +175,40 @@ impl Supervisor {
 
     /// Starts a workflow for every stored pipeline on `partitions` that has none.
     async fn start_missing(&mut self, partitions: &[i32]) {
-        if partitions.is_empty() {
+        if let Some(stored) = self.stored(partitions).await {
+            self.start_listed(&stored);
+        }
+    }
+
+    /// The periodic resync, which covers a lost signal for every pipeline at once: one
+    /// query lists the pipelines on the owned partitions; a workflow whose row changed
+    /// since it last read it (or is gone) is woken, and a pipeline with no workflow
+    /// gets one. Workflows keep no timer of their own: an idle pipeline costs nothing
+    /// between resyncs.
+    async fn resync(&mut self) {
+        let partitions: Vec<i32> = self.owned.iter().copied().collect();
+        let Some(stored) = self.stored(&partitions).await else {
             return;
+        };
+        let listed: HashMap<&str, store::RowVersion> =
+            stored.iter().map(|(id, v)| (id.as_str(), *v)).collect();
+        for (id, handle) in &self.workflows {
+            let seen = *handle.seen.lock().unwrap_or_else(|e| e.into_inner());
+            match (seen, listed.get(id.as_str())) {
+                // Not read yet: its first pass is still to come.
+                (None, _) => {}
+                (Some(seen), Some(now)) if seen == *now => {}
+                _ => handle.wake.notify_one(),
+            }
+        }
+        self.start_listed(&stored);
+    }
+
+    /// The pipelines stored on `partitions`, with their row versions; None (logged) if
+    /// the store did not answer.
+    async fn stored(&self, partitions: &[i32]) -> Option<Vec<(String, store::RowVersion)>> {
+        if partitions.is_empty() {
+            return None;
         }
         // One attempt: while Postgres is unreachable the supervisor must keep serving
         // revocations; the next resync tries again.
@@ -187,18 +219,24 @@ impl Supervisor {
         .await
         .unwrap_or_else(|_| Err(crate::activity::ActivityError::transient("timed out")));
         match stored {
-            Ok(stored) => {
-                for (id, partition) in stored {
-                    // The assignment may have changed while the query ran.
-                    if !self.workflows.contains_key(&id)
-                        && self.owned.contains(&partition)
-                        && self.ctx.assignment.contains(partition)
-                    {
-                        self.start(id, partition);
-                    }
-                }
+            Ok(stored) => Some(stored),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not load owned pipelines");
+                None
             }
-            Err(e) => tracing::warn!(error = %e, "could not load owned pipelines"),
+        }
+    }
+
+    fn start_listed(&mut self, stored: &[(String, store::RowVersion)]) {
+        for (id, version) in stored {
+            let partition = version.partition;
+            // The assignment may have changed while the query ran.
+            if !self.workflows.contains_key(id)
+                && self.owned.contains(&partition)
+                && self.ctx.assignment.contains(partition)
+            {
+                self.start(id.clone(), partition);
+            }
         }
     }
 

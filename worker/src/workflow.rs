@@ -34,6 +34,8 @@ pub struct WorkflowHandle {
     /// The signals-topic partition the pipeline is on; the workflow follows a move to
     /// another partition this worker is also assigned.
     pub partition: Arc<AtomicI32>,
+    /// What the workflow last read of its row (None before its first read).
+    pub seen: Arc<std::sync::Mutex<Option<store::RowVersion>>>,
     pub seq: u64,
     pub task: JoinHandle<()>,
 }
@@ -50,13 +52,19 @@ pub fn spawn(
     let trace = Arc::new(std::sync::Mutex::new(None));
     let stop = CancellationToken::new();
     let partition = Arc::new(AtomicI32::new(partition));
+    let seen = Arc::new(std::sync::Mutex::new(None));
     let task = tokio::spawn({
         let wake = Arc::clone(&wake);
         let trace = Arc::clone(&trace);
         let stop = stop.clone();
         let partition = Arc::clone(&partition);
+        let seen = Arc::clone(&seen);
         async move {
-            run(ctx, &pipeline_id, &partition, wake, trace, stop).await;
+            let cells = Cells {
+                partition: &partition,
+                seen: &seen,
+            };
+            run(ctx, &pipeline_id, cells, wake, trace, stop).await;
             let _ = exited.send((pipeline_id, seq));
         }
     });
@@ -65,9 +73,17 @@ pub fn spawn(
         trace,
         stop,
         partition,
+        seen,
         seq,
         task,
     }
+}
+
+/// What a workflow shares with the supervisor besides its wake-ups.
+#[derive(Clone, Copy)]
+struct Cells<'a> {
+    partition: &'a AtomicI32,
+    seen: &'a std::sync::Mutex<Option<store::RowVersion>>,
 }
 
 enum Flow {
@@ -103,12 +119,12 @@ struct Workflow {
 async fn run(
     ctx: Arc<WorkerContext>,
     id: &str,
-    partition_cell: &AtomicI32,
+    cells: Cells<'_>,
     wake: Arc<Notify>,
     trace: Arc<std::sync::Mutex<Option<String>>>,
     stop: CancellationToken,
 ) {
-    let partition = partition_cell.load(Ordering::Relaxed);
+    let partition = cells.partition.load(Ordering::Relaxed);
     // The partition may have been revoked while this workflow waited to start: a
     // worker that no longer owns it must not take the pipeline from its new owner.
     if !ctx.assignment.contains(partition) {
@@ -126,7 +142,7 @@ async fn run(
             return;
         }
     };
-    let ended = own(&ctx, id, &claim, partition_cell, &wake, &trace, &stop).await;
+    let ended = own(&ctx, id, &claim, cells, &wake, &trace, &stop).await;
     // The ownership history's row of this claim ends once the lanes have halted (release
     // has ended it already on a graceful stop). Best effort: a row left open reads as an
     // owner that never said it stopped.
@@ -146,7 +162,7 @@ async fn own(
     ctx: &Arc<WorkerContext>,
     id: &str,
     claim: &Claim,
-    partition_cell: &AtomicI32,
+    cells: Cells<'_>,
     wake: &Notify,
     trace: &std::sync::Mutex<Option<String>>,
     stop: &CancellationToken,
@@ -227,6 +243,8 @@ async fn own(
             wf.stop_lanes().await;
             return "fenced";
         }
+        *cells.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(store::RowVersion::of(&row));
+        let partition_cell = cells.partition;
         if row.partition != partition_cell.load(Ordering::Relaxed) {
             // Moved to another signals-topic partition (`signals-topic
             // --move-pipelines`). On a partition this worker is assigned too, it stays
@@ -351,9 +369,10 @@ async fn own(
                     _ => std::future::pending::<()>().await,
                 }
             };
+            // No timer: the supervisor's resync wakes a workflow whose row changed
+            // unannounced (a lost signal).
             tokio::select! {
                 _ = wake.notified() => None,
-                _ = tokio::time::sleep(ctx.resync_interval) => None,
                 Some(event) = lane_events.recv() => Some(event),
                 _ = committed => None,
                 _ = stop.cancelled() => break,

@@ -1,7 +1,7 @@
 //! Benchmark: density. One worker owns N READY, idle pipelines (generator sources of
 //! one record, PostgreSQL destinations). Measured: the time until all are READY, and
-//! the worker's threads, open files and resident memory with 10 pipelines and with N,
-//! once they settle; the cost per added pipeline is compared with the goal of 50 KB
+//! the worker's threads, open files, resident memory and CPU use with 10 pipelines and
+//! with N, once they settle; the cost per added pipeline is compared with the goal of 50 KB
 //! (the reference), so the figure is a ratio.
 //!
 //! Run (release build):
@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use sluice_e2e::procstat::settled;
+use sluice_e2e::procstat::{cpu_share, settled};
 use sluice_e2e::*;
 
 const GOAL_KB_PER_PIPELINE: f64 = 50.0;
+/// How long the idle worker's CPU use is measured.
+const IDLE_WINDOW: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Parser)]
 #[command(about = "Measure what idle READY pipelines cost one worker")]
@@ -39,11 +41,13 @@ async fn main() -> Result<()> {
     create(&d, &mut client, 0, 10).await?;
     ready(&d, 10).await?;
     let few = settled(pid).await?;
+    let few_cpu = cpu_share(pid, IDLE_WINDOW).await?;
     let started = Instant::now();
     create(&d, &mut client, 10, args.pipelines).await?;
     ready(&d, args.pipelines).await?;
     let took = started.elapsed();
     let lots = settled(pid).await?;
+    let lots_cpu = cpu_share(pid, IDLE_WINDOW).await?;
     let admin =
         sluice_infra::kafka::KafkaSettings::new(d.infra.kafka_bootstrap_servers.clone()).admin()?;
     let (topics, partitions) = admin
@@ -61,6 +65,14 @@ async fn main() -> Result<()> {
     println!(
         "threads {} -> {}, open files {} -> {}, RSS {} KB -> {} KB (10 -> {} pipelines)",
         few.threads, lots.threads, few.files, lots.files, few.rss_kb, lots.rss_kb, args.pipelines
+    );
+    println!(
+        "worker CPU while all are idle: {:.1} % of a core with 10, {:.1} % with {} \
+         (over {} s each)",
+        100.0 * few_cpu,
+        100.0 * lots_cpu,
+        args.pipelines,
+        IDLE_WINDOW.as_secs()
     );
     println!(
         "RSS per idle pipeline {per_pipeline:.1} KB = {:.2}x the {GOAL_KB_PER_PIPELINE} KB goal; \
